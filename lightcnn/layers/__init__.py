@@ -1,0 +1,5 @@
+"""nn.Module faces of lightcnn's kernels, each with `impl="kernel" | "reference"`."""
+from lightcnn.layers._impl import default_impl, get_default_impl, resolve_impl, set_default_impl
+from lightcnn.layers.lrn import LocalResponseNorm
+
+__all__ = ["LocalResponseNorm", "default_impl", "get_default_impl", "resolve_impl", "set_default_impl"]

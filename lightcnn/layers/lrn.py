@@ -1,0 +1,28 @@
+"""nn.Module face of the LRN kernel."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightcnn.layers._impl import resolve_impl
+from lightcnn.ops import local_response_norm, reference
+
+
+class LocalResponseNorm(nn.LocalResponseNorm):
+    """Drop-in for `nn.LocalResponseNorm` (same arguments, same (empty) state_dict) on the LRN kernel.
+
+    Args:
+        size, alpha, beta, k: as `nn.LocalResponseNorm` (alpha is divided by size, as in PyTorch).
+        impl: "kernel", "reference", or None to follow `lightcnn.layers.set_default_impl`.
+    """
+
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, impl: str | None = None):
+        super().__init__(size, alpha, beta, k)
+        self.impl = None if impl is None else resolve_impl(impl)
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        fn = local_response_norm if resolve_impl(self.impl) == "kernel" else reference.local_response_norm
+        return fn(input, self.size, self.alpha, self.beta, self.k)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", impl={self.impl}" if self.impl else "")

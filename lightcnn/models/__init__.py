@@ -1,0 +1,10 @@
+"""Every network of lightcnn, by name: `lightcnn.models.create("wrn28_10", num_classes=10)`.
+
+Importing this package imports each family file, whose builders register themselves.
+"""
+from lightcnn.models.registry import create, is_model, list_models, register_model, register_model_pattern
+
+# Family files (each registers its builders on import).
+from lightcnn.models import lenet  # noqa: F401,E402
+
+__all__ = ["create", "is_model", "list_models", "register_model", "register_model_pattern"]

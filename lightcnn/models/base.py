@@ -1,0 +1,45 @@
+"""The uniform API every lightcnn network has, and the default configurations of the papers' data sets."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+DIGITS_MEAN, DIGITS_STD = (0.5,), (0.5,)
+
+
+def imagenet_cfg(input_size: int = 224, **kw) -> dict:
+    return dict(input_size=(3, input_size, input_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                dataset="imagenet", num_classes=1000, **kw)
+
+
+def cifar_cfg(num_classes: int = 10, **kw) -> dict:
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if num_classes == 10 else (CIFAR100_MEAN, CIFAR100_STD)
+    return dict(input_size=(3, 32, 32), mean=mean, std=std,
+                dataset="cifar10" if num_classes == 10 else "cifar100", num_classes=num_classes, **kw)
+
+
+class Classifier(nn.Module):
+    """Base of every network: `forward(x) == forward_head(forward_features(x))`.
+
+    Subclasses set `num_classes`, `in_chans`, `num_features` (the classifier's input width) and
+    `default_cfg`, and implement `forward_features` (the last feature map, before pooling) and
+    `forward_head` (pooling, dropout, classifier; `pre_logits=True` stops before the classifier).
+    Models with auxiliary heads override `forward` to return a named tuple while training.
+    """
+
+    num_classes: int
+    in_chans: int
+    num_features: int
+    default_cfg: dict
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))

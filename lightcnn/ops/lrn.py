@@ -1,0 +1,83 @@
+"""Local response normalisation (Krizhevsky et al. 2012, section 3.3) as torch.ops.lightcnn.lrn.
+
+Semantics are exactly those of `torch.nn.functional.local_response_norm`. The backward saves only the
+input: the scale (k + alpha/n * window sum)^-beta is recomputed in one running-sum pass, which is
+cheaper than keeping a second activation-sized tensor alive until the backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from lightcnn.ops import _library, reference
+
+_library.KNOWN_OPS.extend(["lrn", "lrn_backward"])
+
+# dtypes the compiled kernels take, per device type; others run on the reference.
+_KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64, torch.bfloat16),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+
+def _check_args(input: torch.Tensor, size: int) -> None:
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"local_response_norm: input must be a torch.Tensor, got {type(input).__name__}")
+    if input.dim() < 3:
+        raise ValueError(
+            f"local_response_norm: input must have at least 3 dimensions (N, C, ...), got shape {tuple(input.shape)}; "
+            "add a batch dimension with input.unsqueeze(0)"
+        )
+    if not input.is_floating_point():
+        raise TypeError(
+            f"local_response_norm: input must be a floating-point tensor, got {input.dtype}; convert it with input.float()"
+        )
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"local_response_norm: size must be an int >= 1 (the number of channels summed), got {size!r}")
+
+
+def _out_memory_format(input: torch.Tensor) -> torch.memory_format:
+    """The layout of the kernels' outputs; mirrors lrn_layout() in csrc/lrn.h."""
+    if input.dim() == 4 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if input.dim() == 5 and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
+                        k: float = 1.0) -> torch.Tensor:
+    """Local response normalisation over channels, as `torch.nn.functional.local_response_norm`.
+
+    Args:
+        input: (N, C, *) floating-point tensor (3-D, 4-D or 5-D; contiguous or channels-last).
+        size: n, the number of neighbouring channels summed (window [c - n//2, c + (n-1)//2]).
+        alpha, beta, k: b_c = a_c / (k + alpha / n * sum a^2)^beta (PyTorch's convention: alpha is
+            divided by n; the AlexNet paper's alpha=1e-4 with n=5 is alpha=5e-4 here).
+    """
+    _check_args(input, size)
+    if input.dtype in _KERNEL_DTYPES.get(input.device.type, ()) and _library.use_kernel("lrn", input.device):
+        return torch.ops.lightcnn.lrn.default(input, size, float(alpha), float(beta), float(k))
+    return reference.local_response_norm(input, size, alpha, beta, k)
+
+
+if _library.op_defined("lrn"):
+
+    @torch.library.register_fake("lightcnn::lrn")
+    def _lrn_fake(input, size, alpha, beta, k):
+        return torch.empty_like(input, memory_format=_out_memory_format(input))
+
+    @torch.library.register_fake("lightcnn::lrn_backward")
+    def _lrn_backward_fake(grad_output, input, size, alpha, beta, k):
+        return torch.empty_like(input, memory_format=_out_memory_format(input))
+
+    def _lrn_setup_context(ctx, inputs, output):
+        input, size, alpha, beta, k = inputs
+        ctx.save_for_backward(input)
+        ctx.args = (size, alpha, beta, k)
+
+    def _lrn_backward(ctx, grad_output):
+        (input,) = ctx.saved_tensors
+        grad_input = torch.ops.lightcnn.lrn_backward.default(grad_output, input, *ctx.args)
+        return grad_input, None, None, None, None
+
+    torch.library.register_autograd("lightcnn::lrn", _lrn_backward, setup_context=_lrn_setup_context)
