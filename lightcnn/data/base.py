@@ -1,0 +1,101 @@
+"""The base of every lightcnn datamodule: a *global* batch size split over the processes, and loaders.
+
+`batch_size` in every config is the global batch size (the papers' number: all GPUs and nodes
+together). Each process loads `batch_size // world_size` samples; a batch size that does not divide by
+the world size is an error, so that a recipe never silently trains with another batch size.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, RandomSampler
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """A `RandomSampler` whose order depends only on (seed, epoch), not on the global RNG.
+
+    Lightning calls `set_epoch` at the start of every epoch, so a run resumed from a checkpoint sees
+    the same sample order as an uninterrupted one. Under DDP Lightning replaces it (it is a
+    `RandomSampler`) by a `DistributedSampler`, which is seeded the same way.
+    """
+
+    def __init__(self, data_source: Dataset, seed: int = 0):
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return super().__iter__()
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Shared loader logic. Subclasses set `num_classes`, `in_chans` and the three datasets in `setup`.
+
+    Args:
+        batch_size: the global batch size (all processes together); each process loads
+            `batch_size // world_size`.
+        num_workers: loader worker processes per training process.
+        pin_memory: pin host memory (only takes effect when CUDA is available).
+    """
+
+    num_classes: int
+    in_chans: int
+
+    def __init__(self, batch_size: int, num_workers: int = 0, pin_memory: bool = True):
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def world_size(self) -> int:
+        trainer = self.trainer
+        return trainer.world_size if trainer is not None else 1
+
+    @property
+    def batch_size_per_device(self) -> int:
+        world = self.world_size
+        if self.batch_size % world:
+            lower = self.batch_size // world * world
+            raise ValueError(
+                f"batch_size={self.batch_size} is the global batch size and must divide by the world size "
+                f"{world} (devices x nodes). Use a multiple of {world}, e.g. --data.batch_size "
+                f"{lower or world} or {lower + world}, or change --trainer.devices/--trainer.num_nodes."
+            )
+        return self.batch_size // world
+
+    def setup(self, stage: str | None = None) -> None:
+        self.batch_size_per_device  # fail at setup, before any data is read, if the batch does not divide
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not been called")
+        sampler = EpochSeededRandomSampler(dataset, seed=int(os.environ.get("PL_GLOBAL_SEED", 0))) if train else None
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size_per_device,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

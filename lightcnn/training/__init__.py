@@ -1,0 +1,4 @@
+"""Training: the LightningModule (`ClassifierModule`) and the CLI's run-folder callback."""
+from lightcnn.training.module import ClassifierModule
+
+__all__ = ["ClassifierModule"]

@@ -1,0 +1,181 @@
+"""The lightcnn command line: LightningCLI over `ClassifierModule` and any lightcnn datamodule.
+
+`lightcnn.fit` and `lightcnn.test` are thin faces of `main` here. What this adds to LightningCLI:
+- the experiment file is a positional argument (`python -m lightcnn.fit experiments/x.yaml`);
+- each fit gets a run folder `RUN_ROOT/NAME/TIMESTAMP/` (NAME defaults to the experiment file's name)
+  holding the resolved `config.yaml` and `checkpoints/`; the folder is chosen on rank 0 and broadcast,
+  so every DDP process agrees on it however it was launched (Lightning, torchrun, SLURM);
+- the data decides the classifier's `num_classes` and `in_chans` (linked arguments);
+- W&B: with no credentials the run logs offline and says how to sync it; `WANDB_MODE=disabled` turns
+  it off; `wandb.finish()` always runs, also after an error, so no process hangs at exit.
+"""
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Literal, Optional
+from urllib.parse import urlparse
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightcnn.data.base import ClassificationDataModule
+from lightcnn.training.module import ClassifierModule
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Make the run folder `run_root/name/TIMESTAMP`, save the resolved config there, point checkpoints
+    at its `checkpoints/`, and send the config to W&B."""
+
+    run_dir: str | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.already_saved:
+            return
+        run_dir = None
+        if trainer.is_global_zero:
+            root = Path(self.config.run_root) / self.config.name
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            path, i = root / stamp, 1
+            while path.exists():  # two runs started in the same second
+                path, i = root / f"{stamp}-{i}", i + 1
+            path.mkdir(parents=True)
+            run_dir = str(path)
+        run_dir = trainer.strategy.broadcast(run_dir)  # every rank must write checkpoints to the same place
+        for callback in trainer.checkpoint_callbacks:
+            if callback.dirpath is None:
+                callback.dirpath = os.path.join(run_dir, "checkpoints")
+        self.run_dir = run_dir
+        if trainer.is_global_zero:
+            self.parser.save(self.config, os.path.join(run_dir, self.config_filename), skip_none=False)
+            self.save_config(trainer, pl_module, stage)
+            rank_zero_info(f"lightcnn: run folder {run_dir} (config.yaml, checkpoints/)")
+        self.already_saved = True
+
+    def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                config = self.parser.dump(self.config, skip_none=False, format="json")
+                logger.experiment.config.update({"run_dir": self.run_dir, "cli_config": config}, allow_val_change=True)
+
+
+class LightCNNCLI(LightningCLI):
+    """LightningCLI for lightcnn (see the module docstring). `stage` is "fit" or "test"."""
+
+    def __init__(self, args: list[str], stage: Literal["fit", "test"] = "fit", experiment_name: str = "lightcnn"):
+        self.stage, self.experiment_name = stage, experiment_name
+        super().__init__(
+            ClassifierModule,
+            ClassificationDataModule,
+            subclass_mode_data=True,
+            save_config_callback=SaveRunConfig if stage == "fit" else None,
+            run=False,
+            args=args,
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": f"python -m lightcnn.{stage}", "description": _DESCRIPTIONS[stage]},
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.in_chans", "model.in_chans", apply_on="instantiate")
+        parser.add_argument("--name", type=str, default=self.experiment_name,
+                            help="experiment name: runs go to RUN_ROOT/NAME/TIMESTAMP (default: the config file's name)")
+        parser.add_argument("--run_root", type=str, default="runs", help="folder of all run folders")
+        parser.add_argument("--num_threads", type=Optional[int], default=None,
+                            help="CPU threads per process for intra-op parallelism (torch.set_num_threads); "
+                                 "1 is fastest for tiny models on a busy CPU. Default: torch's choice")
+        # Both commands take the same keys, so that the config.yaml saved by a fit is a valid test config.
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="fit: resume from this checkpoint (e.g. RUN/checkpoints/last.ckpt); "
+                                 "test: the checkpoint to evaluate (required)")
+        parser.add_argument("--test_after_fit", type=bool, default=True,
+                            help="fit: after training, evaluate the final weights on the test split")
+
+    def before_instantiate_classes(self) -> None:
+        if self.stage == "test" and not self.config.ckpt_path:
+            self.parser.error("python -m lightcnn.test needs --ckpt_path PATH/TO/CHECKPOINT.ckpt")
+        if self.config.num_threads is not None:
+            torch.set_num_threads(self.config.num_threads)
+        # A W&B run without a name is named after the experiment.
+        loggers = self.config.trainer.logger
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if getattr(logger, "class_path", "").endswith("WandbLogger") and not logger.init_args.get("name"):
+                logger.init_args.name = self.config.name
+
+
+_DESCRIPTIONS = {
+    "fit": "Train a network with an experiment recipe: python -m lightcnn.fit experiments/NAME.yaml [--key value ...]",
+    "test": "Evaluate a checkpoint on the test split: python -m lightcnn.test CONFIG.yaml --ckpt_path CKPT",
+}
+
+
+def _have_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def _default_wandb_mode() -> None:
+    """Offline unless the user chose a mode or has credentials: a run must never wait for a login prompt."""
+    if "WANDB_MODE" not in os.environ and not _have_wandb_credentials():
+        os.environ["WANDB_MODE"] = "offline"
+        rank_zero_info("lightcnn: no W&B credentials (WANDB_API_KEY or `wandb login`): W&B logs offline")
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run (if any) so no process hangs at exit, and say how to upload an offline run."""
+    if "wandb" not in sys.modules:
+        return
+    import wandb
+
+    run = wandb.run
+    if run is None:
+        return
+    offline, run_dir = run.offline, str(Path(run.dir).parent)
+    wandb.finish()
+    if offline and run.settings.mode == "offline":
+        print(f"lightcnn: W&B run saved offline in {run_dir}\n  upload it with:  wandb sync {run_dir}")
+
+
+def _positional_config(args: list[str]) -> tuple[list[str], str]:
+    """`EXPERIMENT.yaml --k v` -> `--config EXPERIMENT.yaml --k v`, and the experiment's name."""
+    if args and not args[0].startswith("-"):
+        args = ["--config", args[0], *args[1:]]
+    name = "lightcnn"
+    for i, a in enumerate(args):
+        if a in ("-c", "--config") and i + 1 < len(args):
+            name = Path(args[i + 1]).stem
+            break
+        if a.startswith("--config="):
+            name = Path(a.split("=", 1)[1]).stem
+            break
+    return args, name
+
+
+def main(args: list[str] | None = None, stage: Literal["fit", "test"] = "fit") -> LightCNNCLI:
+    args, name = _positional_config(list(sys.argv[1:] if args is None else args))
+    _default_wandb_mode()
+    cli = None
+    try:
+        cli = LightCNNCLI(args, stage=stage, experiment_name=name)
+        trainer, model, data, config = cli.trainer, cli.model, cli.datamodule, cli.config
+        if stage == "fit":
+            trainer.fit(model, datamodule=data, ckpt_path=config.ckpt_path)
+            if config.test_after_fit and not trainer.interrupted:
+                trainer.test(model, datamodule=data)
+        else:
+            trainer.test(model, datamodule=data, ckpt_path=config.ckpt_path)
+    finally:
+        _finish_wandb()
+    return cli
