@@ -29,23 +29,37 @@ from lightcnn.data.base import ClassificationDataModule
 from lightcnn.training.module import ClassifierModule
 
 
+def _run_dir_of(ckpt_path: str | None) -> Path | None:
+    """The run folder of a checkpoint saved as RUN/checkpoints/*.ckpt by a fit (RUN holds config.yaml)."""
+    if not ckpt_path:
+        return None
+    ckpt = Path(ckpt_path)
+    run = ckpt.parent.parent
+    return run if ckpt.parent.name == "checkpoints" and (run / "config.yaml").is_file() else None
+
+
 class SaveRunConfig(SaveConfigCallback):
     """Make the run folder `run_root/name/TIMESTAMP`, save the resolved config there, point checkpoints
-    at its `checkpoints/`, and send the config to W&B."""
+    at its `checkpoints/`, and send the config to W&B. Resuming from RUN/checkpoints/X.ckpt keeps RUN and
+    saves the resumed run's config as RUN/config-resumed-TIMESTAMP.yaml."""
 
     run_dir: str | None = None
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.already_saved:
             return
-        run_dir = None
+        run_dir, config_name = None, self.config_filename
         if trainer.is_global_zero:
-            root = Path(self.config.run_root) / self.config.name
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-            path, i = root / stamp, 1
-            while path.exists():  # two runs started in the same second
-                path, i = root / f"{stamp}-{i}", i + 1
-            path.mkdir(parents=True)
+            resumed = _run_dir_of(self.config.ckpt_path)
+            if resumed is not None:  # resuming a run: keep its folder, add this resumption's config
+                path, config_name = resumed, f"config-resumed-{stamp}.yaml"
+            else:
+                root = Path(self.config.run_root) / self.config.name
+                path, i = root / stamp, 1
+                while path.exists():  # two runs started in the same second
+                    path, i = root / f"{stamp}-{i}", i + 1
+                path.mkdir(parents=True)
             run_dir = str(path)
         run_dir = trainer.strategy.broadcast(run_dir)  # every rank must write checkpoints to the same place
         for callback in trainer.checkpoint_callbacks:
@@ -53,7 +67,7 @@ class SaveRunConfig(SaveConfigCallback):
                 callback.dirpath = os.path.join(run_dir, "checkpoints")
         self.run_dir = run_dir
         if trainer.is_global_zero:
-            self.parser.save(self.config, os.path.join(run_dir, self.config_filename), skip_none=False)
+            self.parser.save(self.config, os.path.join(run_dir, config_name))
             self.save_config(trainer, pl_module, stage)
             rank_zero_info(f"lightcnn: run folder {run_dir} (config.yaml, checkpoints/)")
         self.already_saved = True
@@ -78,7 +92,9 @@ class LightCNNCLI(LightningCLI):
             run=False,
             args=args,
             auto_configure_optimizers=False,
-            parser_kwargs={"prog": f"python -m lightcnn.{stage}", "description": _DESCRIPTIONS[stage]},
+            # allow_abbrev=False: argparse would otherwise take a misspelt prefix (`--trainer.max_epoch`) as a key.
+            parser_kwargs={"prog": f"python -m lightcnn.{stage}", "description": _DESCRIPTIONS[stage],
+                           "allow_abbrev": False},
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -100,6 +116,12 @@ class LightCNNCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.stage == "test" and not self.config.ckpt_path:
             self.parser.error("python -m lightcnn.test needs --ckpt_path PATH/TO/CHECKPOINT.ckpt")
+        if self.stage == "test":  # a test writes no checkpoints
+            self.config.trainer.enable_checkpointing = False
+            self.config.trainer.callbacks = [
+                cb for cb in self.config.trainer.callbacks or []
+                if not getattr(cb, "class_path", "").endswith("ModelCheckpoint")
+            ]
         if self.config.num_threads is not None:
             torch.set_num_threads(self.config.num_threads)
         # A W&B run without a name is named after the experiment.

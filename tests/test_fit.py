@@ -1,0 +1,103 @@
+"""`python -m lightcnn.fit` end to end on the embedded digits (in-process, CPU, short schedules)."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightcnn.training.cli import SaveRunConfig, main
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = str(ROOT / "experiments" / "lenet5_digits.yaml")
+QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lightcnn.fit"])  # the CLI gets its arguments from `main(args)` only
+
+
+def _run_dir(cli) -> Path:
+    return Path(next(cb for cb in cli.trainer.callbacks if isinstance(cb, SaveRunConfig)).run_dir)
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_first_run_short_schedule_reaches_95_percent_on_held_out_digits(tmp_path):
+    # The README's first run trains 30 epochs (>= 97%); a third of it must already pass 95%.
+    cli = main([DIGITS, "--run_root", str(tmp_path), "--trainer.max_epochs", "10",
+                "--model.lr_scheduler.init_args.T_max", "10", *QUIET])
+    acc = cli.trainer.callback_metrics["test/acc1"].item()
+    assert acc >= 0.95, f"test accuracy {acc:.4f} < 0.95"
+    run = _run_dir(cli)
+    assert run.parent == tmp_path / "lenet5_digits"  # runs/NAME/TIMESTAMP
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+    assert "max_epochs: 10" in (run / "config.yaml").read_text()  # the resolved config, overrides included
+
+
+def test_two_epochs_equal_one_epoch_resume_one_epoch(tmp_path):
+    short = [DIGITS, "--run_root", str(tmp_path), "--trainer.limit_train_batches", "6",
+             "--trainer.limit_val_batches", "2", "--test_after_fit", "false", *QUIET]
+    straight = main([*short, "--trainer.max_epochs", "2"])
+    first = main([*short, "--trainer.max_epochs", "1"])
+    c = _weights(_run_dir(first) / "checkpoints" / "last.ckpt")
+    resumed = main([*short, "--trainer.max_epochs", "2",
+                    "--ckpt_path", str(_run_dir(first) / "checkpoints" / "last.ckpt")])
+    assert _run_dir(resumed) == _run_dir(first)  # a resumed run continues in its own folder
+    assert len(list(_run_dir(first).glob("config-resumed-*.yaml"))) == 1
+    a = _weights(_run_dir(straight) / "checkpoints" / "last.ckpt")
+    b = _weights(_run_dir(resumed) / "checkpoints" / "last.ckpt")
+    assert resumed.trainer.global_step == straight.trainer.global_step == 12
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=f"{k} differs after resume")
+    assert not torch.equal(a["net.classifier.weight"], c["net.classifier.weight"])  # the 2nd epoch did train
+
+
+def test_test_command_evaluates_a_checkpoint_with_the_saved_config(tmp_path):
+    fit = main([DIGITS, "--run_root", str(tmp_path), "--trainer.max_epochs", "1", *QUIET])
+    run = _run_dir(fit)
+    test = main([str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), *QUIET],
+                stage="test")
+    # The fit's own test ran on the same final weights: the numbers must agree exactly.
+    assert test.trainer.callback_metrics["test/acc1"].item() == fit.trainer.callback_metrics["test/acc1"].item()
+
+
+def test_test_command_needs_a_checkpoint(capsys):
+    with pytest.raises(SystemExit):
+        main([DIGITS, *QUIET], stage="test")
+    assert "--ckpt_path" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model.optimiser.lr", "0.1"], ["optimiser"]),
+    (["--trainer.max_epoch", "1"], ["max_epoch"]),
+    (["--trainer.max_epochs", "ten"], ["max_epochs", "ten"]),
+    (["--data.init_args.batch_sise", "8"], ["batch_sise"]),
+])
+def test_misspelt_key_or_wrong_type_is_an_error_naming_it(args, says, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([DIGITS, *args])
+    assert e.value.code != 0
+    err = capsys.readouterr().err
+    for word in says:
+        assert word in err, err
+
+
+def test_misspelt_key_in_the_experiment_file_is_an_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(Path(DIGITS).read_text().replace("max_epochs:", "max_epoch:"))
+    with pytest.raises(SystemExit):
+        main([str(bad)])
+    assert "max_epoch" in capsys.readouterr().err
+
+
+def test_help_lists_the_module_knobs(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([DIGITS, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for knob in ("--model.aux_loss_weights", "--model.label_smoothing", "--model.channels_last", "--model.compile",
+                 "--ckpt_path", "--trainer.strategy", "--trainer.sync_batchnorm"):
+        assert knob in out
