@@ -162,11 +162,14 @@ def _finish_wandb() -> None:
     import wandb
 
     run = wandb.run
-    if run is None:
-        return
-    offline, run_dir = run.offline, str(Path(run.dir).parent)
-    wandb.finish()
-    if offline and run.settings.mode == "offline":
+    offline = run is not None and run.settings.mode == "offline"
+    run_dir = str(Path(run.dir).parent) if offline else None
+    if run is not None:
+        wandb.finish()
+    # Stop W&B's service process too: it flushes the run files and forgets this process's settings, so
+    # that a later run in the same process reads WANDB_MODE afresh.
+    wandb.teardown()
+    if offline:
         print(f"lightcnn: W&B run saved offline in {run_dir}\n  upload it with:  wandb sync {run_dir}")
 
 
