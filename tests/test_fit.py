@@ -73,12 +73,12 @@ def test_test_command_needs_a_checkpoint(capsys):
 
 
 @pytest.mark.parametrize("args, says", [
-    (["--model.optimiser.lr", "0.1"], ["optimiser"]),
-    (["--trainer.max_epoch", "1"], ["max_epoch"]),
+    (["--model.optimiser.lr", "0.1"], ["model.optimiser", "Did you mean: model.optimizer?", "label_smoothing"]),
+    (["--trainer.max_epoch", "1"], ["trainer.max_epoch", "Did you mean: trainer.max_epochs", "sync_batchnorm"]),
     (["--trainer.max_epochs", "ten"], ["max_epochs", "ten"]),
-    (["--data.init_args.batch_sise", "8"], ["batch_sise"]),
+    (["--data.init_args.batch_sise", "8"], ["batch_sise", "Did you mean: init_args.batch_size?", "split_seed"]),
 ])
-def test_misspelt_key_or_wrong_type_is_an_error_naming_it(args, says, capsys):
+def test_misspelt_key_or_wrong_type_is_an_error_naming_it_and_the_allowed_keys(args, says, capsys):
     with pytest.raises(SystemExit) as e:
         main([DIGITS, *args])
     assert e.value.code != 0
@@ -92,7 +92,8 @@ def test_misspelt_key_in_the_experiment_file_is_an_error(tmp_path, capsys):
     bad.write_text(Path(DIGITS).read_text().replace("max_epochs:", "max_epoch:"))
     with pytest.raises(SystemExit):
         main([str(bad)])
-    assert "max_epoch" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "'trainer.max_epoch' is not a key. Did you mean: trainer.max_epochs" in err, err
 
 
 def test_help_lists_the_module_knobs(capsys):

@@ -10,6 +10,11 @@ import torch
 from lightcnn.models import is_model
 from lightcnn.training.cli import LightCNNCLI
 
+@pytest.fixture(autouse=True)
+def _argv(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["lightcnn.fit"])  # the CLI gets its arguments from the test only
+
+
 EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
 
 

@@ -11,7 +11,11 @@
 """
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import netrc
+import re
 import os
 import sys
 from datetime import datetime
@@ -79,6 +83,46 @@ class SaveRunConfig(SaveConfigCallback):
                 logger.experiment.config.update({"run_dir": self.run_dir, "cli_config": config}, allow_val_change=True)
 
 
+class _Parser(LightningArgumentParser):
+    """Adds to a wrong-key error the closest accepted keys and the list of the keys accepted there."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        return super().error(message + _key_hint(self, message), ex)
+
+
+def _key_hint(parser: LightningArgumentParser, message: str) -> str:
+    keys = [a.dest for a in parser._actions if a.dest and a.dest != "help" and not a.dest.endswith(".help")]
+
+    def children(group: str) -> list[str]:
+        return [k[len(group) + 1:] for k in keys if k.startswith(group + ".") and "." not in k[len(group) + 1:]]
+
+    def hint(bad: str, allowed: list[str], prefix: str = "") -> str:
+        close = difflib.get_close_matches(bad, allowed, n=3, cutoff=0.6)
+        text = f"\n  '{prefix}{bad}' is not a key."
+        if close:
+            text += " Did you mean: " + ", ".join(f"{prefix}{c}" for c in close) + "?"
+        return text + f"\n  Accepted{' under ' + prefix.rstrip('.') if prefix else ''}: " + ", ".join(allowed)
+
+    out = ""
+    for bad in re.findall(r"unrecognized arguments: (--[\w.\-]+)", message):
+        parts = bad.lstrip("-").split(".")
+        # The deepest known group on the key's path, e.g. "model" for --model.optimiser.lr.
+        i = next((i for i in range(len(parts) - 1, 0, -1) if children(".".join(parts[:i]))), 0)
+        group = ".".join(parts[:i])
+        allowed = children(group) if group else [k for k in keys if "." not in k]
+        out += hint(parts[i], allowed, group + "." if group else "")
+    for group, bad in re.findall(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message):
+        out += hint(bad, children(group), group + ".")
+    for class_path, bad in re.findall(r"class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message):
+        try:
+            module, _, name = class_path.rpartition(".")
+            params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
+        except (ImportError, AttributeError, ValueError, TypeError):
+            continue
+        out += hint(bad, [p for p in params if p not in ("self", "args", "kwargs")], "init_args.")
+    return out
+
+
 class LightCNNCLI(LightningCLI):
     """LightningCLI for lightcnn (see the module docstring). `stage` is "fit" or "test"."""
 
@@ -88,6 +132,7 @@ class LightCNNCLI(LightningCLI):
             ClassifierModule,
             ClassificationDataModule,
             subclass_mode_data=True,
+            parser_class=_Parser,
             save_config_callback=SaveRunConfig if stage == "fit" else None,
             run=False,
             args=args,
