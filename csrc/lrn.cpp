@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "lrn.h"
@@ -33,9 +34,27 @@ PowMode pow_mode(double beta) {
   return PowMode::General;
 }
 
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+// 1/sqrt(x) to ~2 ulp: the hardware estimate (12 bits) and one Newton step, 4x cheaper than sqrt + div.
+inline __m256 rsqrt_nr(__m256 x) {
+  const __m256 r = _mm256_rsqrt_ps(x);
+  const __m256 hx_r = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), r);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(hx_r, r, _mm256_set1_ps(1.5f)));
+}
+#define LIGHTCNN_FAST_RSQRT 1
+#endif
+
 template <typename acc_t>
 inline at::vec::Vectorized<acc_t> neg_pow(at::vec::Vectorized<acc_t> s, PowMode mode, acc_t beta) {
   using Vec = at::vec::Vectorized<acc_t>;
+#ifdef LIGHTCNN_FAST_RSQRT
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (mode == PowMode::ThreeQuarters) {
+      const __m256 r = rsqrt_nr(s);  // s^-1/2
+      return Vec(_mm256_mul_ps(r, rsqrt_nr(_mm256_mul_ps(s, r))));  // s^-1/2 * (s^1/2)^-1/2
+    }
+  }
+#endif
   switch (mode) {
     case PowMode::ThreeQuarters: {
       Vec r = s.rsqrt();  // s^-1/2
