@@ -1,4 +1,4 @@
-"""Helpers the CLI subprocesses of the tests load by class path (this folder is put on their PYTHONPATH)."""
+"""Helpers that the tests' CLI subprocesses load by class path (`tests._fit_helpers.X`)."""
 from pathlib import Path
 
 import lightning as L

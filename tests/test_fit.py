@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import requires_cuda
+from tests.conftest import requires_cuda
 from lightcnn.models import is_model
 from lightcnn.training.cli import SaveRunConfig, main
 

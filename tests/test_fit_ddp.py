@@ -25,9 +25,10 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
         "--trainer.sync_batchnorm", "true", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
         "--trainer.limit_val_batches", "2", "--test_after_fit", "false", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false",
-        "--trainer.callbacks+=_fit_helpers.SaveRankWeights", f"--trainer.callbacks.dirpath={tmp_path}",
+        "--trainer.callbacks+=tests._fit_helpers.SaveRankWeights", f"--trainer.callbacks.dirpath={tmp_path}",
     ]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "WANDB_MODE": "disabled"}
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "disabled"}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import json
 import netrc
 import re
 import os
@@ -79,7 +80,7 @@ class SaveRunConfig(SaveConfigCallback):
     def save_config(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                config = self.parser.dump(self.config, skip_none=False, format="json")
+                config = json.loads(self.parser.dump(self.config, format="json"))
                 logger.experiment.config.update({"run_dir": self.run_dir, "cli_config": config}, allow_val_change=True)
 
 
