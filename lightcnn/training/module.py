@@ -117,8 +117,8 @@ class ClassifierModule(L.LightningModule):
                 loss = loss + w * F.cross_entropy(a, y, label_smoothing=smoothing)
             self.log(f"{stage}/loss_main", main_loss, on_step=False, on_epoch=True, sync_dist=True)
         metrics.update(logits.detach(), y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, sync_dist=not on_step)
+        # sync_dist: the epoch's loss is averaged over all processes (one scalar all-reduce per step).
+        self.log(f"{stage}/loss", loss, on_step=stage == "train", on_epoch=True, prog_bar=True, sync_dist=True)
         self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "train")
         return loss
 
