@@ -17,6 +17,7 @@ import inspect
 import json
 import netrc
 import re
+import warnings
 import os
 import sys
 from datetime import datetime
@@ -129,6 +130,8 @@ class LightCNNCLI(LightningCLI):
 
     def __init__(self, args: list[str], stage: Literal["fit", "test"] = "fit", experiment_name: str = "lightcnn"):
         self.stage, self.experiment_name = stage, experiment_name
+        # `main` hands over sys.argv itself (with the positional experiment file turned into --config).
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
         super().__init__(
             ClassifierModule,
             ClassificationDataModule,
