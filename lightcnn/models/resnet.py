@@ -68,20 +68,36 @@ class _Residual(nn.Module):
 
     Stochastic depth (Huang et al. 2016, Section 3): while training, the residual branch survives a
     mini-batch with probability `survival_prob` (one draw per block per forward call, from the CPU
-    generator, so no device sync); a dropped block is `relu(shortcut(x))` and its branch is not run.
-    In eval the branch is always run and scaled by `survival_prob` (Eq. 5). With
-    `survival_prob == 1` the block is a plain residual block.
+    generator in eager mode, so no device sync); a dropped block is `relu(shortcut(x))` and its branch
+    is not run, so it neither costs time nor updates its BN statistics. In eval the branch is always
+    run and scaled by `survival_prob` (Section 3, "Stochastic depth during testing"). With
+    `survival_prob == 1` the block is a plain residual block. Subclasses define `residual(x)`.
     """
 
     survival_prob: float = 1.0
+    downsample: nn.Module | None
+    relu: nn.Module
 
-    def _gate_closed(self) -> bool:
-        return self.training and self.survival_prob < 1.0 and bool(torch.rand(()) >= self.survival_prob)
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-    def _merge(self, branch: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
-        if not self.training and self.survival_prob < 1.0:
-            branch = branch * self.survival_prob
-        return self.relu(branch + identity)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        p = self.survival_prob
+        if self.training and p < 1.0:
+            if torch.compiler.is_compiling():
+                # A Python `if` on a random draw would break the graph at every block: compiled code
+                # runs the branch and multiplies it by the 0/1 gate (same outputs and gradients; only a
+                # dropped branch's BN running statistics still update).
+                keep = torch.rand((), device=x.device) < p
+                return self.relu(self.residual(x) * keep + identity)
+            if bool(torch.rand(()) >= p):
+                return F.relu(identity)  # not in place: identity may be the input, saved by autograd
+            return self.relu(self.residual(x) + identity)
+        out = self.residual(x)
+        if p < 1.0:
+            out = out * p
+        return self.relu(out + identity)
 
     def extra_repr(self) -> str:
         return f"survival_prob={self.survival_prob:.4g}" if self.survival_prob < 1.0 else ""
@@ -105,13 +121,9 @@ class BasicBlock(_Residual):
         self.stride = stride
         self.survival_prob = survival_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        if self._gate_closed():
-            return F.relu(identity)  # not in place: identity may be the input, saved by autograd
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self._merge(out, identity)
+        return self.bn2(self.conv2(out))
 
 
 class Bottleneck(_Residual):
@@ -141,14 +153,10 @@ class Bottleneck(_Residual):
         self.stride = stride
         self.survival_prob = survival_prob
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        if self._gate_closed():
-            return F.relu(identity)
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self._merge(out, identity)
+        return self.bn3(self.conv3(out))
 
 
 _BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
