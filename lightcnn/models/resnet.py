@@ -297,6 +297,13 @@ class ResNet(Classifier):
                 if isinstance(m, (BasicBlock, Bottleneck)):
                     nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
 
+    def set_stochastic_depth(self, p_L: float, survival_rule: Literal["linear", "uniform"] = "linear") -> None:
+        """Set every block's survival probability (e.g. p_L=1.0 to switch stochastic depth off)."""
+        blocks = self.residual_blocks()
+        for blk, p in zip(blocks, survival_probabilities(len(blocks), p_L, survival_rule)):
+            blk.survival_prob = p
+        self.p_L, self.survival_rule = p_L, survival_rule
+
     def residual_blocks(self) -> list[_Residual]:
         """The residual blocks in order l = 1..L (what stochastic depth numbers)."""
         return [b for i in range(self.num_stages) for b in getattr(self, f"layer{i + 1}")]

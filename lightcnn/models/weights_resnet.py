@@ -1,8 +1,9 @@
 """Import torchvision's ResNet / ResNeXt weights into lightcnn's `ResNet`.
 
 Works where the two architectures are equal: `resnet18`, `resnet34`, `resnet50/101/152` built with
-`stride_in_1x1=False` (torchvision's v1.5: stride in the 3x3), `resnext50_32x4d`, `resnext101_32x8d`,
-and `sd_resnet152` (ResNet-152 v1.5 plus the stochastic-depth gates, which have no parameters).
+`stride_in_1x1=False` (torchvision's v1.5: stride in the 3x3), `resnext50_32x4d`, `resnext101_32x8d`.
+`sd_resnet152` has ResNet-152 v1.5's parameters but scales each branch by its survival probability in
+eval, which torchvision's network does not: it accepts the weights only when built with `p_L=1.0`.
 Nothing is downloaded here: pass a state_dict you already have, e.g.
 
     sd = torchvision.models.resnet50(weights="IMAGENET1K_V2").state_dict()   # or torch.load(path)
@@ -34,7 +35,6 @@ TORCHVISION_EQUIVALENTS = {
     "resnet152": "resnet152",
     "resnext50_32x4d": "resnext50_32x4d",
     "resnext101_32x8d": "resnext101_32x8d",
-    "sd_resnet152": "resnet152",
 }
 
 # torchvision key prefix -> ours. Empty: the keys coincide (kept as the single place to map them).
@@ -72,6 +72,10 @@ def check_torchvision_layout(model: torch.nn.Module) -> None:
     if model.block == "bottleneck" and model.stride_in_1x1:
         problems.append("stride_in_1x1 must be False: torchvision's bottleneck is v1.5 (stride in the 3x3); "
                         "build the model with create(name, stride_in_1x1=False)")
+    if any(b.survival_prob < 1.0 for b in model.residual_blocks()):
+        problems.append("every block's survival probability must be 1: stochastic depth scales the branches "
+                        "in eval, torchvision's network does not; build the model with p_L=1.0 "
+                        "(or call model.set_stochastic_depth(1.0) first)")
     if problems:
         raise ValueError("this model's architecture differs from torchvision's: " + "; ".join(problems))
 
