@@ -6,10 +6,14 @@ keyword overrides of the paper's numbers. A family that accepts any depth/width 
 """
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import fnmatch
+import inspect
 import re
-from typing import Callable
+import types
+import typing
+from typing import Any, Callable, Literal, Union
 
 from torch import nn
 
@@ -52,10 +56,12 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     if name in _MODELS:
+        _check_overrides(name, _MODELS[name], overrides)
         return _MODELS[name](**overrides)
     for pattern, fn, _ in _PATTERNS:
         m = pattern.match(name)
         if m:
+            _check_overrides(name, fn, overrides)
             return fn(*(int(g) for g in m.groups()), **overrides)
     close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
     hint = f" Closest registered names: {', '.join(close)}." if close else ""
@@ -63,3 +69,80 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
     raise ValueError(
         f"Unknown model {name!r}.{hint}{patterns} See lightcnn.models.list_models() for all {len(_MODELS)} names."
     )
+
+
+# --- checking the keyword overrides of `create` against the built class's typed __init__ ---------------
+
+
+def _built_class(fn: Callable) -> type | None:
+    """The class a builder returns, from its return annotation (None when it has none)."""
+    try:
+        ret = typing.get_type_hints(fn).get("return")
+    except Exception:  # an annotation that does not resolve: nothing to check against
+        return None
+    return ret if isinstance(ret, type) and issubclass(ret, nn.Module) else None
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the annotation `hint`. Checked: None, bool, int, float, str, Literal, unions and
+    the container type of tuple/list/Sequence annotations; anything else is accepted (not guessed at)."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (tuple, list)):
+            return False
+        elem = args[0] if args and (origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)) else None
+        return elem is None or all(_matches(v, elem) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _check_overrides(name: str, fn: Callable, overrides: dict) -> None:
+    """Raise a TypeError naming the model, the argument and what it accepts, for an override the model's
+    class does not take (a misspelt knob) or a value of the wrong type."""
+    cls = _built_class(fn)
+    if cls is None:
+        return
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [k for k, p in params.items() if k != "self" and p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    for key in overrides:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise TypeError(
+                f"create({name!r}): unknown argument {key!r} for {cls.__name__}.{hint} "
+                f"{cls.__name__} accepts: {', '.join(accepted)}."
+            )
+    try:
+        hints = typing.get_type_hints(cls.__init__)
+    except Exception:
+        return
+    for key, value in overrides.items():
+        if key in hints and not _matches(value, hints[key]):
+            raise TypeError(
+                f"create({name!r}): {key}={value!r} does not fit {cls.__name__}'s {key}: "
+                f"{_type_name(hints[key])} (got {type(value).__name__})."
+            )
