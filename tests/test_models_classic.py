@@ -228,6 +228,31 @@ def test_lenet5_original_layers_follow_the_paper():
     assert create("lenet5_original", num_classes=26).output.centres.shape == (26, 84)
 
 
+def test_lenet5_original_default_cfg_gives_the_papers_input_levels():
+    cfg = create("lenet5_original").default_cfg
+    background, ink = ((torch.tensor([0.0, 1.0]) - cfg["mean"][0]) / cfg["std"][0]).tolist()
+    assert background == pytest.approx(-0.1) and ink == pytest.approx(1.175)
+
+
+def test_zfnet_filter_renormalisation_caps_the_rms_at_the_radius():
+    from lightcnn.models.zfnet import renormalize_filters_
+
+    model = create("zfnet", init="pytorch")
+    conv1 = model.features.conv1
+    with torch.no_grad():
+        conv1.weight.normal_(0.0, 0.01)
+        conv1.weight[:3] *= 50  # RMS ~0.5 for the first three filters
+    before = conv1.weight.clone()
+    # PyTorch's default init leaves conv2-5 (fan-in >= 2400) far below 0.1: only conv1's three are rescaled
+    others = {n: m.weight.clone() for n, m in model.features.named_children() if isinstance(m, nn.Conv2d) and n != "conv1"}
+    assert renormalize_filters_(model) == 3
+    rms = conv1.weight.pow(2).mean((1, 2, 3)).sqrt()
+    assert rms[:3].tolist() == pytest.approx([0.1] * 3, rel=1e-5)
+    assert torch.equal(conv1.weight[3:], before[3:])
+    assert all(torch.equal(getattr(model.features, n).weight, w) for n, w in others.items())
+    assert renormalize_filters_(model) == 0  # idempotent
+
+
 # -------------------------------------------------------------------------------- forward and backward
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in CLASSIC])
@@ -257,6 +282,7 @@ def test_googlenet_aux_heads_only_in_training():
     model.dropout.p = 0.0
     torch.testing.assert_close(model.train()(x).logits, y1)
     assert isinstance(create("googlenet", aux_logits=False).train()(x), torch.Tensor)
+    assert model.aux_loss_weight == 0.3  # section 5, read by the training module
 
 
 @pytest.mark.parametrize("name", ["lenet5", "lenet5_original", "alexnet", "alexnet_owt", "zfnet", "vgg11_bn"])

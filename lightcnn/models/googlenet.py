@@ -135,6 +135,8 @@ class GoogLeNet(Classifier):
         aux_logits: build the auxiliary classifiers on 4a and 4d (used in training mode only).
         drop_rate: dropout before the last linear layer (section 5: 0.4).
         aux_drop_rate: dropout in the auxiliary classifiers (section 5: 0.7).
+        aux_loss_weight: the weight of each auxiliary loss in the training loss (section 5: 0.3); kept on
+            the model (`model.aux_loss_weight`) for the training module to read.
         lrn: the two local response normalisations of the stem (Fig. 3).
         lrn_size, lrn_alpha, lrn_beta, lrn_k: their n, alpha (PyTorch's convention, divided by n), beta, k;
             the paper gives none, these are the reference Caffe model's (5, 1e-4, 0.75, 1).
@@ -146,7 +148,8 @@ class GoogLeNet(Classifier):
     def __init__(self, num_classes: int = 1000, in_chans: int = 3,
                  modules: Sequence[tuple[str, InceptionSpec | None]] = GOOGLENET_MODULES,
                  inception: Literal["bottleneck", "naive"] = "bottleneck", aux_logits: bool = True,
-                 drop_rate: float = 0.4, aux_drop_rate: float = 0.7, lrn: bool = True, lrn_size: int = 5,
+                 drop_rate: float = 0.4, aux_drop_rate: float = 0.7, aux_loss_weight: float = 0.3,
+                 lrn: bool = True, lrn_size: int = 5,
                  lrn_alpha: float = 1e-4, lrn_beta: float = 0.75, lrn_k: float = 1.0,
                  init: Literal["caffe", "pytorch"] = "caffe", impl: str | None = None):
         super().__init__()
@@ -156,6 +159,7 @@ class GoogLeNet(Classifier):
         if init not in ("caffe", "pytorch"):
             raise ValueError(f"init must be 'caffe' or 'pytorch', got {init!r}")
         self.num_classes, self.in_chans, self.aux_logits = num_classes, in_chans, aux_logits
+        self.aux_loss_weight = aux_loss_weight
 
         def norm(name: str) -> list[tuple[str, nn.Module]]:
             return [(name, LocalResponseNorm(lrn_size, lrn_alpha, lrn_beta, lrn_k, impl=impl))] if lrn else []

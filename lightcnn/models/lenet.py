@@ -20,6 +20,11 @@ from torch import nn
 from lightcnn.models.base import DIGITS_MEAN, DIGITS_STD, Classifier
 from lightcnn.models.registry import register_model
 
+# Section II-B: inputs are normalised so that the background (0) is -0.1 and the ink (1) is 1.175, which
+# makes their mean roughly 0 and variance roughly 1: (x - mean) / std with std = 1 / 1.275, mean = 0.1 std.
+PAPER_STD = (1 / 1.275,)
+PAPER_MEAN = (0.1 / 1.275,)
+
 # Table I: which S2 maps (rows) each C3 map (column) reads. Maps 0-5 take 3 contiguous S2 maps, 6-11 take 4
 # contiguous ones, 12-14 take 4 discontinuous ones, and 15 takes all six ("breaks the symmetry", II-B).
 C3_CONNECTIONS: tuple[tuple[int, ...], ...] = (
@@ -205,8 +210,8 @@ class LeNet5Original(Classifier):
         if rbf_centres is None:
             rbf_centres = "bitmap" if num_classes == 10 else "random"
         self.output = EuclideanRBF(make_rbf_centres(num_classes, 84, rbf_centres))
-        self.default_cfg = dict(input_size=(in_chans, 32, 32), mean=DIGITS_MEAN * in_chans,
-                                std=DIGITS_STD * in_chans, dataset="digits", num_classes=num_classes)
+        self.default_cfg = dict(input_size=(in_chans, 32, 32), mean=PAPER_MEAN * in_chans, std=PAPER_STD * in_chans,
+                                dataset="digits", num_classes=num_classes)
         if init == "paper":
             self._init_paper()
 
