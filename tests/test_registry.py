@@ -7,6 +7,7 @@ import torch
 from lightcnn.models import create, is_model, list_models, register_model
 from lightcnn.models import registry
 from lightcnn.models.alexnet import AlexNet
+from lightcnn.models.lenet import LeNet5
 
 
 def test_list_models_filters_with_shell_patterns():
@@ -82,3 +83,15 @@ def test_well_typed_overrides_pass_the_check():
         create("googlenet", drop_rate=1, aux_logits=False)  # an int is a fine float
         create("vgg11", stages=[[64], [128]], num_classes=5)  # lists where tuples are annotated
         create("lenet5_original", rbf_centres=None)
+
+
+def test_arguments_a_builder_consumes_itself_are_accepted_and_checked(monkeypatch):
+    def tmp_builder(num_outputs: int = 10, **kwargs) -> LeNet5:
+        return LeNet5(num_classes=num_outputs, **kwargs)
+
+    monkeypatch.setitem(registry._MODELS, "tmp_builder", tmp_builder)  # removed again after the test
+    assert create("tmp_builder", num_outputs=3, in_chans=2).num_classes == 3
+    with pytest.raises(TypeError, match=r"num_outputs='3' does not fit LeNet5's num_outputs: int"):
+        create("tmp_builder", num_outputs="3")
+    with pytest.raises(TypeError, match=r"unknown argument 'num_output'.*Did you mean 'num_outputs'"):
+        create("tmp_builder", num_output=3)

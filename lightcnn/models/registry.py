@@ -76,10 +76,7 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
 
 def _built_class(fn: Callable) -> type | None:
     """The class a builder returns, from its return annotation (None when it has none)."""
-    try:
-        ret = typing.get_type_hints(fn).get("return")
-    except Exception:  # an annotation that does not resolve: nothing to check against
-        return None
+    ret = _hints(fn).get("return")
     return ret if isinstance(ret, type) and issubclass(ret, nn.Module) else None
 
 
@@ -117,32 +114,44 @@ def _matches(value: Any, hint: Any) -> bool:
     return True
 
 
+def _keyword_params(fn: Callable) -> tuple[list[str], bool]:
+    """The names `fn` takes by keyword, and whether it also takes **kwargs."""
+    params = inspect.signature(fn).parameters
+    names = [k for k, p in params.items() if k != "self" and p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _hints(fn: Callable) -> dict:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve: nothing to check against
+        return {}
+
+
 def _check_overrides(name: str, fn: Callable, overrides: dict) -> None:
-    """Raise a TypeError naming the model, the argument and what it accepts, for an override the model's
-    class does not take (a misspelt knob) or a value of the wrong type."""
+    """Raise a TypeError naming the model, the argument and what it accepts, for an override that neither
+    the builder nor the class it builds takes (a misspelt knob), or a value of the wrong type."""
     cls = _built_class(fn)
     if cls is None:
         return
-    params = inspect.signature(cls.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    own, _ = _keyword_params(fn)  # arguments a builder consumes itself
+    accepted, open_ended = _keyword_params(cls.__init__)
+    if open_ended:
         return
-    accepted = [k for k, p in params.items() if k != "self" and p.kind in (
-        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
     for key in overrides:
-        if key not in accepted:
-            close = difflib.get_close_matches(key, accepted, n=3, cutoff=0.6)
+        if key not in accepted and key not in own:
+            close = difflib.get_close_matches(key, accepted + own, n=3, cutoff=0.6)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
             raise TypeError(
                 f"create({name!r}): unknown argument {key!r} for {cls.__name__}.{hint} "
                 f"{cls.__name__} accepts: {', '.join(accepted)}."
             )
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:
-        return
+    fn_hints, cls_hints = _hints(fn), _hints(cls.__init__)
     for key, value in overrides.items():
-        if key in hints and not _matches(value, hints[key]):
+        hint = fn_hints.get(key) if key in own else cls_hints.get(key)
+        if hint is not None and not _matches(value, hint):
             raise TypeError(
                 f"create({name!r}): {key}={value!r} does not fit {cls.__name__}'s {key}: "
-                f"{_type_name(hints[key])} (got {type(value).__name__})."
+                f"{_type_name(hint)} (got {type(value).__name__})."
             )
