@@ -32,7 +32,7 @@ def _want_cuda() -> bool:
 
 def _extension():
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fdiagnostics-color=always"]
+    cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas"]  # torch >= 2.10 headers need C++20
     if platform.machine() in ("x86_64", "AMD64"):
         # at::vec uses AVX2 only when compiled for it; every x86-64 server since 2013 has AVX2 + FMA.
         cxx += ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
@@ -40,7 +40,7 @@ def _extension():
     cxx += ["-fopenmp"] if "OpenMP" in torch.__config__.parallel_info() else []
     if _want_cuda():
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-DWITH_CUDA"]
+        nvcc = ["-O3", "-std=c++20", "--use_fast_math", "-DWITH_CUDA"]
         return cpp_extension.CUDAExtension(
             "lightcnn._C", sources, extra_compile_args={"cxx": cxx + ["-DWITH_CUDA"], "nvcc": nvcc},
             extra_link_args=["-fopenmp"] if "-fopenmp" in cxx else [],

@@ -1,0 +1,331 @@
+// Local response normalisation on the CPU, and the schemas of torch.ops.lightcnn.lrn / lrn_backward.
+//
+// Channels-first layout: each task takes one image and a tile of L spatial positions, and walks the
+// channels once with a running sum of squares per position (one add and one subtract per channel,
+// whatever the window size), so the input is read about once and the output written once. The
+// running sums live in an L1-sized buffer and the inner loops run along contiguous memory, vectorised.
+// Channels-last layout: each task takes spatial positions, whose channels are contiguous.
+//
+// The backward saves nothing but the input: it recomputes the scale with the same running sum,
+// then sums g*a*s^(-beta-1) over the mirrored window with a second running sum.
+#include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "lrn.h"
+
+namespace lightcnn {
+namespace {
+
+// How s^-beta is computed: exact-rounding fast paths for the betas people use (AlexNet and GoogLeNet use
+// 0.75), a vectorised exp(-beta * log s) otherwise.
+enum class PowMode { ThreeQuarters, Half, One, General };
+
+PowMode pow_mode(double beta) {
+  if (beta == 0.75) return PowMode::ThreeQuarters;
+  if (beta == 0.5) return PowMode::Half;
+  if (beta == 1.0) return PowMode::One;
+  return PowMode::General;
+}
+
+#if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
+// 1/sqrt(x) to ~2 ulp: the hardware estimate (12 bits) and one Newton step, 4x cheaper than sqrt + div.
+inline __m256 rsqrt_nr(__m256 x) {
+  const __m256 r = _mm256_rsqrt_ps(x);
+  const __m256 hx_r = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), x), r);
+  return _mm256_mul_ps(r, _mm256_fnmadd_ps(hx_r, r, _mm256_set1_ps(1.5f)));
+}
+#define LIGHTCNN_FAST_RSQRT 1
+#endif
+
+template <typename acc_t>
+inline at::vec::Vectorized<acc_t> neg_pow(at::vec::Vectorized<acc_t> s, PowMode mode, acc_t beta) {
+  using Vec = at::vec::Vectorized<acc_t>;
+#ifdef LIGHTCNN_FAST_RSQRT
+  if constexpr (std::is_same_v<acc_t, float>) {
+    if (mode == PowMode::ThreeQuarters) {
+      const __m256 r = rsqrt_nr(s);  // s^-1/2
+      return Vec(_mm256_mul_ps(r, rsqrt_nr(_mm256_mul_ps(s, r))));  // s^-1/2 * (s^1/2)^-1/2
+    }
+  }
+#endif
+  switch (mode) {
+    case PowMode::ThreeQuarters: {
+      Vec r = s.rsqrt();  // s^-1/2
+      return r * r.sqrt();  // s^-1/2 * s^-1/4
+    }
+    case PowMode::Half:
+      return s.rsqrt();
+    case PowMode::One:
+      return s.reciprocal();
+    default:
+      return (s.log() * Vec(-beta)).exp();
+  }
+}
+
+// scale[i] = s^-beta with s = k + coef * sum[i]; if inv_s is given, also inv_s[i] = 1 / s.
+template <typename acc_t>
+inline void scale_from_sum(const acc_t* __restrict sum, acc_t* __restrict scale, acc_t* __restrict inv_s, int64_t len,
+                           acc_t k, acc_t coef, PowMode mode, acc_t beta) {
+  using Vec = at::vec::Vectorized<acc_t>;
+  const Vec vk(k), vcoef(coef), one(acc_t(1));
+  int64_t i = 0;
+  for (; i + Vec::size() <= len; i += Vec::size()) {
+    Vec s = at::vec::fmadd(vcoef, Vec::loadu(sum + i), vk);
+    neg_pow(s, mode, beta).store(scale + i);
+    if (inv_s) (one / s).store(inv_s + i);
+  }
+  if (i < len) {
+    const int64_t rest = len - i;
+    Vec s = at::vec::fmadd(vcoef, Vec::loadu(sum + i, rest), vk);
+    neg_pow(s, mode, beta).store(scale + i, rest);
+    if (inv_s) (one / s).store(inv_s + i, rest);
+  }
+}
+
+// sum[i] += add[i]^2 - sub[i]^2, either pointer may be null.
+template <typename scalar_t, typename acc_t>
+inline void slide_sq(acc_t* __restrict sum, const scalar_t* __restrict add, const scalar_t* __restrict sub,
+                     int64_t len) {
+  if (add && sub) {
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t a = add[i], b = sub[i];
+      sum[i] += a * a - b * b;
+    }
+  } else if (add) {
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t a = add[i];
+      sum[i] += a * a;
+    }
+  } else if (sub) {
+    for (int64_t i = 0; i < len; ++i) {
+      const acc_t b = sub[i];
+      sum[i] -= b * b;
+    }
+  }
+}
+
+// sum[i] += add[i] - sub[i] on acc_t rows, either pointer may be null.
+template <typename acc_t>
+inline void slide(acc_t* __restrict sum, const acc_t* __restrict add, const acc_t* __restrict sub, int64_t len) {
+  if (add) for (int64_t i = 0; i < len; ++i) sum[i] += add[i];
+  if (sub) for (int64_t i = 0; i < len; ++i) sum[i] -= sub[i];
+}
+
+struct Window {
+  int64_t lo, hi;  // the window of channel c is [c - lo, c + hi]
+  explicit Window(int64_t size) : lo(size / 2), hi((size - 1) / 2) {}
+};
+
+// ---------------------------------------------------------------------------------------------------
+// Channels-first: x is (N, C, S) contiguous.
+
+constexpr int64_t kFwdTile = 256;  // spatial positions per task in the forward (sum + scale in L1)
+
+template <typename scalar_t>
+void forward_channels_first(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t S, int64_t size,
+                            double alpha, double beta, double k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Window w(size);
+  const acc_t coef = alpha / size;
+  const PowMode mode = pow_mode(beta);
+  const int64_t tiles = (S + kFwdTile - 1) / kFwdTile;
+  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) acc_t sum[kFwdTile];
+    alignas(64) acc_t scale[kFwdTile];
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / tiles, s0 = (t % tiles) * kFwdTile, len = std::min(kFwdTile, S - s0);
+      const scalar_t* xb = x + n * C * S + s0;
+      scalar_t* yb = y + n * C * S + s0;
+      std::fill(sum, sum + len, acc_t(0));
+      for (int64_t j = 0; j <= std::min(w.hi, C - 1); ++j) slide_sq<scalar_t, acc_t>(sum, xb + j * S, nullptr, len);
+      for (int64_t c = 0; c < C; ++c) {
+        if (c > 0) {
+          const int64_t in = c + w.hi, out = c - w.lo - 1;
+          slide_sq<scalar_t, acc_t>(sum, in < C ? xb + in * S : nullptr, out >= 0 ? xb + out * S : nullptr, len);
+        }
+        scale_from_sum<acc_t>(sum, scale, nullptr, len, k, coef, mode, beta);
+        const scalar_t* xc = xb + c * S;
+        scalar_t* yc = yb + c * S;
+        for (int64_t i = 0; i < len; ++i) yc[i] = static_cast<scalar_t>(static_cast<acc_t>(xc[i]) * scale[i]);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_channels_first(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t N, int64_t C, int64_t S,
+                             int64_t size, double alpha, double beta, double k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Window w(size);
+  const acc_t coef = alpha / size, coef2 = 2.0 * alpha * beta / size;
+  const PowMode mode = pow_mode(beta);
+  // The tile keeps a C x L block of scales and of t = g*a*s^(-beta-1) in cache between the two passes.
+  const int64_t L = std::max<int64_t>(16, std::min<int64_t>(256, (16384 / std::max<int64_t>(C, 1)) / 16 * 16));
+  const int64_t tiles = (S + L - 1) / L;
+  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scale_buf(C * L), t_buf(C * L), sum(L), inv_s(L);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t n = t / tiles, s0 = (t % tiles) * L, len = std::min(L, S - s0);
+      const int64_t off = n * C * S + s0;
+      const scalar_t *xb = x + off, *gb = g + off;
+      scalar_t* db = dx + off;
+      // Pass 1: the forward's running sum gives s_c; keep s_c^-beta and t_c = g_c a_c s_c^-beta / s_c.
+      std::fill(sum.begin(), sum.begin() + len, acc_t(0));
+      for (int64_t j = 0; j <= std::min(w.hi, C - 1); ++j)
+        slide_sq<scalar_t, acc_t>(sum.data(), xb + j * S, nullptr, len);
+      for (int64_t c = 0; c < C; ++c) {
+        if (c > 0) {
+          const int64_t in = c + w.hi, out = c - w.lo - 1;
+          slide_sq<scalar_t, acc_t>(sum.data(), in < C ? xb + in * S : nullptr, out >= 0 ? xb + out * S : nullptr,
+                                    len);
+        }
+        acc_t* sc = scale_buf.data() + c * L;
+        acc_t* tc = t_buf.data() + c * L;
+        scale_from_sum<acc_t>(sum.data(), sc, inv_s.data(), len, k, coef, mode, beta);
+        const scalar_t *xc = xb + c * S, *gc = gb + c * S;
+        for (int64_t i = 0; i < len; ++i)
+          tc[i] = static_cast<acc_t>(gc[i]) * static_cast<acc_t>(xc[i]) * sc[i] * inv_s[i];
+      }
+      // Pass 2: da_j = g_j s_j^-beta - coef2 * a_j * sum of t over the mirrored window [j - hi, j + lo].
+      std::fill(sum.begin(), sum.begin() + len, acc_t(0));
+      for (int64_t c = 0; c <= std::min(w.lo, C - 1); ++c) slide<acc_t>(sum.data(), t_buf.data() + c * L, nullptr, len);
+      for (int64_t j = 0; j < C; ++j) {
+        if (j > 0) {
+          const int64_t in = j + w.lo, out = j - w.hi - 1;
+          slide<acc_t>(sum.data(), in < C ? t_buf.data() + in * L : nullptr,
+                       out >= 0 ? t_buf.data() + out * L : nullptr, len);
+        }
+        const acc_t* sc = scale_buf.data() + j * L;
+        const scalar_t *xc = xb + j * S, *gc = gb + j * S;
+        scalar_t* dc = db + j * S;
+        for (int64_t i = 0; i < len; ++i)
+          dc[i] = static_cast<scalar_t>(static_cast<acc_t>(gc[i]) * sc[i] - coef2 * static_cast<acc_t>(xc[i]) * sum[i]);
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Channels-last: x is (N, S, C) contiguous; each position's C channels are one contiguous row.
+
+template <typename scalar_t, typename acc_t>
+inline void window_sums_row(const scalar_t* xr, acc_t* sum, int64_t C, const Window& w) {
+  acc_t run = 0;
+  for (int64_t j = 0; j <= std::min(w.hi, C - 1); ++j) run += static_cast<acc_t>(xr[j]) * static_cast<acc_t>(xr[j]);
+  for (int64_t c = 0; c < C; ++c) {
+    if (c > 0) {
+      const int64_t in = c + w.hi, out = c - w.lo - 1;
+      if (in < C) run += static_cast<acc_t>(xr[in]) * static_cast<acc_t>(xr[in]);
+      if (out >= 0) run -= static_cast<acc_t>(xr[out]) * static_cast<acc_t>(xr[out]);
+    }
+    sum[c] = run;
+  }
+}
+
+template <typename scalar_t>
+void forward_channels_last(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t S, int64_t size,
+                           double alpha, double beta, double k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Window w(size);
+  const acc_t coef = alpha / size;
+  const PowMode mode = pow_mode(beta);
+  at::parallel_for(0, N * S, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(C), scale(C);
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t* xr = x + p * C;
+      scalar_t* yr = y + p * C;
+      window_sums_row<scalar_t, acc_t>(xr, sum.data(), C, w);
+      scale_from_sum<acc_t>(sum.data(), scale.data(), nullptr, C, k, coef, mode, beta);
+      for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) * scale[c]);
+    }
+  });
+}
+
+template <typename scalar_t>
+void backward_channels_last(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t N, int64_t C, int64_t S,
+                            int64_t size, double alpha, double beta, double k) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const Window w(size);
+  const acc_t coef = alpha / size, coef2 = 2.0 * alpha * beta / size;
+  const PowMode mode = pow_mode(beta);
+  at::parallel_for(0, N * S, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(C), scale(C), inv_s(C), tv(C);
+    for (int64_t p = begin; p < end; ++p) {
+      const scalar_t *xr = x + p * C, *gr = g + p * C;
+      scalar_t* dr = dx + p * C;
+      window_sums_row<scalar_t, acc_t>(xr, sum.data(), C, w);
+      scale_from_sum<acc_t>(sum.data(), scale.data(), inv_s.data(), C, k, coef, mode, beta);
+      for (int64_t c = 0; c < C; ++c)
+        tv[c] = static_cast<acc_t>(gr[c]) * static_cast<acc_t>(xr[c]) * scale[c] * inv_s[c];
+      acc_t run = 0;
+      for (int64_t c = 0; c <= std::min(w.lo, C - 1); ++c) run += tv[c];
+      for (int64_t j = 0; j < C; ++j) {
+        if (j > 0) {
+          const int64_t in = j + w.lo, out = j - w.hi - 1;
+          if (in < C) run += tv[in];
+          if (out >= 0) run -= tv[out];
+        }
+        dr[j] = static_cast<scalar_t>(static_cast<acc_t>(gr[j]) * scale[j] - coef2 * static_cast<acc_t>(xr[j]) * run);
+      }
+    }
+  });
+}
+
+void check_cpu(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": expected a CPU tensor, got one on ", t.device());
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kBFloat16, op,
+              ": the CPU kernel takes float32, float64 or bfloat16, got ", st,
+              " (lightcnn.ops.local_response_norm runs other dtypes on the PyTorch reference)");
+}
+
+at::Tensor lrn_cpu(const at::Tensor& input, int64_t size, double alpha, double beta, double k) {
+  lrn_check(input, size, "lightcnn::lrn");
+  check_cpu(input, "lightcnn::lrn");
+  const LrnView v = lrn_view(input);
+  at::Tensor out = at::empty_like(v.x);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, v.x.scalar_type(), "lrn_cpu", [&] {
+    (v.channels_last ? forward_channels_last<scalar_t> : forward_channels_first<scalar_t>)(
+        v.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), v.N, v.C, v.S, size, alpha, beta, k);
+  });
+  return out;
+}
+
+at::Tensor lrn_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input, int64_t size, double alpha,
+                            double beta, double k) {
+  lrn_check(input, size, "lightcnn::lrn_backward");
+  lrn_check_grad(grad_output, input, "lightcnn::lrn_backward");
+  check_cpu(input, "lightcnn::lrn_backward");
+  const LrnView v = lrn_view(input);
+  const at::Tensor g = grad_output.contiguous(lrn_memory_format(input));
+  at::Tensor grad_input = at::empty_like(v.x);
+  if (grad_input.numel() == 0) return grad_input;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, v.x.scalar_type(), "lrn_backward_cpu", [&] {
+    (v.channels_last ? backward_channels_last<scalar_t> : backward_channels_first<scalar_t>)(
+        g.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(), v.N,
+        v.C, v.S, size, alpha, beta, k);
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(lightcnn, m) {
+  m.def("lrn(Tensor input, int size, float alpha, float beta, float k) -> Tensor");
+  m.def("lrn_backward(Tensor grad_output, Tensor input, int size, float alpha, float beta, float k) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lightcnn, CPU, m) {
+  m.impl("lrn", &lrn_cpu);
+  m.impl("lrn_backward", &lrn_backward_cpu);
+}
+
+}  // namespace lightcnn

@@ -1,0 +1,60 @@
+// Local response normalisation: argument checks and the (N, C, S) view shared by the CPU and CUDA kernels.
+//
+// b_c = a_c * (k + alpha/n * sum_{c' = c - n/2}^{c + (n-1)/2} a_c'^2)^-beta, the window clipped to [0, C)
+// and always divided by n (exactly torch.nn.functional.local_response_norm).
+//
+// Gradient (s_c the bracket above, W(c) its window):
+//   da_j = g_j * s_j^-beta - (2 alpha beta / n) * a_j * sum_{c : j in W(c)} g_c a_c s_c^(-beta-1)
+// and j in W(c) <=> c in [j - (n-1)/2, j + n/2]: the same running sum with the window mirrored.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/MemoryFormat.h>
+#include <c10/util/Exception.h>
+
+namespace lightcnn {
+
+// An LRN input seen as (N, C, S) with S the product of the spatial sizes, in one of two layouts:
+// channels-first (element (n, c, s) at (n*C + c)*S + s) or channels-last (at (n*S + s)*C + c).
+struct LrnView {
+  at::Tensor x;
+  int64_t N, C, S;
+  bool channels_last;
+};
+
+// channels-last when the input is 4-D/5-D, channels-last dense and not also contiguous; otherwise the
+// contiguous layout. lightcnn/ops/lrn.py's _out_memory_format() mirrors this for the fake kernel.
+inline c10::MemoryFormat lrn_memory_format(const at::Tensor& input) {
+  if (input.dim() == 4 && !input.is_contiguous() && input.is_contiguous(c10::MemoryFormat::ChannelsLast))
+    return c10::MemoryFormat::ChannelsLast;
+  if (input.dim() == 5 && !input.is_contiguous() && input.is_contiguous(c10::MemoryFormat::ChannelsLast3d))
+    return c10::MemoryFormat::ChannelsLast3d;
+  return c10::MemoryFormat::Contiguous;
+}
+
+inline void lrn_check(const at::Tensor& input, int64_t size, const char* op) {
+  TORCH_CHECK(input.dim() >= 3, op, ": input must have at least 3 dimensions (N, C, ...), got ", input.dim(),
+              "-D input of shape ", input.sizes(), "; add a batch dimension with input.unsqueeze(0)");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), op, ": input must be a floating-point tensor, got ",
+              input.scalar_type(), "; convert it with input.float()");
+  TORCH_CHECK(size >= 1, op, ": size must be >= 1 (the number of channels summed), got ", size);
+}
+
+inline void lrn_check_grad(const at::Tensor& grad, const at::Tensor& input, const char* op) {
+  TORCH_CHECK(grad.sizes() == input.sizes(), op, ": grad_output has shape ", grad.sizes(),
+              " but input has shape ", input.sizes());
+  TORCH_CHECK(grad.scalar_type() == input.scalar_type(), op, ": grad_output has dtype ", grad.scalar_type(),
+              " but input has dtype ", input.scalar_type());
+  TORCH_CHECK(grad.device() == input.device(), op, ": grad_output is on ", grad.device(), " but input is on ",
+              input.device());
+}
+
+inline LrnView lrn_view(const at::Tensor& input) {
+  const auto fmt = lrn_memory_format(input);
+  at::Tensor x = input.contiguous(fmt);
+  const int64_t N = x.size(0), C = x.size(1);
+  const int64_t S = (N * C == 0) ? 0 : x.numel() / (N * C);
+  return {x, N, C, S, fmt != c10::MemoryFormat::Contiguous};
+}
+
+}  // namespace lightcnn
