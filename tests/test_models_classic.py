@@ -14,10 +14,11 @@ import torchvision
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from lightcnn.layers import LocalResponseNorm
+from lightcnn.layers import LocalResponseNorm, default_impl
 from lightcnn.models import create, list_models
 from lightcnn.models.googlenet import GoogLeNetOutputs
 from lightcnn.models.weights import convert_torchvision_state_dict, from_torchvision, load_torchvision_state_dict
+from tests.conftest import DEVICES
 
 # REFERENCE.md: name -> (trainable parameters, GMACs, input side). Exact counts; MACs within 1%.
 REFERENCE = {
@@ -266,6 +267,35 @@ def test_forward_backward_at_native_size(name):
     sum(o.logsumexp(1).sum() for o in outs).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"no finite gradient for {missing}"
+
+
+@pytest.fixture
+def no_tf32():
+    """Full float32 precision in cuDNN convolutions and matmuls (TF32 would need a looser tolerance)."""
+    old = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    yield
+    torch.backends.cudnn.allow_tf32 = old[0]
+    torch.set_float32_matmul_precision(old[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name, side", [("lenet5_original", 32), ("alexnet", 227), ("googlenet", 96)])
+def test_kernels_on_device_match_float64_reference_end_to_end(name, side, device, no_tf32):
+    # float32 on `device` with the compiled kernels (LRN) against float64 on the CPU with the reference ops
+    model = create(name, **({} if name == "lenet5_original" else {"impl": "kernel"}), **({"aux_logits": False} if name == "googlenet" else {}))
+    model.eval()
+    x = torch.randn(1, model.in_chans, side, side)
+    with torch.no_grad(), default_impl("reference"):
+        expected = model.double()(x.double())
+    with torch.no_grad():
+        y = model.float().to(device)(x.to(device))
+    torch.testing.assert_close(y.cpu().double(), expected, rtol=1e-4, atol=1e-5)
+    model.train()
+    y = model(x.to(device))
+    (y.logits if isinstance(y, tuple) else y).logsumexp(1).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
 def test_googlenet_aux_heads_only_in_training():
