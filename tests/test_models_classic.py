@@ -6,8 +6,6 @@ weight-import, torch.compile and autocast tests run real tensors on the CPU. Run
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torchvision
@@ -182,6 +180,17 @@ def test_alexnet_towers_and_lrn_follow_the_paper():
     assert [(n.size, n.alpha, n.beta, n.k) for n in norms] == [(5, 5e-4, 0.75, 2.0)] * 2
 
 
+def test_alexnet_paper_init():
+    # section 5: weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers, 0 elsewhere
+    model = create("alexnet")
+    layers = {n.split(".")[-1]: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert {n: m.bias.unique().tolist() for n, m in layers.items()} == {
+        "conv1": [0.0], "conv2": [1.0], "conv3": [0.0], "conv4": [1.0], "conv5": [1.0],
+        "fc6": [1.0], "fc7": [1.0], "fc8": [0.0]}
+    assert all(abs(m.weight.std().item() - 0.01) < 1e-3 and abs(m.weight.mean().item()) < 1e-3
+               for m in layers.values())
+
+
 def test_alexnet_lrn_equals_the_papers_formula():
     # section 3.3: b = a / (k + alpha * sum_{j=max(0,i-n/2)}^{min(N-1,i+n/2)} a_j^2)^beta, k=2, n=5, alpha=1e-4
     norm = [m for m in create("alexnet", init="pytorch").features if isinstance(m, LocalResponseNorm)][0]
@@ -245,7 +254,8 @@ def test_zfnet_filter_renormalisation_caps_the_rms_at_the_radius():
         conv1.weight[:3] *= 50  # RMS ~0.5 for the first three filters
     before = conv1.weight.clone()
     # PyTorch's default init leaves conv2-5 (fan-in >= 2400) far below 0.1: only conv1's three are rescaled
-    others = {n: m.weight.clone() for n, m in model.features.named_children() if isinstance(m, nn.Conv2d) and n != "conv1"}
+    others = {n: m.weight.clone() for n, m in model.features.named_children()
+              if isinstance(m, nn.Conv2d) and n != "conv1"}
     assert renormalize_filters_(model) == 3
     rms = conv1.weight.pow(2).mean((1, 2, 3)).sqrt()
     assert rms[:3].tolist() == pytest.approx([0.1] * 3, rel=1e-5)
@@ -284,7 +294,8 @@ def no_tf32():
 @pytest.mark.parametrize("name, side", [("lenet5_original", 32), ("alexnet", 227), ("googlenet", 96)])
 def test_kernels_on_device_match_float64_reference_end_to_end(name, side, device, no_tf32):
     # float32 on `device` with the compiled kernels (LRN) against float64 on the CPU with the reference ops
-    model = create(name, **({} if name == "lenet5_original" else {"impl": "kernel"}), **({"aux_logits": False} if name == "googlenet" else {}))
+    kwargs = {"alexnet": dict(impl="kernel"), "googlenet": dict(impl="kernel", aux_logits=False)}.get(name, {})
+    model = create(name, **kwargs)
     model.eval()
     x = torch.randn(1, model.in_chans, side, side)
     with torch.no_grad(), default_impl("reference"):

@@ -67,7 +67,8 @@ def test_misspelt_override_is_a_type_error_naming_the_knob():
 @pytest.mark.parametrize("name, kwargs, message", [
     ("vgg11", {"num_classes": "10"}, r"num_classes='10' does not fit VGG's num_classes: int \(got str\)"),
     ("vgg11", {"num_classes": True}, r"num_classes=True does not fit VGG's num_classes: int \(got bool\)"),
-    ("alexnet", {"init": "xavier"}, r"init='xavier' does not fit AlexNet's init: Literal\['paper', 'zfnet', 'pytorch'\]"),
+    ("alexnet", {"init": "xavier"},
+     r"init='xavier' does not fit AlexNet's init: Literal\['paper', 'zfnet', 'pytorch'\]"),
     ("alexnet", {"impl": 1}, r"impl=1 does not fit AlexNet's impl: str \| None"),
     ("alexnet", {"lrn_after": "01"}, r"lrn_after='01' does not fit AlexNet's lrn_after: Sequence\[int\]"),
     ("googlenet", {"drop_rate": "0.4"}, r"drop_rate='0.4' does not fit GoogLeNet's drop_rate: float"),

@@ -67,7 +67,8 @@ GOOGLENET_MODULES: tuple[tuple[str, InceptionSpec | None], ...] = (
 AUX_AFTER = ("inception4a", "inception4d")  # section 5
 
 
-def conv_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, padding: int = 0) -> nn.Sequential:
+def conv_relu(in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+              padding: int = 0) -> nn.Sequential:
     return nn.Sequential(OrderedDict(conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding),
                                      relu=nn.ReLU(inplace=True)))
 

@@ -192,7 +192,8 @@ class LeNet5Original(Classifier):
         if init not in ("paper", "pytorch"):
             raise ValueError(f"init must be 'paper' or 'pytorch', got {init!r}")
         if any(i < 0 or i >= 6 for c in connections for i in c) or any(len(c) == 0 for c in connections):
-            raise ValueError(f"connections must list, for each C3 map, a non-empty subset of the 6 S2 maps; got {connections!r}")
+            raise ValueError(
+                f"connections must list, for each C3 map, a non-empty subset of the 6 S2 maps; got {connections!r}")
         self.num_classes, self.in_chans, self.num_features = num_classes, in_chans, 84
         act = ScaledTanh
         self.features = nn.Sequential()

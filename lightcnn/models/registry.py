@@ -50,7 +50,11 @@ def is_model(name: str) -> bool:
 
 def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
     """Build a registered model. `num_classes` defaults to the class count of the paper's data set;
-    other keyword arguments override the builder's defaults (e.g. `drop_rate=0.3`, `impl="reference"`)."""
+    other keyword arguments override the builder's defaults (e.g. `drop_rate=0.3`, `impl="reference"`).
+
+    An unknown name is a ValueError listing the closest names. An override that the model does not take,
+    or whose value does not fit the knob's annotation, is a TypeError naming the model, the knob and what
+    it accepts (checked against the typed __init__ of the class the builder's return annotation names)."""
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     if num_classes is not None:

@@ -102,7 +102,8 @@ class VGG(Classifier):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)  # N x 512 x 7 x 7 at 224x224 (pool5)
 
-    def forward_intermediates(self, x: torch.Tensor, layers: Sequence[str] = PERCEPTUAL_LAYERS) -> dict[str, torch.Tensor]:
+    def forward_intermediates(self, x: torch.Tensor,
+                              layers: Sequence[str] = PERCEPTUAL_LAYERS) -> dict[str, torch.Tensor]:
         """The outputs of the named layers of `features` (e.g. "relu3_3", "conv5_3", "pool4"), in the order
         asked; the forward pass stops at the deepest one. ReLUs run in place, so ask for "reluX_Y" rather
         than "convX_Y" when both are wanted."""
@@ -115,7 +116,8 @@ class VGG(Classifier):
         for name, module in names.items():
             x = module(x)
             if name in wanted:
-                out[name] = x.clone() if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) else x  # the next ReLU is in place
+                # the ReLU after a convolution or BatchNorm runs in place: keep a copy of their output
+                out[name] = x.clone() if isinstance(module, (nn.Conv2d, nn.BatchNorm2d)) else x
                 remaining -= 1
                 if remaining == 0:
                     break

@@ -44,7 +44,8 @@ def _describe(layer: Mapping[str, torch.Tensor]) -> str:
     return {4: "Conv2d", 2: "Linear"}.get(w.dim() if w is not None else -1, "layer with " + "/".join(layer))
 
 
-def convert_torchvision_state_dict(model: nn.Module, tv_state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+def convert_torchvision_state_dict(model: nn.Module,
+                                   tv_state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
     """torchvision's VGG/AlexNet state_dict, renamed to `model`'s keys (checked layer by layer)."""
     if not isinstance(model, (VGG, AlexNet)):
         raise TypeError(
@@ -80,8 +81,8 @@ def convert_torchvision_state_dict(model: nn.Module, tv_state_dict: Mapping[str,
         for leaf, ours_t in our_layer.items():
             tv_t = tv_layer[leaf]
             if tuple(ours_t.shape) != tuple(tv_t.shape):
-                hint = (f"; build ours with num_classes={tv_t.shape[0]}" if our_prefix.endswith("fc8") and leaf == "weight"
-                        and ours_t.shape[1:] == tv_t.shape[1:] else "")
+                classes_differ = our_prefix.endswith("fc8") and leaf == "weight" and ours_t.shape[1:] == tv_t.shape[1:]
+                hint = f"; build ours with num_classes={tv_t.shape[0]}" if classes_differ else ""
                 raise ValueError(
                     f"torchvision's {tv_prefix}.{leaf} has shape {tuple(tv_t.shape)} but our {our_prefix}.{leaf} has "
                     f"{tuple(ours_t.shape)}{hint}"
