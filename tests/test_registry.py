@@ -1,6 +1,7 @@
 """The model registry: names, `create`'s defaults and overrides, and its error messages."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,6 +85,7 @@ def test_well_typed_overrides_pass_the_check():
         create("googlenet", drop_rate=1, aux_logits=False)  # an int is a fine float
         create("vgg11", stages=[[64], [128]], num_classes=5)  # lists where tuples are annotated
         create("lenet5_original", rbf_centres=None)
+        create("lenet5", num_classes=np.int64(3))
 
 
 def test_arguments_a_builder_consumes_itself_are_accepted_and_checked(monkeypatch):

@@ -10,6 +10,7 @@ import collections.abc
 import difflib
 import fnmatch
 import inspect
+import numbers
 import re
 import types
 import typing
@@ -109,10 +110,10 @@ def _matches(value: Any, hint: Any) -> bool:
         return elem is None or all(_matches(v, elem) for v in value)
     if hint is bool:
         return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is int:  # numpy integers too; a bool is almost always a slip
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if hint is str:
         return isinstance(value, str)
     return True
