@@ -54,6 +54,32 @@ struct Geometry {
   int64_t lo, hi;  // window of channel c: [c - lo, c + hi]
 };
 
+// The running sum of a^2 over the window [c - lo, c + hi] of one (n, s) column; `next()` returns the
+// sum of channel 0, then 1, 2, ... (one add and one subtract per step, whatever the window size).
+template <typename scalar_t, typename acc_t>
+struct SquareWindow {
+  const scalar_t* xp;
+  const Geometry g;
+  int64_t c = 0;
+  acc_t sum = 0;
+
+  __device__ __forceinline__ acc_t sq(int64_t j) const {
+    const acc_t a = static_cast<acc_t>(xp[j * g.cs]);
+    return a * a;
+  }
+  __device__ SquareWindow(const scalar_t* xp_, const Geometry& g_) : xp(xp_), g(g_) {
+    for (int64_t j = 0; j <= min(g.hi, g.C - 1); ++j) sum += sq(j);
+  }
+  __device__ __forceinline__ acc_t next() {
+    if (c > 0) {
+      if (c + g.hi < g.C) sum += sq(c + g.hi);
+      if (c - g.lo - 1 >= 0) sum -= sq(c - g.lo - 1);
+    }
+    ++c;
+    return sum;
+  }
+};
+
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, acc_t coef,
                                    acc_t k, acc_t beta, int mode) {
@@ -62,23 +88,9 @@ __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __r
     const int64_t n = idx / g.S, s = idx % g.S, base = n * g.C * g.S + s * g.ss;
     const scalar_t* xp = x + base;
     scalar_t* yp = y + base;
-    acc_t sum = 0;
-    for (int64_t j = 0; j <= min(g.hi, g.C - 1); ++j) {
-      const acc_t a = static_cast<acc_t>(xp[j * g.cs]);
-      sum += a * a;
-    }
+    SquareWindow<scalar_t, acc_t> window(xp, g);
     for (int64_t c = 0; c < g.C; ++c) {
-      if (c > 0) {
-        const int64_t in = c + g.hi, out = c - g.lo - 1;
-        if (in < g.C) {
-          const acc_t a = static_cast<acc_t>(xp[in * g.cs]);
-          sum += a * a;
-        }
-        if (out >= 0) {
-          const acc_t a = static_cast<acc_t>(xp[out * g.cs]);
-          sum -= a * a;
-        }
-      }
+      const acc_t sum = window.next();
       yp[c * g.cs] = static_cast<scalar_t>(static_cast<acc_t>(xp[c * g.cs]) * neg_pow<acc_t>(k + coef * sum, beta, mode));
     }
   }
@@ -93,23 +105,9 @@ __global__ void lrn_backward_t_kernel(const scalar_t* __restrict__ grad, const s
     const int64_t n = idx / g.S, s = idx % g.S, base = n * g.C * g.S + s * g.ss;
     const scalar_t *xp = x + base, *gp = grad + base;
     acc_t* tp = t + base;
-    acc_t sum = 0;
-    for (int64_t j = 0; j <= min(g.hi, g.C - 1); ++j) {
-      const acc_t a = static_cast<acc_t>(xp[j * g.cs]);
-      sum += a * a;
-    }
+    SquareWindow<scalar_t, acc_t> window(xp, g);
     for (int64_t c = 0; c < g.C; ++c) {
-      if (c > 0) {
-        const int64_t in = c + g.hi, out = c - g.lo - 1;
-        if (in < g.C) {
-          const acc_t a = static_cast<acc_t>(xp[in * g.cs]);
-          sum += a * a;
-        }
-        if (out >= 0) {
-          const acc_t a = static_cast<acc_t>(xp[out * g.cs]);
-          sum -= a * a;
-        }
-      }
+      const acc_t sum = window.next();
       const acc_t sc = k + coef * sum;
       tp[c * g.cs] = static_cast<acc_t>(gp[c * g.cs]) * static_cast<acc_t>(xp[c * g.cs]) * neg_pow<acc_t>(sc, beta, mode) / sc;
     }
@@ -127,23 +125,12 @@ __global__ void lrn_backward_grad_kernel(const scalar_t* __restrict__ grad, cons
     const scalar_t *xp = x + base, *gp = grad + base;
     const acc_t* tp = t + base;
     scalar_t* dp = dx + base;
-    acc_t sum = 0, tsum = 0;
-    for (int64_t j = 0; j <= min(g.hi, g.C - 1); ++j) {
-      const acc_t a = static_cast<acc_t>(xp[j * g.cs]);
-      sum += a * a;
-    }
+    SquareWindow<scalar_t, acc_t> window(xp, g);
+    acc_t tsum = 0;
     for (int64_t c = 0; c <= min(g.lo, g.C - 1); ++c) tsum += tp[c * g.cs];
     for (int64_t j = 0; j < g.C; ++j) {
+      const acc_t sum = window.next();
       if (j > 0) {
-        const int64_t in = j + g.hi, out = j - g.lo - 1;
-        if (in < g.C) {
-          const acc_t a = static_cast<acc_t>(xp[in * g.cs]);
-          sum += a * a;
-        }
-        if (out >= 0) {
-          const acc_t a = static_cast<acc_t>(xp[out * g.cs]);
-          sum -= a * a;
-        }
         const int64_t tin = j + g.lo, tout = j - g.hi - 1;
         if (tin < g.C) tsum += tp[tin * g.cs];
         if (tout >= 0) tsum -= tp[tout * g.cs];
