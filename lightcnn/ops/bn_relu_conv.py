@@ -28,6 +28,15 @@ _KERNEL_DTYPES = {
 }
 
 
+# Whether the loaded library has a kernel per device type, looked up once: a dispatcher query inside the
+# op would break torch.compile's graph. use_kernel() is asked only to warn (or raise) about a fallback.
+_COMPILED = {device_type: _library.has_kernel("bn_relu_conv2d", device_type) for device_type in ("cpu", "cuda")}
+
+
+def _use_kernel(device: torch.device) -> bool:
+    return _COMPILED.get(device.type, False) or _library.use_kernel("bn_relu_conv2d", device)
+
+
 def _pair(name: str, v: int | Sequence[int]) -> list[int]:
     if isinstance(v, str):
         raise ValueError(f"bn_relu_conv2d: {name}={v!r} is not supported; give the {name} as an int or a pair of ints")
@@ -106,7 +115,7 @@ def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, runni
     _check_args(input, running_mean, running_var, weight, bias, conv_weight, conv_bias, training, momentum, eps)
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
     dev = input.device
-    if not (input.dtype in _KERNEL_DTYPES.get(dev.type, ()) and _library.use_kernel("bn_relu_conv2d", dev)):
+    if not (input.dtype in _KERNEL_DTYPES.get(dev.type, ()) and _use_kernel(dev)):
         return reference.bn_relu_conv2d(input, running_mean, running_var, weight, bias, conv_weight, conv_bias,
                                         stride, padding, dilation, groups, training, momentum, eps)
     cw, cb = conv_weight, conv_bias
