@@ -12,11 +12,11 @@
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -24,6 +24,10 @@
 namespace lightcnn {
 namespace bn_relu_conv {
 namespace {
+
+// at::cuda::getCurrentCUDAStream() is c10::cuda::getCurrentCUDAStream(); its c10 header spares the
+// .cu ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers a bare toolkit may lack.
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 constexpr int kReduceThreads = 512;  // a multiple of the warp size
 constexpr int kElementwiseThreads = 256;
@@ -153,7 +157,7 @@ std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
   at::Tensor mean = at::empty({L.C}, x.options().dtype(sdt)), var = at::empty({L.C}, x.options().dtype(sdt));
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_stats_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    stats_kernel<scalar_t, acc_t><<<static_cast<unsigned>(L.C), kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    stats_kernel<scalar_t, acc_t><<<static_cast<unsigned>(L.C), kReduceThreads, 0, current_stream()>>>(
         x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), L);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -168,7 +172,7 @@ at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_bn_relu_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     bn_relu_kernel<scalar_t, acc_t><<<elementwise_blocks(numel), kElementwiseThreads, 0,
-                                      at::cuda::getCurrentCUDAStream()>>>(
+                                      current_stream()>>>(
         x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
         shift.const_data_ptr<acc_t>(), numel, L);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -182,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_cuda(const at::Tensor& g, const at::Te
   at::Tensor sum_dz = at::empty({L.C}, scale.options()), sum_dzx = at::empty({L.C}, scale.options());
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_reduce_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    reduce_kernel<scalar_t, acc_t><<<static_cast<unsigned>(L.C), kReduceThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+    reduce_kernel<scalar_t, acc_t><<<static_cast<unsigned>(L.C), kReduceThreads, 0, current_stream()>>>(
         g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
         shift.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(), sum_dz.mutable_data_ptr<acc_t>(),
         sum_dzx.mutable_data_ptr<acc_t>(), L);
@@ -201,7 +205,7 @@ at::Tensor grad_input_cuda(const at::Tensor& g, const at::Tensor& x, const at::T
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_grad_input_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     grad_input_kernel<scalar_t, acc_t><<<elementwise_blocks(numel), kElementwiseThreads, 0,
-                                         at::cuda::getCurrentCUDAStream()>>>(
+                                         current_stream()>>>(
         g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
         scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>(),
         beta.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(), numel, L);
