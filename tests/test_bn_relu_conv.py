@@ -170,6 +170,17 @@ def test_reference_impl_is_the_unfused_sequence():
     assert torch.equal(layer(x), ref(x))
 
 
+def test_sync_batchnorm_conversion_keeps_the_replacement_forward():
+    layer, ref = _pair(config="k3")
+    layer = nn.SyncBatchNorm.convert_sync_batchnorm(layer)
+    assert type(layer.bn) is nn.SyncBatchNorm
+    calls = []
+    layer.bn.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), ref(x))  # without a process group SyncBatchNorm is plain BN
+    assert calls == [1]
+
+
 def _op_args(device, dtype, training, channels_last=False):
     x = torch.randn(2, 3, 5, 4, device=device, dtype=dtype)
     if channels_last:

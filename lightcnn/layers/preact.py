@@ -17,6 +17,8 @@ class PreActConv2d(nn.Sequential):
     unfused reference sequence and `impl="reference"` runs exactly that sequence. With the kernel the
     backward keeps only the input and per-channel statistics (about half the activation memory);
     `bn.running_mean`/`running_var`/`num_batches_tracked` evolve exactly as in `nn.BatchNorm2d`.
+    If `bn` is swapped for another class (e.g. `nn.SyncBatchNorm.convert_sync_batchnorm`), the layer runs
+    the unfused sequence so that the replacement's forward (cross-process statistics) is honoured.
 
     Args:
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as `nn.Conv2d`
@@ -60,7 +62,9 @@ class PreActConv2d(nn.Sequential):
         the pre-activation in He et al. 2016 and Zagoruyko & Komodakis 2016), returned as a pair. The shared
         BN-ReLU is then recomputed for the shortcut, from the same batch statistics, without updating the
         running statistics twice."""
-        if resolve_impl(self.impl) == "reference":
+        # A BN replaced by another class (SyncBatchNorm from convert_sync_batchnorm / Lightning's
+        # sync_batchnorm) must keep its own forward: the kernel would silently skip its cross-process sync.
+        if resolve_impl(self.impl) == "reference" or type(self.bn) is not nn.BatchNorm2d:
             y = self.relu(self.bn(x))
             return self.conv(y) if shortcut is None else (self.conv(y), shortcut(y))
         out = self._fused(x, self.conv)
