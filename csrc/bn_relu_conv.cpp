@@ -312,9 +312,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
     const at::Tensor& conv_weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, bool training, double eps) {
+    int64_t groups, bool training, double eps, bool has_conv_bias) {
   return backward(kCpuPrims, "bn_relu_conv2d_backward", grad_output, input, weight, bias, mean, var, conv_weight,
-                  stride, padding, dilation, groups, training, eps, c10::DeviceType::CPU, {at::kFloat, at::kDouble});
+                  stride, padding, dilation, groups, training, eps, has_conv_bias, c10::DeviceType::CPU,
+                  {at::kFloat, at::kDouble});
 }
 
 }  // namespace
@@ -332,7 +333,7 @@ TORCH_LIBRARY_FRAGMENT(lightcnn, m) {
   m.def(
       "bn_relu_conv2d_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
       "Tensor var, Tensor conv_weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool training, float eps, bool has_conv_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lightcnn, CPU, m) {

@@ -178,13 +178,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
 }
 
 // Returns grad of (input, weight, bias, conv_weight, conv_bias); the BN ones in the stats dtype
-// (the Python side casts them to the parameters' dtypes), conv ones as ATen's convolution_backward.
+// (the Python side casts them to the parameters' dtypes), conv ones as ATen's convolution_backward
+// (grad of conv_bias: an empty tensor when has_conv_bias is false).
 inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
     const Prims& prims, const char* op, const at::Tensor& grad_output, const at::Tensor& input_,
     const std::optional<at::Tensor>& weight_, const std::optional<at::Tensor>& bias_, const at::Tensor& mean,
     const at::Tensor& var, const at::Tensor& conv_weight, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool training, double eps, c10::DeviceType device_type,
-    std::initializer_list<c10::ScalarType> dtypes) {
+    at::IntArrayRef dilation, int64_t groups, bool training, double eps, bool has_conv_bias,
+    c10::DeviceType device_type, std::initializer_list<c10::ScalarType> dtypes) {
   NoAutocast no_autocast;
   const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
   check_args(op, input_, weight, bias, mean, var, conv_weight, at::Tensor(), stride, padding, dilation, groups,
@@ -205,10 +206,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   {
     at::Tensor y = prims.bn_relu(input, scale, shift).to(conv_weight.scalar_type());
     const int64_t cout = conv_weight.size(0);
+    // The bias gradient only when there is a bias: oneDNN's backward is slower when asked for it.
     std::tie(grad_y, grad_conv_weight, grad_conv_bias) = at::convolution_backward(
-        grad_output.to(conv_weight.scalar_type()), y, conv_weight, at::IntArrayRef(&cout, 1), stride, padding,
-        dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {true, true, true});
+        grad_output.to(conv_weight.scalar_type()), y, conv_weight,
+        has_conv_bias ? at::OptionalIntArrayRef(at::IntArrayRef(&cout, 1)) : at::OptionalIntArrayRef(), stride,
+        padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {true, true, has_conv_bias});
   }  // y is freed here, before the BN-ReLU backward allocates grad_input
+  if (!has_conv_bias) grad_conv_bias = at::empty({0}, conv_weight.options());  // the schema returns a Tensor
   grad_y = grad_y.to(input.scalar_type()).contiguous(format_of(input));
 
   at::Tensor sum_dz, sum_dz_xmu;

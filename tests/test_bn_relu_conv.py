@@ -217,8 +217,9 @@ def test_opcheck(device, training, channels_last):
     x, w, b, cw = (args[i].detach() for i in (0, 1, 2, 5))
     mean, var = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
     grad_out = torch.randn(2, 4, 3, 4, device=device)
-    back = (grad_out, x, w, b, mean, var, cw, *args[7:])
-    torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d_backward.default, back)
+    for has_conv_bias in (True, False):
+        back = (grad_out, x, w, b, mean, var, cw, *args[7:], has_conv_bias)
+        torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d_backward.default, back)
 
 
 @pytest.mark.parametrize("device", DEVICES)

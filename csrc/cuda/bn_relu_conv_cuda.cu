@@ -231,10 +231,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
     const at::Tensor& conv_weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, bool training, double eps) {
+    int64_t groups, bool training, double eps, bool has_conv_bias) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   return backward(kCudaPrims, "bn_relu_conv2d_backward", grad_output, input, weight, bias, mean, var, conv_weight,
-                  stride, padding, dilation, groups, training, eps, c10::DeviceType::CUDA,
+                  stride, padding, dilation, groups, training, eps, has_conv_bias, c10::DeviceType::CUDA,
                   {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
 }
 

@@ -152,10 +152,13 @@ if _library.op_defined("bn_relu_conv2d"):
 
     @torch.library.register_fake("lightcnn::bn_relu_conv2d_backward")
     def _bn_relu_conv2d_backward_fake(grad_output, input, weight, bias, mean, var, conv_weight, stride, padding,
-                                      dilation, groups, training, eps):
+                                      dilation, groups, training, eps, has_conv_bias):
         _, grad_w, grad_b = torch.ops.aten.convolution_backward.default(
             grad_output.to(conv_weight.dtype), _fake_y(input, conv_weight.dtype), conv_weight,
-            [conv_weight.shape[0]], stride, padding, dilation, False, [0, 0], groups, [False, True, True])
+            [conv_weight.shape[0]] if has_conv_bias else None, stride, padding, dilation, False, [0, 0], groups,
+            [False, True, has_conv_bias])
+        if not has_conv_bias:
+            grad_b = conv_weight.new_empty((0,))
         sdt = _stats_dtype(input.dtype)
         C = input.shape[1]
         return (_fake_y(input, input.dtype), input.new_empty((C,), dtype=sdt), input.new_empty((C,), dtype=sdt),
@@ -174,7 +177,7 @@ if _library.op_defined("bn_relu_conv2d"):
     def _backward(ctx, grad_output, _grad_mean, _grad_var):
         input, weight, bias, mean, var, conv_weight = ctx.saved_tensors
         gi, gw, gb, gcw, gcb = torch.ops.lightcnn.bn_relu_conv2d_backward.default(
-            grad_output, input, weight, bias, mean, var, conv_weight, *ctx.args)
+            grad_output, input, weight, bias, mean, var, conv_weight, *ctx.args, ctx.has_conv_bias)
         gw = None if weight is None else gw.to(weight.dtype)
         gb = None if bias is None else gb.to(bias.dtype)
         gcb = gcb.to(ctx.conv_bias_dtype) if ctx.has_conv_bias else None
