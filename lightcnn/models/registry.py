@@ -6,10 +6,15 @@ keyword overrides of the paper's numbers. A family that accepts any depth/width 
 """
 from __future__ import annotations
 
+import collections.abc
 import difflib
 import fnmatch
+import inspect
+import numbers
 import re
-from typing import Callable
+import types
+import typing
+from typing import Any, Callable, Literal, Union
 
 from torch import nn
 
@@ -46,16 +51,22 @@ def is_model(name: str) -> bool:
 
 def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
     """Build a registered model. `num_classes` defaults to the class count of the paper's data set;
-    other keyword arguments override the builder's defaults (e.g. `drop_rate=0.3`, `impl="reference"`)."""
+    other keyword arguments override the builder's defaults (e.g. `drop_rate=0.3`, `impl="reference"`).
+
+    An unknown name is a ValueError listing the closest names. An override that the model does not take,
+    or whose value does not fit the knob's annotation, is a TypeError naming the model, the knob and what
+    it accepts (checked against the typed __init__ of the class the builder's return annotation names)."""
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     if name in _MODELS:
+        _check_overrides(name, _MODELS[name], overrides)
         return _MODELS[name](**overrides)
     for pattern, fn, _ in _PATTERNS:
         m = pattern.match(name)
         if m:
+            _check_overrides(name, fn, overrides)
             return fn(*(int(g) for g in m.groups()), **overrides)
     close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
     hint = f" Closest registered names: {', '.join(close)}." if close else ""
@@ -63,3 +74,89 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
     raise ValueError(
         f"Unknown model {name!r}.{hint}{patterns} See lightcnn.models.list_models() for all {len(_MODELS)} names."
     )
+
+
+# --- checking the keyword overrides of `create` against the built class's typed __init__ ---------------
+
+
+def _built_class(fn: Callable) -> type | None:
+    """The class a builder returns, from its return annotation (None when it has none)."""
+    ret = _hints(fn).get("return")
+    return ret if isinstance(ret, type) and issubclass(ret, nn.Module) else None
+
+
+def _type_name(hint: Any) -> str:
+    if isinstance(hint, type) and typing.get_origin(hint) is None:
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("collections.abc.", "")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether `value` fits the annotation `hint`. Checked: None, bool, int, float, str, Literal, unions and
+    the container type of tuple/list/Sequence annotations; anything else is accepted (not guessed at)."""
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is Literal:
+        return value in args
+    if origin in (tuple, list, collections.abc.Sequence):
+        if not isinstance(value, (tuple, list)):
+            return False
+        elem = args[0] if args and (origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)) else None
+        return elem is None or all(_matches(v, elem) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:  # numpy integers too; a bool is almost always a slip
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _keyword_params(fn: Callable) -> tuple[list[str], bool]:
+    """The names `fn` takes by keyword, and whether it also takes **kwargs."""
+    params = inspect.signature(fn).parameters
+    names = [k for k, p in params.items() if k != "self" and p.kind in (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+    return names, any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _hints(fn: Callable) -> dict:
+    try:
+        return typing.get_type_hints(fn)
+    except Exception:  # an annotation that does not resolve: nothing to check against
+        return {}
+
+
+def _check_overrides(name: str, fn: Callable, overrides: dict) -> None:
+    """Raise a TypeError naming the model, the argument and what it accepts, for an override that neither
+    the builder nor the class it builds takes (a misspelt knob), or a value of the wrong type."""
+    cls = _built_class(fn)
+    if cls is None:
+        return
+    own, _ = _keyword_params(fn)  # arguments a builder consumes itself
+    accepted, open_ended = _keyword_params(cls.__init__)
+    if open_ended:
+        return
+    for key in overrides:
+        if key not in accepted and key not in own:
+            close = difflib.get_close_matches(key, accepted + own, n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+            raise TypeError(
+                f"create({name!r}): unknown argument {key!r} for {cls.__name__}.{hint} "
+                f"{cls.__name__} accepts: {', '.join(accepted)}."
+            )
+    fn_hints, cls_hints = _hints(fn), _hints(cls.__init__)
+    for key, value in overrides.items():
+        hint = fn_hints.get(key) if key in own else cls_hints.get(key)
+        if hint is not None and not _matches(value, hint):
+            raise TypeError(
+                f"create({name!r}): {key}={value!r} does not fit {cls.__name__}'s {key}: "
+                f"{_type_name(hint)} (got {type(value).__name__})."
+            )

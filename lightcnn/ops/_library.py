@@ -57,6 +57,7 @@ def op_defined(op: str) -> bool:
         return False
 
 
+@torch.compiler.assume_constant_result  # fixed for the life of the process: torch.compile folds it
 def has_kernel(op: str, device_type: str) -> bool:
     """Whether torch.ops.lightcnn.<op> has a compiled kernel for this device type ('cpu', 'cuda')."""
     if not op_defined(op):

@@ -1,0 +1,430 @@
+"""ResNet, ResNeXt, stochastic-depth ResNet and the torchvision weight import.
+
+Parameter counts and MACs are exact/1% checks against REFERENCE.md, counted on the meta device (no
+memory, no compute), so every model is in the fast set. Forward/backward at the native input size runs
+on the CPU with batch 2; the big nets are marked slow.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightcnn.models import create, list_models
+from lightcnn.models.resnet import BasicBlock, Bottleneck, ResNet, ZeroPadShortcut, survival_probabilities
+from lightcnn.models.sd_resnet import StochasticDepthResNet
+from lightcnn.models.weights_resnet import (TORCHVISION_EQUIVALENTS, check_torchvision_layout,
+                                            convert_torchvision_state_dict, load_torchvision_state_dict,
+                                            resnet_from_torchvision)
+
+# REFERENCE.md. sd_resnet1202 is derived, not in REFERENCE: the sd_resnet110 design (authors' main.lua)
+# at n = 200 is ResNet-1202 (19,421,274) plus one bias per conv output channel:
+# 16 (stem) + 2 * 200 * (16 + 32 + 64) = 44,816, the same rule that gives 110's 1,727,962 + 4,048.
+PARAMS = {
+    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
+    "resnet152": 60_192_808,
+    "resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018,
+    "resnet110": 1_727_962, "resnet1202": 19_421_274,
+    "resnext29_8x64d": 34_426_698, "resnext29_16x64d": 68_155_210,
+    "resnext50_32x4d": 25_028_904, "resnext101_32x8d": 88_791_336,
+    "sd_resnet110": 1_732_010, "sd_resnet1202": 19_421_274 + 16 + 2 * 200 * (16 + 32 + 64),
+    "sd_resnet152": 60_192_808,  # ResNet-152's architecture; the gates have no parameters
+}
+
+# GMACs at the native input size. Derived for the stochastic-depth nets: FlopCounterMode counts only
+# convolutions and matmuls; conv biases, pools, the zero-pad shortcut and the eval-mode scaling by p_l
+# add none, so each has the MACs of the plain ResNet with its stride placement: sd_resnet110/1202 those
+# of resnet110/1202, sd_resnet152 (v1.5, fb.resnet.torch) those of torchvision's resnet152.
+GMACS = {
+    "resnet18": 1.814, "resnet34": 3.664, "resnet50": 3.858, "resnet101": 7.570, "resnet152": 11.282,
+    "resnet20": 0.0406, "resnet56": 0.1255, "resnet110": 0.2529, "resnet1202": 2.829,
+    "resnext29_8x64d": 5.387, "resnext29_16x64d": 10.689, "resnext50_32x4d": 4.230, "resnext101_32x8d": 16.414,
+    "sd_resnet110": 0.2529, "sd_resnet1202": 2.829, "sd_resnet152": 11.514,
+}
+GMACS_V15 = {"resnet50": 4.089, "resnet101": 7.801, "resnet152": 11.514}
+
+MODELS = sorted(PARAMS)
+SLOW = {"resnet101", "resnet152", "sd_resnet152", "resnext29_16x64d", "resnext101_32x8d", "resnet1202",
+        "sd_resnet1202"}
+CIFAR = {n for n in MODELS if n.startswith(("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
+                                            "resnet1202", "resnext29", "sd_resnet110", "sd_resnet1202"))}
+
+
+def _meta(name: str, **kw) -> nn.Module:
+    with torch.device("meta"):
+        return create(name, **kw)
+
+
+def _num_params(m: nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters() if p.requires_grad)
+
+
+def _gmacs(m: nn.Module, size: int | None = None) -> float:
+    c, h, w = m.default_cfg["input_size"]
+    if size is not None:
+        h = w = size
+    m.eval()
+    with FlopCounterMode(display=False) as counter:
+        m(torch.empty(1, c, h, w, device=next(m.parameters()).device))
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def _randomize_bn(m: nn.Module, gen: torch.Generator) -> None:
+    """BN at init is (nearly) the identity; give it statistics and affine parameters that matter."""
+    for mod in m.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            mod.running_mean.copy_(torch.randn(mod.num_features, generator=gen) * 0.1)
+            mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+            mod.weight.data.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+            mod.bias.data.copy_(torch.randn(mod.num_features, generator=gen) * 0.1)
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def test_every_model_of_the_issue_is_registered():
+    assert set(MODELS) <= set(list_models())
+    assert set(list_models("resnet*")) | set(list_models("resnext*")) | set(list_models("sd_resnet*")) >= set(MODELS)
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_create_defaults_to_the_papers_class_count(name):
+    m = _meta(name)
+    expected = 10 if name in CIFAR else 1000
+    assert m.num_classes == expected == m.fc.out_features == m.default_cfg["num_classes"]
+    assert m.default_cfg["input_size"] == ((3, 32, 32) if name in CIFAR else (3, 224, 224))
+    assert m.default_cfg["dataset"] == ("cifar10" if name in CIFAR else "imagenet")
+
+
+# ----------------------------------------------------------------------------------- params and MACs
+@pytest.mark.parametrize("name", MODELS)
+def test_param_count_matches_reference(name):
+    assert _num_params(_meta(name)) == PARAMS[name]
+
+
+def test_cifar100_adds_90_times_classifier_input_plus_one():
+    assert _num_params(_meta("resnet110", num_classes=100)) == 1_727_962 + 90 * 65
+    assert _num_params(_meta("resnext29_8x64d", num_classes=100)) == 34_426_698 + 90 * 1025
+    assert _meta("sd_resnet110", num_classes=100).default_cfg["dataset"] == "cifar100"
+
+
+@pytest.mark.parametrize("name", sorted(GMACS))
+def test_macs_match_reference(name):
+    assert _gmacs(_meta(name)) == pytest.approx(GMACS[name], rel=0.01)
+
+
+@pytest.mark.parametrize("name", sorted(GMACS_V15))
+def test_v15_layout_macs_match_torchvision(name):
+    ours = _gmacs(_meta(name, stride_in_1x1=False))
+    assert ours == pytest.approx(GMACS_V15[name], rel=0.01)
+    with torch.device("meta"):
+        tv = getattr(torchvision.models, name)()
+    assert ours == pytest.approx(_gmacs_tv(tv), rel=1e-9)
+    assert _num_params(_meta(name, stride_in_1x1=False)) == PARAMS[name]  # same params, more MACs
+
+
+def _gmacs_tv(tv: nn.Module) -> float:
+    tv.eval()
+    with FlopCounterMode(display=False) as counter:
+        tv(torch.empty(1, 3, 224, 224, device="meta"))
+    return counter.get_total_flops() / 2 / 1e9
+
+
+def test_stride_placement_v1_puts_the_stride_in_the_first_1x1():
+    v1, v15 = _meta("resnet50"), _meta("resnet50", stride_in_1x1=False)
+    b1, b15 = v1.layer2[0], v15.layer2[0]
+    assert (b1.conv1.stride, b1.conv2.stride) == ((2, 2), (1, 1))
+    assert (b15.conv1.stride, b15.conv2.stride) == ((1, 1), (2, 2))
+    rx = _meta("resnext50_32x4d").layer3[0]  # ResNeXt: stride in the grouped 3x3 by default
+    assert (rx.conv1.stride, rx.conv2.stride, rx.conv2.groups) == ((1, 1), (2, 2), 32)
+
+
+def test_cifar_resnet_option_a_shortcut_has_no_parameters_and_zero_pads():
+    m = create("resnet20")
+    sc = m.layer2[0].downsample
+    assert isinstance(sc, ZeroPadShortcut) and not list(sc.parameters())
+    x = torch.randn(2, 16, 32, 32)
+    y = sc(x)
+    assert y.shape == (2, 32, 16, 16)
+    torch.testing.assert_close(y[:, :16], x[:, :, ::2, ::2], rtol=0, atol=0)
+    assert torch.count_nonzero(y[:, 16:]) == 0
+    # stochastic depth's code averages 2x2 windows instead of subsampling
+    sd = create("sd_resnet110").layer3[0].downsample
+    torch.testing.assert_close(sd(torch.ones(1, 32, 4, 4).cumsum(-1))[:, :32],
+                               torch.nn.functional.avg_pool2d(torch.ones(1, 32, 4, 4).cumsum(-1), 2))
+    assert all(b.conv1.bias is not None for b in create("sd_resnet110").residual_blocks())
+
+
+# ------------------------------------------------------------------------------ forward / backward
+@pytest.mark.parametrize("name", [n if n not in SLOW else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
+def test_forward_backward_at_native_size(name):
+    m = create(name).train()
+    c, h, w = m.default_cfg["input_size"]
+    x = torch.randn(2, c, h, w)
+    y = m(x)
+    assert y.shape == (2, m.num_classes) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    grads = [p.grad for p in m.parameters()]
+    # stochastic depth may drop blocks (their parameters get no gradient); the stem and classifier never
+    assert m.conv1.weight.grad is not None and m.fc.weight.grad.abs().sum() > 0
+    if not name.startswith("sd_"):
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnext29_8x64d", "sd_resnet110", "resnet18"])
+def test_uniform_api(name):
+    torch.manual_seed(0)
+    m = create(name).eval()
+    size = m.default_cfg["input_size"][1]
+    x = torch.randn(2, 3, size, size)
+    feats = m.forward_features(x)
+    assert feats.shape[1] == m.num_features and m.in_chans == 3
+    torch.testing.assert_close(m.forward_head(feats), m(x))
+    assert m.forward_head(feats, pre_logits=True).shape == (2, m.num_features)
+    torch.testing.assert_close(m(x), m(x), rtol=0, atol=0)  # eval is deterministic
+
+
+def test_zero_init_residual_makes_each_block_start_as_its_shortcut():
+    torch.manual_seed(0)
+    m = create("resnet50", zero_init_residual=True).eval()
+    blk = m.layer1[1]
+    x = torch.relu(torch.randn(2, 256, 8, 8))
+    torch.testing.assert_close(blk(x), x)
+    assert all(b.bn3.weight.abs().sum() == 0 for b in m.residual_blocks())
+    assert all(b.bn2.weight.abs().sum() == 0 for b in create("resnet20", zero_init_residual=True).residual_blocks())
+
+
+def test_in_chans_and_clear_errors():
+    m = create("resnet20", in_chans=1)
+    assert m(torch.randn(2, 1, 32, 32)).shape == (2, 10)
+    with pytest.raises(ValueError, match=r"\(N, 1, H, W\).*in_chans=3"):
+        m(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="one positive entry per stage"):
+        ResNet(layers=(2, 2), widths=(64, 128, 256))
+    with pytest.raises(ValueError, match="block must be one of"):
+        ResNet(block="preact")
+    with pytest.raises(ValueError, match="cardinality/base_width need block='bottleneck'"):
+        ResNet(block="basic", layers=(2, 2, 2, 2), cardinality=32)
+    with pytest.raises(ValueError, match="cannot shrink"):
+        ZeroPadShortcut(64, 32)
+    with pytest.raises(ValueError, match=r"p_L .* must be in \(0, 1\]"):
+        create("sd_resnet110", p_L=0.0)
+    with pytest.raises(ValueError, match="Closest registered names: resnet110"):
+        create("resnet111")
+
+
+# -------------------------------------------------------------------------------- stochastic depth
+def test_survival_probabilities_decay_linearly_to_p_L():
+    m = _meta("sd_resnet110")
+    probs = [b.survival_prob for b in m.residual_blocks()]
+    assert len(probs) == 54
+    L = 54
+    assert probs == pytest.approx([1 - l / L * 0.5 for l in range(1, L + 1)])
+    assert probs[-1] == pytest.approx(0.5) and probs[0] == pytest.approx(1 - 0.5 / 54)
+    assert survival_probabilities(4, 0.8, "uniform") == [0.8] * 4
+    assert len(_meta("sd_resnet152").residual_blocks()) == 50
+    assert all(b.survival_prob == 1.0 for b in _meta("resnet110").residual_blocks())
+    m.set_stochastic_depth(0.8, "uniform")
+    assert [b.survival_prob for b in m.residual_blocks()] == [0.8] * 54
+
+
+def _block(survival_prob: float) -> BasicBlock:
+    torch.manual_seed(1)
+    blk = BasicBlock(8, 8, survival_prob=survival_prob)
+    gen = torch.Generator().manual_seed(2)
+    _randomize_bn(blk, gen)
+    return blk
+
+
+def test_stochastic_depth_eval_scales_the_branch_by_its_survival_probability():
+    blk = _block(0.7).eval()
+    x = torch.randn(2, 8, 6, 6)
+    branch = torch.nn.functional.batch_norm(
+        torch.nn.functional.conv2d(
+            torch.relu(torch.nn.functional.batch_norm(
+                torch.nn.functional.conv2d(x, blk.conv1.weight, padding=1), blk.bn1.running_mean,
+                blk.bn1.running_var, blk.bn1.weight, blk.bn1.bias, eps=blk.bn1.eps)),
+            blk.conv2.weight, padding=1),
+        blk.bn2.running_mean, blk.bn2.running_var, blk.bn2.weight, blk.bn2.bias, eps=blk.bn2.eps)
+    expected = torch.relu(x + 0.7 * branch)
+    torch.testing.assert_close(blk(x), expected)
+    torch.testing.assert_close(blk(x), blk(x), rtol=0, atol=0)  # no randomness in eval
+    assert not torch.allclose(blk(x), torch.relu(x + branch))  # the scaling is really applied
+
+
+def test_stochastic_depth_gate_acts_only_in_training_one_draw_per_mini_batch():
+    blk = _block(0.5).train()
+    x = torch.randn(4, 8, 6, 6)
+    dropped = torch.relu(x)
+    with torch.no_grad():
+        full = torch.relu(x + blk.residual(x))
+    torch.manual_seed(123)
+    outs = [blk(x) for _ in range(200)]
+    n_dropped = sum(torch.equal(o, dropped) for o in outs)
+    n_kept = sum(torch.allclose(o, full) for o in outs)
+    assert n_dropped + n_kept == 200  # the whole mini-batch shares one gate: all-or-nothing
+    assert 60 < n_dropped < 140  # Binomial(200, 0.5): far outside would mean a wrong probability
+    # a dropped block leaves its BN statistics untouched (its branch never runs)
+    blk2 = _block(0.5).train()
+    mean_before = blk2.bn1.running_mean.clone()
+    torch.manual_seed(0)
+    while not torch.equal(blk2(x), dropped):
+        mean_before = blk2.bn1.running_mean.clone()
+    torch.testing.assert_close(blk2.bn1.running_mean, mean_before, rtol=0, atol=0)
+
+
+def test_stochastic_depth_model_differs_between_seeds_only_in_training():
+    m = create("sd_resnet110", layers=(3, 3, 3))
+    x = torch.randn(2, 3, 32, 32)
+    m.train()
+    torch.manual_seed(0)
+    a = m(x)
+    torch.manual_seed(1)
+    b = m(x)
+    torch.manual_seed(0)
+    c = m(x)
+    assert not torch.allclose(a, b)  # different gates (train-mode BN is the same for both)
+    torch.testing.assert_close(a, c, rtol=0, atol=0)  # the gates follow the seed
+    plain = create("sd_resnet110", layers=(3, 3, 3), p_L=1.0).train()
+    plain.load_state_dict(m.state_dict())
+    torch.manual_seed(1)
+    p1 = plain(x)
+    torch.manual_seed(2)
+    torch.testing.assert_close(p1, plain(x), rtol=0, atol=0)  # p_L = 1: no stochastic depth
+    m.eval()
+    torch.manual_seed(0)
+    e1 = m(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(e1, m(x), rtol=0, atol=0)
+
+
+# -------------------------------------------------------------------------- compile and autocast
+def test_resnet20_compiles_without_graph_breaks():
+    # aot_eager: dynamo capture (fullgraph: no graph break) and AOTAutograd's backward, without
+    # inductor's code generation, which takes minutes on a shared CPU (the slow test below does it).
+    m = create("resnet20").train()
+    x = torch.randn(2, 3, 32, 32)
+    ref = m(x)
+    cm = torch.compile(m, backend="aot_eager", fullgraph=True)
+    y = cm(x)
+    torch.testing.assert_close(y, ref)
+    y.sum().backward()
+    assert m.fc.weight.grad is not None
+
+
+@pytest.mark.slow
+def test_resnet20_and_stochastic_depth_run_under_inductor():
+    import torch._inductor.config as inductor_config
+
+    x = torch.randn(2, 3, 32, 32)
+    m = create("resnet20").eval()
+    torch.testing.assert_close(torch.compile(m)(x), m(x), rtol=1e-4, atol=1e-4)
+    sd = create("sd_resnet110", layers=(3, 3, 3), p_L=0.2).train()
+    with inductor_config.patch(fallback_random=True):  # eager's RNG stream, so the gates agree
+        csd = torch.compile(sd, fullgraph=True)
+        for seed in range(3):
+            torch.manual_seed(seed)
+            ref = sd(x)
+            torch.manual_seed(seed)
+            torch.testing.assert_close(csd(x), ref, rtol=1e-4, atol=1e-4)
+    csd(x).sum().backward()
+
+
+def test_stochastic_depth_compiles_without_graph_breaks_and_follows_the_same_gates():
+    sd = create("sd_resnet110", layers=(2, 2, 2), p_L=0.2).train()
+    x = torch.randn(2, 3, 32, 32)
+    csd = torch.compile(sd, backend="aot_eager", fullgraph=True)
+    outs = set()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        ref = sd(x)
+        torch.manual_seed(seed)
+        y = csd(x)
+        torch.testing.assert_close(y, ref)
+        outs.add(round(float(y.detach().sum()), 4))
+    assert len(outs) > 1  # the gates did change between seeds
+
+
+@pytest.mark.parametrize("name", ["resnet20", "resnext29_8x64d", "sd_resnet110"])
+def test_autocast_bfloat16_on_cpu(name):
+    m = create(name, **({"layers": (1, 1, 1)} if name != "resnet20" else {})).eval()
+    x = torch.randn(2, 3, 32, 32)
+    ref = m(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+    assert y.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: compare relative to the logits' scale
+    torch.testing.assert_close(y.float(), ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(x).float().logsumexp(1).mean()
+    loss.backward()
+    assert torch.isfinite(m.fc.weight.grad).all()
+
+
+# ------------------------------------------------------------------------ torchvision weight import
+TV_IMPORT = [("resnet18", "resnet18"), ("resnet50", "resnet50"), ("resnext50_32x4d", "resnext50_32x4d"),
+             pytest.param("resnet34", "resnet34", marks=pytest.mark.slow),
+             pytest.param("resnet101", "resnet101", marks=pytest.mark.slow),
+             pytest.param("resnet152", "resnet152", marks=pytest.mark.slow),
+             pytest.param("resnext101_32x8d", "resnext101_32x8d", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("name,tv_name", TV_IMPORT)
+def test_torchvision_import_gives_equal_outputs(name, tv_name):
+    assert TORCHVISION_EQUIVALENTS[name] == tv_name
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, tv_name)(weights=None)
+    _randomize_bn(tv, torch.Generator().manual_seed(0))
+    tv.eval()
+    ours = resnet_from_torchvision(name, tv.state_dict()).eval()
+    x = torch.randn(2, 3, 64, 64)  # any size works for these nets; 64 keeps the test fast
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x), rtol=1e-4, atol=1e-5)
+    assert _num_params(ours) == _num_params(tv)
+
+
+@pytest.mark.slow
+def test_torchvision_resnet152_loads_into_sd_resnet152_only_without_stochastic_depth():
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet152(weights=None)
+    _randomize_bn(tv, torch.Generator().manual_seed(0))
+    tv.eval()
+    with pytest.raises(ValueError, match="survival probability.*p_L=1.0"):
+        load_torchvision_state_dict(create("sd_resnet152"), tv.state_dict())
+    ours = load_torchvision_state_dict(create("sd_resnet152", p_L=1.0), tv.state_dict()).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x), rtol=1e-4, atol=1e-5)
+
+
+def test_torchvision_import_refuses_the_v1_layout_and_other_architectures():
+    tv_sd = torchvision.models.resnet50(weights=None).state_dict()
+    with pytest.raises(ValueError, match="stride_in_1x1 must be False"):
+        load_torchvision_state_dict(create("resnet50"), tv_sd)  # same shapes, different network
+    with pytest.raises(ValueError, match="stem must be 'imagenet'.*shortcut must be 'B'"):
+        check_torchvision_layout(create("resnet20"))
+    with pytest.raises(ValueError, match="missing .*unexpected"):
+        load_torchvision_state_dict(create("resnet101", stride_in_1x1=False), tv_sd)
+    with pytest.raises(ValueError, match="no torchvision equivalent"):
+        resnet_from_torchvision("resnet20", tv_sd)
+
+
+def test_torchvision_import_for_another_class_count_keeps_our_classifier():
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18(weights=None).eval()
+    ours = create("resnet18", num_classes=10)
+    with pytest.raises(ValueError, match="num_classes=1000 or pass load_classifier=False"):
+        load_torchvision_state_dict(ours, tv.state_dict())
+    fc_before = ours.fc.weight.clone()
+    load_torchvision_state_dict(ours, tv.state_dict(), load_classifier=False)
+    ours.eval()
+    x = torch.randn(2, 3, 64, 64)
+    tv.fc = nn.Identity()
+    torch.testing.assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True), tv(x))
+    torch.testing.assert_close(ours.fc.weight, fc_before, rtol=0, atol=0)
+
+
+def test_convert_strips_a_data_parallel_prefix():
+    sd = {"module.conv1.weight": torch.zeros(1), "fc.bias": torch.ones(1)}
+    assert sorted(convert_torchvision_state_dict(sd)) == ["conv1.weight", "fc.bias"]
