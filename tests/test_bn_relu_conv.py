@@ -20,6 +20,16 @@ from tests.conftest import DEVICES, requires_cuda
 pytestmark = pytest.mark.skipif(not _library.op_defined("bn_relu_conv2d"),
                                 reason="lightcnn._C without bn_relu_conv2d (build it first)")
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Full float32 precision in cuDNN convolutions: with TF32 the kernel's and the reference's conv inputs,
+    equal to a few float32 ulps, could round to different TF32 values (2^-11 apart)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
 # (atol, rtol) for outputs and gradients. float32: the kernel sums in a different order than ATen (and in
 # double on the CPU), so agreement is to a few float32 ulps of the largest terms.
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-4),
