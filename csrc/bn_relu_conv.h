@@ -160,7 +160,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const auto sdt = stats_dtype(input.scalar_type());
   at::Tensor mean, var;
   if (training) {
-    TORCH_CHECK(input.numel() / input.size(1) > 1, op, ": expected more than 1 value per channel when training, got input of shape ",
+    TORCH_CHECK(input.numel() / input.size(1) > 1, op,
+                ": expected more than 1 value per channel when training, got input of shape ",
                 input.sizes(), " (batch statistics need at least 2 values)");
     std::tie(mean, var) = prims.stats(input);
   } else {

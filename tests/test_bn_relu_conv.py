@@ -111,7 +111,8 @@ def test_bn_relu_conv_matches_reference_channels_last(device, dtype, training, c
     layer, ref = layer.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
     x = torch.randn(2, 20, 7, 6, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     out = _assert_same(layer, ref, x, dtype, training=training)
-    assert out.is_contiguous(memory_format=torch.channels_last) == ref(x).is_contiguous(memory_format=torch.channels_last)
+    cl = torch.channels_last
+    assert out.is_contiguous(memory_format=cl) == ref(x).is_contiguous(memory_format=cl)
 
 
 @pytest.mark.parametrize("device", DEVICES)

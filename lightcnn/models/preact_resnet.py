@@ -118,7 +118,8 @@ def _bottleneck_cifar(depth: int, **kwargs) -> PreActResNet:
     if (depth - 2) % 9 != 0:
         raise ValueError(f"pre-act bottleneck ResNet: depth must be 9n + 2, got {depth}")
     n = (depth - 2) // 9
-    return PreActResNet(**dict(dict(block="bottleneck", layers=(n, n, n), widths=(16, 32, 64), stem_width=16), **kwargs))
+    defaults = dict(block="bottleneck", layers=(n, n, n), widths=(16, 32, 64), stem_width=16)
+    return PreActResNet(**dict(defaults, **kwargs))
 
 
 @register_model

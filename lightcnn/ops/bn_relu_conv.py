@@ -66,22 +66,27 @@ def _check_args(input, running_mean, running_var, weight, bias, conv_weight, con
             + ("; add a batch dimension with input.unsqueeze(0)" if input.dim() == 3 else "")
         )
     if not input.is_floating_point():
-        raise TypeError(f"bn_relu_conv2d: input must be floating point, got {input.dtype}; convert it with input.float()")
+        raise TypeError(
+            f"bn_relu_conv2d: input must be floating point, got {input.dtype}; convert it with input.float()")
     C = input.shape[1]
     for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
         if t is not None and (t.dim() != 1 or t.shape[0] != C):
-            raise ValueError(f"bn_relu_conv2d: {name} must have shape ({C},), one value per input channel, got {tuple(t.shape)}")
+            raise ValueError(
+                f"bn_relu_conv2d: {name} must have shape ({C},), one value per input channel, got {tuple(t.shape)}")
     if (running_mean is None) != (running_var is None):
         raise ValueError("bn_relu_conv2d: give both running_mean and running_var, or neither")
     if not training and running_mean is None:
         raise ValueError("bn_relu_conv2d: eval mode (training=False) needs running_mean and running_var")
     if conv_weight.dim() != 4:
-        raise ValueError(f"bn_relu_conv2d: conv_weight must be 4-D (C_out, C_in / groups, kH, kW), got shape {tuple(conv_weight.shape)}")
+        raise ValueError("bn_relu_conv2d: conv_weight must be 4-D (C_out, C_in / groups, kH, kW), "
+                         f"got shape {tuple(conv_weight.shape)}")
     if conv_bias is not None and tuple(conv_bias.shape) != (conv_weight.shape[0],):
-        raise ValueError(f"bn_relu_conv2d: conv_bias must have shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
+        raise ValueError(
+            f"bn_relu_conv2d: conv_bias must have shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
     if training and input.numel() // max(C, 1) <= 1:
         raise ValueError(
-            f"bn_relu_conv2d: expected more than 1 value per channel when training, got input of shape {tuple(input.shape)}"
+            "bn_relu_conv2d: expected more than 1 value per channel when training, "
+            f"got input of shape {tuple(input.shape)}"
         )
     if not eps > 0:
         raise ValueError(f"bn_relu_conv2d: eps must be > 0, got {eps}")
