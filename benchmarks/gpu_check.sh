@@ -35,9 +35,9 @@ main() {
   kernel_tests=$(ls tests/test_lrn.py tests/test_bn_relu_conv.py tests/test_dense*.py 2>/dev/null)
   run timeout 180 python -m pytest -q -p no:cacheprovider -m cuda $kernel_tests
   run timeout 90 python benchmarks/bench_lrn.py --device cuda ${out_dir:+--json $out_dir/bench_lrn_cuda.json}
-  if [ -f benchmarks/bench_preact.py ]; then
-    run timeout 120 python benchmarks/bench_preact.py --device cuda ${out_dir:+--json $out_dir/bench_preact_cuda.json}
-  fi
+  # WRN-28-10 training step, kernel vs reference vs compiled reference (inductor compile: 1-2 min).
+  run timeout 240 python benchmarks/bench_preact.py --device cuda --batch-size 128 --steps 10 --warmup 3 \
+    ${out_dir:+--json $out_dir/bench_preact_cuda.json}
 }
 
 if [ -n "$log" ]; then main 2>&1 | tee "$log"; else main 2>&1; fi

@@ -151,9 +151,25 @@ class SquareWindowRows {
 };
 
 // ---------------------------------------------------------------------------------------------------
-// Channels-first: x is (N, C, S) contiguous.
+// Channels-first: x is (N, C, S) contiguous. A task takes one image and a tile of up to kMaxTile
+// spatial positions: whole planes where they fit, so that every channel row is one long contiguous
+// stream (short strided segments defeat the hardware prefetcher and cost ~1.6x).
 
-constexpr int64_t kFwdTile = 256;  // spatial positions per task in the forward (sum + scale in L1)
+constexpr int64_t kMaxTile = 4096;
+
+struct Tiling {
+  int64_t len, tiles;  // positions per tile (a multiple of 16 unless the plane is smaller), tiles per image
+};
+
+// Whole planes up to kMaxTile positions, split further when there are too few tasks for the threads.
+inline Tiling tiling(int64_t N, int64_t S) {
+  int64_t tiles = (S + kMaxTile - 1) / kMaxTile;
+  const int64_t want = 4 * at::get_num_threads();
+  if (N * tiles < want) tiles = std::min<int64_t>((want + N - 1) / N, (S + 15) / 16);
+  int64_t len = (S + tiles - 1) / tiles;
+  if (len < S) len = (len + 15) / 16 * 16;
+  return {len, (S + len - 1) / len};
+}
 
 template <typename scalar_t>
 void forward_channels_first(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t S, int64_t size,
@@ -162,17 +178,16 @@ void forward_channels_first(const scalar_t* x, scalar_t* y, int64_t N, int64_t C
   const Window w(size);
   const acc_t coef = alpha / size;
   const PowMode mode = pow_mode(beta);
-  const int64_t tiles = (S + kFwdTile - 1) / kFwdTile;
-  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) acc_t sum[kFwdTile];
-    alignas(64) acc_t scale[kFwdTile];
+  const Tiling tl = tiling(N, S);
+  at::parallel_for(0, N * tl.tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> sum(tl.len), scale(tl.len);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / tiles, s0 = (t % tiles) * kFwdTile, len = std::min(kFwdTile, S - s0);
+      const int64_t n = t / tl.tiles, s0 = (t % tl.tiles) * tl.len, len = std::min(tl.len, S - s0);
       const scalar_t* xb = x + n * C * S + s0;
       scalar_t* yb = y + n * C * S + s0;
-      SquareWindowRows<scalar_t, acc_t> window(xb, C, S, len, w, sum);
+      SquareWindowRows<scalar_t, acc_t> window(xb, C, S, len, w, sum.data());
       for (int64_t c = 0; c < C; ++c) {
-        scale_from_sum<acc_t>(window.next(), scale, nullptr, len, k, coef, mode, beta);
+        scale_from_sum<acc_t>(window.next(), scale.data(), nullptr, len, k, coef, mode, beta);
         const scalar_t* xc = xb + c * S;
         scalar_t* yc = yb + c * S;
         for (int64_t i = 0; i < len; ++i) yc[i] = static_cast<scalar_t>(static_cast<acc_t>(xc[i]) * scale[i]);
@@ -181,6 +196,9 @@ void forward_channels_first(const scalar_t* x, scalar_t* y, int64_t N, int64_t C
   });
 }
 
+// One pipelined pass over the channels: step c computes s_c^-beta and t_c = g_c a_c s_c^-beta / s_c
+// into a ring of R rows, and emits da_j for j = c - lo, whose mirrored window [j - hi, j + lo] of t
+// is then complete. The ring holds rows j - hi - 1 .. j + lo, so R = size + 1 (at most C + 1) rows.
 template <typename scalar_t>
 void backward_channels_first(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t N, int64_t C, int64_t S,
                              int64_t size, double alpha, double beta, double k) {
@@ -188,40 +206,36 @@ void backward_channels_first(const scalar_t* g, const scalar_t* x, scalar_t* dx,
   const Window w(size);
   const acc_t coef = alpha / size, coef2 = 2.0 * alpha * beta / size;
   const PowMode mode = pow_mode(beta);
-  // The tile keeps a C x L block of scales and of t = g*a*s^(-beta-1) in cache between the two passes.
-  const int64_t L = std::max<int64_t>(16, std::min<int64_t>(256, (16384 / std::max<int64_t>(C, 1)) / 16 * 16));
-  const int64_t tiles = (S + L - 1) / L;
-  at::parallel_for(0, N * tiles, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scale_buf(C * L), t_buf(C * L), sum(L), inv_s(L);
+  const Tiling tl = tiling(N, S);
+  const int64_t R = std::min(size + 1, C + 1), L = tl.len;
+  at::parallel_for(0, N * tl.tiles, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scale_ring(R * L), t_ring(R * L), sum(L), inv_s(L), tsum(L);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t n = t / tiles, s0 = (t % tiles) * L, len = std::min(L, S - s0);
+      const int64_t n = t / tl.tiles, s0 = (t % tl.tiles) * L, len = std::min(L, S - s0);
       const int64_t off = n * C * S + s0;
       const scalar_t *xb = x + off, *gb = g + off;
       scalar_t* db = dx + off;
-      // Pass 1: the forward's running sum gives s_c; keep s_c^-beta and t_c = g_c a_c s_c^-beta / s_c.
       SquareWindowRows<scalar_t, acc_t> window(xb, C, S, len, w, sum.data());
-      for (int64_t c = 0; c < C; ++c) {
-        acc_t* sc = scale_buf.data() + c * L;
-        acc_t* tc = t_buf.data() + c * L;
-        scale_from_sum<acc_t>(window.next(), sc, inv_s.data(), len, k, coef, mode, beta);
-        const scalar_t *xc = xb + c * S, *gc = gb + c * S;
-        for (int64_t i = 0; i < len; ++i)
-          tc[i] = static_cast<acc_t>(gc[i]) * static_cast<acc_t>(xc[i]) * sc[i] * inv_s[i];
-      }
-      // Pass 2: da_j = g_j s_j^-beta - coef2 * a_j * sum of t over the mirrored window [j - hi, j + lo].
-      std::fill(sum.begin(), sum.begin() + len, acc_t(0));
-      for (int64_t c = 0; c <= std::min(w.lo, C - 1); ++c) slide<acc_t>(sum.data(), t_buf.data() + c * L, nullptr, len);
-      for (int64_t j = 0; j < C; ++j) {
-        if (j > 0) {
-          const int64_t in = j + w.lo, out = j - w.hi - 1;
-          slide<acc_t>(sum.data(), in < C ? t_buf.data() + in * L : nullptr,
-                       out >= 0 ? t_buf.data() + out * L : nullptr, len);
+      std::fill(tsum.begin(), tsum.begin() + len, acc_t(0));
+      for (int64_t c = 0; c < C + w.lo; ++c) {
+        if (c < C) {  // t_c enters the window sum of j = c - lo
+          acc_t* sc = scale_ring.data() + (c % R) * L;
+          acc_t* tc = t_ring.data() + (c % R) * L;
+          scale_from_sum<acc_t>(window.next(), sc, inv_s.data(), len, k, coef, mode, beta);
+          const scalar_t *xc = xb + c * S, *gc = gb + c * S;
+          for (int64_t i = 0; i < len; ++i) {
+            tc[i] = static_cast<acc_t>(gc[i]) * static_cast<acc_t>(xc[i]) * sc[i] * inv_s[i];
+            tsum[i] += tc[i];
+          }
         }
-        const acc_t* sc = scale_buf.data() + j * L;
-        const scalar_t *xc = xb + j * S, *gc = gb + j * S;
-        scalar_t* dc = db + j * S;
+        const int64_t j = c - w.lo, out = j - w.hi - 1;
+        if (j < 0) continue;
+        if (out >= 0) slide<acc_t>(tsum.data(), nullptr, t_ring.data() + (out % R) * L, len);
+        const acc_t* sj = scale_ring.data() + (j % R) * L;
+        const scalar_t *xj = xb + j * S, *gj = gb + j * S;
+        scalar_t* dj = db + j * S;
         for (int64_t i = 0; i < len; ++i)
-          dc[i] = static_cast<scalar_t>(static_cast<acc_t>(gc[i]) * sc[i] - coef2 * static_cast<acc_t>(xc[i]) * sum[i]);
+          dj[i] = static_cast<scalar_t>(static_cast<acc_t>(gj[i]) * sj[i] - coef2 * static_cast<acc_t>(xj[i]) * tsum[i]);
       }
     }
   });

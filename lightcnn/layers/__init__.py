@@ -1,5 +1,6 @@
 """nn.Module faces of lightcnn's kernels, each with `impl="kernel" | "reference"`."""
 from lightcnn.layers._impl import default_impl, get_default_impl, resolve_impl, set_default_impl
 from lightcnn.layers.lrn import LocalResponseNorm
+from lightcnn.layers.preact import PreActConv2d
 
-__all__ = ["LocalResponseNorm", "default_impl", "get_default_impl", "resolve_impl", "set_default_impl"]
+__all__ = ["LocalResponseNorm", "PreActConv2d", "default_impl", "get_default_impl", "resolve_impl", "set_default_impl"]

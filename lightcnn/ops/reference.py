@@ -14,3 +14,13 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
         # PyTorch's CPU pooling has no half-precision kernels for 4-D/5-D input: compute in float32.
         return F.local_response_norm(input.float(), size, alpha=alpha, beta=beta, k=k).to(input.dtype)
     return F.local_response_norm(input, size, alpha=alpha, beta=beta, k=k)
+
+
+def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                   weight: torch.Tensor | None, bias: torch.Tensor | None, conv_weight: torch.Tensor,
+                   conv_bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1,
+                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """The unfused pre-activation unit `conv2d(relu(batch_norm(input)))`; like `F.batch_norm` it updates the
+    running statistics in place in training. Autograd keeps both the BN input and the ReLU output."""
+    y = F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
+    return F.conv2d(y, conv_weight, conv_bias, stride, padding, dilation, groups)

@@ -1,0 +1,239 @@
+// Fused pre-activation BN -> ReLU -> Conv2d (He et al. 2016, "Identity mappings in deep residual
+// networks"), shared by the CPU (bn_relu_conv.cpp) and CUDA (cuda/bn_relu_conv_cuda.cu) kernels.
+//
+// Forward:  y = relu(x * scale_c + shift_c), scale = gamma * invstd, shift = beta - mean * scale,
+//           out = conv2d(y.to(conv_weight.dtype), conv_weight, conv_bias)   (ATen: oneDNN / cuDNN)
+// Backward: only x and the per-channel mean/var are kept; y is recomputed from them, then
+//           grad_y from ATen's convolution_backward, then the BN-ReLU backward in two passes.
+//
+// A device supplies four primitives (Prims::stats, bn_relu, reduce, grad_input); everything per
+// channel (C-sized tensors) is done here with ATen ops, which run on the input's device.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/convolution.h>
+#include <ATen/ops/convolution_backward.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/core/DispatchKeySet.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/util/Exception.h>
+
+#include <tuple>
+#include <vector>
+
+namespace lightcnn {
+namespace bn_relu_conv {
+
+// The dtype of per-channel statistics: float for half/bfloat16 inputs (as ATen's batch norm), else the input's.
+inline c10::ScalarType stats_dtype(c10::ScalarType t) {
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+// The layouts the elementwise kernels take. Anything else is made NCHW-contiguous first.
+inline bool is_channels_last(const at::Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline at::Tensor dense(const at::Tensor& x) {
+  return (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) ? x : x.contiguous();
+}
+
+inline at::MemoryFormat format_of(const at::Tensor& x) {
+  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+inline void check_param(const char* op, const char* name, const at::Tensor& p, const at::Tensor& input) {
+  if (!p.defined()) return;
+  const int64_t C = input.size(1);
+  TORCH_CHECK(p.device() == input.device(), op, ": ", name, " is on ", p.device(), " but input is on ",
+              input.device(), "; move both to the same device");
+  TORCH_CHECK(p.dim() == 1 && p.size(0) == C, op, ": ", name, " must have shape (", C,
+              ",) (one value per input channel), got ", p.sizes());
+  TORCH_CHECK(p.scalar_type() == input.scalar_type() || p.scalar_type() == stats_dtype(input.scalar_type()), op,
+              ": ", name, " has dtype ", p.scalar_type(), " but input has dtype ", input.scalar_type(),
+              "; BN parameters must have the input's dtype (or float32 for a float16/bfloat16 input)");
+}
+
+inline void check_args(const char* op, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
+                       const at::Tensor& mean, const at::Tensor& var, const at::Tensor& conv_weight,
+                       const at::Tensor& conv_bias, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation, int64_t groups, c10::DeviceType device_type,
+                       std::initializer_list<c10::ScalarType> dtypes) {
+  TORCH_CHECK(input.device().type() == device_type, op, ": this is the ", c10::DeviceTypeName(device_type),
+              " kernel but input is on ", input.device());
+  TORCH_CHECK(input.dim() == 4, op, ": input must be 4-D (N, C, H, W), got shape ", input.sizes());
+  bool ok = false;
+  for (auto t : dtypes) ok |= input.scalar_type() == t;
+  TORCH_CHECK(ok, op, ": input dtype ", input.scalar_type(), " is not supported by the ",
+              c10::DeviceTypeName(device_type), " kernel");
+  TORCH_CHECK(input.size(1) > 0, op, ": input has no channels (shape ", input.sizes(), ")");
+  check_param(op, "weight", weight, input);
+  check_param(op, "bias", bias, input);
+  check_param(op, "mean", mean, input);
+  check_param(op, "var", var, input);
+  TORCH_CHECK(conv_weight.device() == input.device(), op, ": conv_weight is on ", conv_weight.device(),
+              " but input is on ", input.device());
+  TORCH_CHECK(conv_weight.dim() == 4, op, ": conv_weight must be 4-D (C_out, C_in / groups, kH, kW), got shape ",
+              conv_weight.sizes());
+  TORCH_CHECK(at::isFloatingType(conv_weight.scalar_type()), op, ": conv_weight must be floating point, got ",
+              conv_weight.scalar_type());
+  TORCH_CHECK(groups >= 1 && input.size(1) % groups == 0 && conv_weight.size(0) % groups == 0, op,
+              ": groups=", groups, " must be >= 1 and divide both input channels (", input.size(1),
+              ") and output channels (", conv_weight.size(0), ")");
+  TORCH_CHECK(conv_weight.size(1) * groups == input.size(1), op, ": conv_weight expects ",
+              conv_weight.size(1) * groups, " input channels (", conv_weight.size(1), " x groups=", groups,
+              ") but input has ", input.size(1));
+  if (conv_bias.defined()) {
+    TORCH_CHECK(conv_bias.device() == input.device() && conv_bias.dim() == 1 &&
+                    conv_bias.size(0) == conv_weight.size(0) && conv_bias.scalar_type() == conv_weight.scalar_type(),
+                op, ": conv_bias must be a 1-D tensor of ", conv_weight.size(0), " values on ", input.device(),
+                " with conv_weight's dtype ", conv_weight.scalar_type(), ", got shape ", conv_bias.sizes(), " ",
+                conv_bias.scalar_type(), " on ", conv_bias.device());
+  }
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have 2 values each");
+  for (int i = 0; i < 2; ++i) {
+    TORCH_CHECK(stride[i] >= 1 && dilation[i] >= 1 && padding[i] >= 0, op,
+                ": stride and dilation must be >= 1 and padding >= 0, got stride=", stride, " padding=", padding,
+                " dilation=", dilation);
+    const int64_t extent = dilation[i] * (conv_weight.size(2 + i) - 1) + 1;
+    TORCH_CHECK(input.size(2 + i) + 2 * padding[i] >= extent, op, ": the padded input (", input.sizes(),
+                " with padding ", padding, ") is smaller than the dilated kernel (", conv_weight.sizes(),
+                ", dilation ", dilation, ")");
+  }
+}
+
+// y = relu(x * scale + shift) per channel, in x's dtype and layout. scale/shift: (C,) in stats dtype.
+using BnReluFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift);
+// (mean, biased var) per channel, in stats dtype.
+using StatsFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& x);
+// (sum dz, sum dz * (x - mean)) per channel with dz = grad_y * [x * scale + shift > 0].
+using ReduceFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& grad_y, const at::Tensor& x,
+                                                        const at::Tensor& scale, const at::Tensor& shift,
+                                                        const at::Tensor& mean);
+// grad_x = dz * alpha + x * beta + gamma per channel, dz as above; in x's dtype and layout.
+using GradInputFn = at::Tensor (*)(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scale,
+                                   const at::Tensor& shift, const at::Tensor& alpha, const at::Tensor& beta,
+                                   const at::Tensor& gamma);
+
+struct Prims {
+  StatsFn stats;
+  BnReluFn bn_relu;
+  ReduceFn reduce;
+  GradInputFn grad_input;
+};
+
+inline std::tuple<at::Tensor, at::Tensor> affine(const at::Tensor& weight, const at::Tensor& bias,
+                                                 const at::Tensor& mean, const at::Tensor& invstd) {
+  at::Tensor scale = weight.defined() ? weight.to(invstd.scalar_type()) * invstd : invstd;
+  at::Tensor shift = -mean * scale;
+  if (bias.defined()) shift = shift + bias.to(invstd.scalar_type());
+  return {scale.contiguous(), shift.contiguous()};
+}
+
+// Autocast applies to the op as a whole (the Python side casts conv_weight as the reference sequence
+// would be cast); the ATen calls inside must not be cast a second time.
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
+
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const Prims& prims, const char* op, const at::Tensor& input_, const std::optional<at::Tensor>& weight_,
+    const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& running_mean_,
+    const std::optional<at::Tensor>& running_var_, const at::Tensor& conv_weight,
+    const std::optional<at::Tensor>& conv_bias_, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool training, double eps, c10::DeviceType device_type,
+    std::initializer_list<c10::ScalarType> dtypes) {
+  NoAutocast no_autocast;
+  const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
+  const at::Tensor running_mean = running_mean_.value_or(at::Tensor()),
+                   running_var = running_var_.value_or(at::Tensor());
+  const at::Tensor conv_bias = conv_bias_.value_or(at::Tensor());
+  check_args(op, input_, weight, bias, running_mean, running_var, conv_weight, conv_bias, stride, padding, dilation,
+             groups, device_type, dtypes);
+  TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
+  const at::Tensor input = dense(input_);
+  const auto sdt = stats_dtype(input.scalar_type());
+  at::Tensor mean, var;
+  if (training) {
+    TORCH_CHECK(input.numel() / input.size(1) > 1, op,
+                ": expected more than 1 value per channel when training, got input of shape ",
+                input.sizes(), " (batch statistics need at least 2 values)");
+    std::tie(mean, var) = prims.stats(input);
+  } else {
+    TORCH_CHECK(running_mean.defined() && running_var.defined(), op,
+                ": eval mode (training=False) needs running_mean and running_var");
+    mean = running_mean.to(sdt, /*non_blocking=*/false, /*copy=*/true);
+    var = running_var.to(sdt, false, true);
+  }
+  at::Tensor scale, shift;
+  std::tie(scale, shift) = affine(weight, bias, mean, (var + eps).rsqrt());
+  at::Tensor y = prims.bn_relu(input, scale, shift);
+  at::Tensor out = at::convolution(y.to(conv_weight.scalar_type()), conv_weight, conv_bias, stride, padding, dilation,
+                                   /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
+  return {out, mean, var};
+}
+
+// Returns grad of (input, weight, bias, conv_weight, conv_bias); the BN ones in the stats dtype
+// (the Python side casts them to the parameters' dtypes), conv ones as ATen's convolution_backward
+// (grad of conv_bias: an empty tensor when has_conv_bias is false).
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+    const Prims& prims, const char* op, const at::Tensor& grad_output, const at::Tensor& input_,
+    const std::optional<at::Tensor>& weight_, const std::optional<at::Tensor>& bias_, const at::Tensor& mean,
+    const at::Tensor& var, const at::Tensor& conv_weight, at::IntArrayRef stride, at::IntArrayRef padding,
+    at::IntArrayRef dilation, int64_t groups, bool training, double eps, bool has_conv_bias,
+    c10::DeviceType device_type, std::initializer_list<c10::ScalarType> dtypes) {
+  NoAutocast no_autocast;
+  const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
+  check_args(op, input_, weight, bias, mean, var, conv_weight, at::Tensor(), stride, padding, dilation, groups,
+             device_type, dtypes);
+  TORCH_CHECK(grad_output.device() == input_.device() && grad_output.dim() == 4 &&
+                  grad_output.size(0) == input_.size(0) && grad_output.size(1) == conv_weight.size(0),
+              op, ": grad_output must be (N, C_out, H_out, W_out) = (", input_.size(0), ", ", conv_weight.size(0),
+              ", ...) on ", input_.device(), ", got ", grad_output.sizes(), " on ", grad_output.device());
+  const at::Tensor input = dense(input_);
+  const auto sdt = stats_dtype(input.scalar_type());
+  const at::Tensor mean_s = mean.to(sdt).contiguous(), var_s = var.to(sdt).contiguous();
+  const at::Tensor invstd = (var_s + eps).rsqrt();
+  at::Tensor scale, shift;
+  std::tie(scale, shift) = affine(weight, bias, mean_s, invstd);
+
+  // Recompute the BN-ReLU output (the forward did not keep it) and back-propagate through the conv.
+  at::Tensor grad_y, grad_conv_weight, grad_conv_bias;
+  {
+    at::Tensor y = prims.bn_relu(input, scale, shift).to(conv_weight.scalar_type());
+    const int64_t cout = conv_weight.size(0);
+    // The bias gradient only when there is a bias: oneDNN's backward is slower when asked for it.
+    std::tie(grad_y, grad_conv_weight, grad_conv_bias) = at::convolution_backward(
+        grad_output.to(conv_weight.scalar_type()), y, conv_weight,
+        has_conv_bias ? at::OptionalIntArrayRef(at::IntArrayRef(&cout, 1)) : at::OptionalIntArrayRef(), stride,
+        padding, dilation, /*transposed=*/false, /*output_padding=*/{0, 0}, groups, {true, true, has_conv_bias});
+  }  // y is freed here, before the BN-ReLU backward allocates grad_input
+  if (!has_conv_bias) grad_conv_bias = at::empty({0}, conv_weight.options());  // the schema returns a Tensor
+  grad_y = grad_y.to(input.scalar_type()).contiguous(format_of(input));
+
+  at::Tensor sum_dz, sum_dz_xmu;
+  std::tie(sum_dz, sum_dz_xmu) = prims.reduce(grad_y, input, scale, shift, mean_s);
+  const at::Tensor gamma_invstd = weight.defined() ? weight.to(sdt) * invstd : invstd;
+  at::Tensor alpha = gamma_invstd, beta, gamma;
+  if (training) {
+    // d/dx of gamma * (x - mean) * invstd with batch statistics (Ioffe & Szegedy 2015, section 3):
+    // grad_x = gamma * invstd * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)))
+    const double M = static_cast<double>(input.numel() / input.size(1));
+    beta = -gamma_invstd * invstd * invstd * sum_dz_xmu / M;
+    gamma = -gamma_invstd * sum_dz / M - beta * mean_s;
+  } else {
+    beta = at::zeros_like(invstd);
+    gamma = at::zeros_like(invstd);
+  }
+  at::Tensor grad_input = prims.grad_input(grad_y, input, scale, shift, alpha.contiguous(), beta.contiguous(),
+                                           gamma.contiguous());
+  return {grad_input, sum_dz_xmu * invstd, sum_dz, grad_conv_weight, grad_conv_bias};
+}
+
+}  // namespace bn_relu_conv
+}  // namespace lightcnn

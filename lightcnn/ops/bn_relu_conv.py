@@ -1,0 +1,191 @@
+"""Fused pre-activation BN -> ReLU -> Conv2d (He et al. 2016, "Identity mappings in deep residual networks",
+section 4.1) as torch.ops.lightcnn.bn_relu_conv2d.
+
+Stock PyTorch keeps two activation-sized tensors per unit for the backward: the BN input and the ReLU
+output (which is also the conv input). The fused op keeps only the input and the per-channel mean and
+variance, and recomputes relu(bn(x)) in the backward (the InPlace-ABN idea, Rota Bulo et al. 2018,
+without the in-place part): about half the activation memory of a pre-activation network.
+
+The op is functional (it returns the batch mean and variance instead of updating the running
+statistics, so that it can carry an autograd formula); `bn_relu_conv2d` below updates them afterwards
+exactly as `nn.BatchNorm2d` does. The recomputation in the backward uses the saved batch statistics
+and never touches the running ones (the checkpointed-DenseNet bug).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lightcnn.ops import _library, reference
+
+_library.KNOWN_OPS.extend(["bn_relu_conv2d", "bn_relu_conv2d_backward"])
+
+# dtypes of the input (BN part) the compiled kernels take, per device type; others run on the reference.
+_KERNEL_DTYPES = {
+    "cpu": (torch.float32, torch.float64),
+    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+}
+
+
+# Whether the loaded library has a kernel per device type, looked up once: a dispatcher query inside the
+# op would break torch.compile's graph. use_kernel() is asked only to warn (or raise) about a fallback.
+_COMPILED = {device_type: _library.has_kernel("bn_relu_conv2d", device_type) for device_type in ("cpu", "cuda")}
+
+
+def _use_kernel(device: torch.device) -> bool:
+    return _COMPILED.get(device.type, False) or _library.use_kernel("bn_relu_conv2d", device)
+
+
+def _pair(name: str, v: int | Sequence[int]) -> list[int]:
+    if isinstance(v, str):
+        raise ValueError(f"bn_relu_conv2d: {name}={v!r} is not supported; give the {name} as an int or a pair of ints")
+    vals = [v, v] if isinstance(v, int) else list(v)
+    if len(vals) != 2 or not all(isinstance(i, int) and not isinstance(i, bool) for i in vals):
+        raise ValueError(f"bn_relu_conv2d: {name} must be an int or a pair of ints, got {v!r}")
+    return vals
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _memory_format(input: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels compute in; mirrors format_of() in csrc/bn_relu_conv.h."""
+    if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _check_args(input, running_mean, running_var, weight, bias, conv_weight, conv_bias, training, momentum, eps):
+    if not isinstance(input, torch.Tensor) or not isinstance(conv_weight, torch.Tensor):
+        raise TypeError("bn_relu_conv2d: input and conv_weight must be torch.Tensors")
+    if input.dim() != 4:
+        raise ValueError(
+            f"bn_relu_conv2d: input must be 4-D (N, C, H, W), got shape {tuple(input.shape)}"
+            + ("; add a batch dimension with input.unsqueeze(0)" if input.dim() == 3 else "")
+        )
+    if not input.is_floating_point():
+        raise TypeError(
+            f"bn_relu_conv2d: input must be floating point, got {input.dtype}; convert it with input.float()")
+    C = input.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is not None and (t.dim() != 1 or t.shape[0] != C):
+            raise ValueError(
+                f"bn_relu_conv2d: {name} must have shape ({C},), one value per input channel, got {tuple(t.shape)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("bn_relu_conv2d: give both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError("bn_relu_conv2d: eval mode (training=False) needs running_mean and running_var")
+    if conv_weight.dim() != 4:
+        raise ValueError("bn_relu_conv2d: conv_weight must be 4-D (C_out, C_in / groups, kH, kW), "
+                         f"got shape {tuple(conv_weight.shape)}")
+    if conv_bias is not None and tuple(conv_bias.shape) != (conv_weight.shape[0],):
+        raise ValueError(
+            f"bn_relu_conv2d: conv_bias must have shape ({conv_weight.shape[0]},), got {tuple(conv_bias.shape)}")
+    if training and input.numel() // max(C, 1) <= 1:
+        raise ValueError(
+            "bn_relu_conv2d: expected more than 1 value per channel when training, "
+            f"got input of shape {tuple(input.shape)}"
+        )
+    if not eps > 0:
+        raise ValueError(f"bn_relu_conv2d: eps must be > 0, got {eps}")
+    if training and running_mean is not None and not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"bn_relu_conv2d: momentum must be in [0, 1], got {momentum}")
+
+
+def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                   weight: torch.Tensor | None, bias: torch.Tensor | None, conv_weight: torch.Tensor,
+                   conv_bias: torch.Tensor | None = None, stride: int | Sequence[int] = 1,
+                   padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
+                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """`F.conv2d(F.relu(F.batch_norm(input, ...)), conv_weight, ...)` with half the saved activations.
+
+    The arguments are those of `F.batch_norm` followed by those of `F.conv2d`, with the same semantics:
+    in training the batch statistics normalise and, when given, `running_mean`/`running_var` are updated
+    in place (momentum, unbiased variance) as `F.batch_norm` does; in eval the running statistics are used.
+    Under `torch.autocast` the convolution runs in the autocast dtype and the BN-ReLU in the input's,
+    as the unfused sequence does.
+
+    Args:
+        input: (N, C, H, W), contiguous or channels-last (other strides are copied to contiguous).
+        running_mean, running_var: (C,) or None (then training must be True).
+        weight, bias: BN affine parameters (C,), or None for gamma=1, beta=0.
+        conv_weight, conv_bias: (C_out, C / groups, kH, kW) and (C_out,) or None.
+        stride, padding, dilation, groups: as `F.conv2d` (ints or pairs; no string padding).
+        training: batch statistics (True) or running statistics (False).
+        momentum: running = (1 - momentum) * running + momentum * batch statistic.
+        eps: added to the variance.
+    """
+    _check_args(input, running_mean, running_var, weight, bias, conv_weight, conv_bias, training, momentum, eps)
+    stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
+    dev = input.device
+    if not (input.dtype in _KERNEL_DTYPES.get(dev.type, ()) and _use_kernel(dev)):
+        return reference.bn_relu_conv2d(input, running_mean, running_var, weight, bias, conv_weight, conv_bias,
+                                        stride, padding, dilation, groups, training, momentum, eps)
+    cw, cb = conv_weight, conv_bias
+    if torch.is_autocast_enabled(dev.type) and cw.dtype != torch.float64:
+        # autocast casts conv2d's (non-double) floating arguments to its dtype; BN and ReLU it leaves alone.
+        cast = torch.get_autocast_dtype(dev.type)
+        cw, cb = cw.to(cast), (None if cb is None else cb.to(cast))
+    with torch.autocast(dev.type, enabled=False):
+        out, mean, var = torch.ops.lightcnn.bn_relu_conv2d.default(
+            input, weight, bias, None if training else running_mean, None if training else running_var,
+            cw, cb, stride, padding, dilation, groups, training, float(eps))
+    if training and running_mean is not None:
+        # nn.BatchNorm2d's update: unbiased variance of the n = N*H*W values of a channel.
+        n = input.numel() // input.shape[1]
+        with torch.no_grad():
+            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
+            running_var.copy_(momentum * var * (n / (n - 1)) + (1 - momentum) * running_var)
+    return out
+
+
+if _library.op_defined("bn_relu_conv2d"):
+
+    def _fake_y(input: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(input.shape, dtype=dtype, device=input.device, memory_format=_memory_format(input))
+
+    @torch.library.register_fake("lightcnn::bn_relu_conv2d")
+    def _bn_relu_conv2d_fake(input, weight, bias, running_mean, running_var, conv_weight, conv_bias, stride,
+                             padding, dilation, groups, training, eps):
+        out = torch.ops.aten.convolution.default(_fake_y(input, conv_weight.dtype), conv_weight, conv_bias, stride,
+                                                 padding, dilation, False, [0, 0], groups)
+        sdt = _stats_dtype(input.dtype)
+        C = input.shape[1]
+        return out, input.new_empty((C,), dtype=sdt), input.new_empty((C,), dtype=sdt)
+
+    @torch.library.register_fake("lightcnn::bn_relu_conv2d_backward")
+    def _bn_relu_conv2d_backward_fake(grad_output, input, weight, bias, mean, var, conv_weight, stride, padding,
+                                      dilation, groups, training, eps, has_conv_bias):
+        _, grad_w, grad_b = torch.ops.aten.convolution_backward.default(
+            grad_output.to(conv_weight.dtype), _fake_y(input, conv_weight.dtype), conv_weight,
+            [conv_weight.shape[0]] if has_conv_bias else None, stride, padding, dilation, False, [0, 0], groups,
+            [False, True, has_conv_bias])
+        if not has_conv_bias:
+            grad_b = conv_weight.new_empty((0,))
+        sdt = _stats_dtype(input.dtype)
+        C = input.shape[1]
+        return (_fake_y(input, input.dtype), input.new_empty((C,), dtype=sdt), input.new_empty((C,), dtype=sdt),
+                grad_w, grad_b)
+
+    def _setup_context(ctx, inputs, output):
+        input, weight, bias, _, _, conv_weight, conv_bias, stride, padding, dilation, groups, training, eps = inputs
+        _, mean, var = output
+        # Only the input and per-channel tensors: the BN-ReLU output is recomputed in the backward.
+        ctx.save_for_backward(input, weight, bias, mean, var, conv_weight)
+        ctx.mark_non_differentiable(mean, var)
+        ctx.args = (stride, padding, dilation, groups, training, eps)
+        ctx.has_conv_bias = conv_bias is not None
+        ctx.conv_bias_dtype = None if conv_bias is None else conv_bias.dtype
+
+    def _backward(ctx, grad_output, _grad_mean, _grad_var):
+        input, weight, bias, mean, var, conv_weight = ctx.saved_tensors
+        gi, gw, gb, gcw, gcb = torch.ops.lightcnn.bn_relu_conv2d_backward.default(
+            grad_output, input, weight, bias, mean, var, conv_weight, *ctx.args, ctx.has_conv_bias)
+        gw = None if weight is None else gw.to(weight.dtype)
+        gb = None if bias is None else gb.to(bias.dtype)
+        gcb = gcb.to(ctx.conv_bias_dtype) if ctx.has_conv_bias else None
+        return gi, gw, gb, None, None, gcw, gcb, None, None, None, None, None, None
+
+    torch.library.register_autograd("lightcnn::bn_relu_conv2d", _backward, setup_context=_setup_context)

@@ -1,0 +1,390 @@
+"""The fused pre-activation op (torch.ops.lightcnn.bn_relu_conv2d) and PreActConv2d against the unfused
+reference sequence nn.Sequential(BatchNorm2d, ReLU, Conv2d): outputs, every gradient, running statistics,
+eval mode, gradcheck, opcheck, torch.compile, autocast, saved memory, and errors on bad input.
+CUDA twins run on a GPU and skip without one."""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightcnn import ops
+from lightcnn.layers import PreActConv2d
+from lightcnn.ops import _library
+from tests.conftest import DEVICES, requires_cuda
+
+pytestmark = pytest.mark.skipif(not _library.op_defined("bn_relu_conv2d"),
+                                reason="lightcnn._C without bn_relu_conv2d (build it first)")
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """Full float32 precision in cuDNN convolutions: with TF32 the kernel's and the reference's conv inputs,
+    equal to a few float32 ulps, could round to different TF32 values (2^-11 apart)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+# (atol, rtol) for outputs and gradients. float32: the kernel sums in a different order than ATen (and in
+# double on the CPU), so agreement is to a few float32 ulps of the largest terms.
+TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-4),
+       torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2)}
+
+# (kernel_size, stride, padding, dilation, groups)
+CONFIGS = {
+    "k1": (1, 1, 0, 1, 1),
+    "k3": (3, 1, 1, 1, 1),
+    "k1_stride2": (1, 2, 0, 1, 1),
+    "k3_stride2": (3, 2, 1, 1, 1),
+    "k3_pad2_dilation2": (3, 1, 2, 2, 1),
+    "k3_groups2": (3, 1, 1, 1, 2),
+    "k3_depthwise": (3, 1, 1, 1, 4),
+}
+
+
+def _pair(cin=4, cout=8, config="k3", bias=True, device="cpu", dtype=torch.float64, momentum=0.1):
+    """A PreActConv2d on the kernel and its reference Sequential, with identical random parameters."""
+    k, s, p, d, g = CONFIGS[config]
+    layer = PreActConv2d(cin, cout, k, s, p, d, g, bias=bias, momentum=momentum, impl="kernel")
+    with torch.no_grad():  # non-trivial BN state so that every term of the gradient matters
+        layer.bn.weight.uniform_(0.5, 1.5)
+        layer.bn.bias.uniform_(-0.5, 0.5)
+        layer.bn.running_mean.uniform_(-0.5, 0.5)
+        layer.bn.running_var.uniform_(0.5, 1.5)
+    layer = layer.to(device, dtype)
+    ref = nn.Sequential(OrderedDict(bn=copy.deepcopy(layer.bn), relu=nn.ReLU(), conv=copy.deepcopy(layer.conv)))
+    return layer, ref
+
+
+def _grads(module):
+    return [p.grad for p in (module.bn.weight, module.bn.bias, module.conv.weight, module.conv.bias) if p is not None]
+
+
+def _assert_same(layer, ref, x, dtype, training=True, steps=1):
+    atol, rtol = TOL[dtype]
+    layer.train(training), ref.train(training)
+    for _ in range(steps):
+        xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_k, out_r = layer(xk), ref(xr)
+        torch.testing.assert_close(out_k, out_r, atol=atol, rtol=rtol)
+        grad = torch.randn_like(out_r)
+        out_k.backward(grad), out_r.backward(grad)
+        torch.testing.assert_close(xk.grad, xr.grad, atol=atol, rtol=rtol)
+        for gk, gr in zip(_grads(layer), _grads(ref)):
+            torch.testing.assert_close(gk, gr, atol=atol, rtol=rtol)
+        for name, buf in ref.bn.named_buffers():
+            torch.testing.assert_close(getattr(layer.bn, name), buf, atol=atol, rtol=rtol)
+    return out_k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_bn_relu_conv_matches_reference_training(device, dtype, config):
+    layer, ref = _pair(config=config, device=device, dtype=dtype)
+    x = torch.randn(2, 4, 9, 8, device=device, dtype=dtype) * 2 + 0.3
+    _assert_same(layer, ref, x, dtype, training=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("config", ["k1", "k3_stride2", "k3_groups2"])
+def test_bn_relu_conv_matches_reference_eval(device, dtype, config):
+    layer, ref = _pair(config=config, device=device, dtype=dtype)
+    x = torch.randn(2, 4, 9, 8, device=device, dtype=dtype)
+    _assert_same(layer, ref, x, dtype, training=False)
+    assert int(layer.bn.num_batches_tracked) == 0  # eval never touches the running statistics
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("config", ["k1", "k3_stride2", "k3_groups2"])
+def test_bn_relu_conv_matches_reference_channels_last(device, dtype, training, config):
+    # 20 channels: the CPU kernel's vector loop and scalar tail both run over the channels of a pixel.
+    layer, ref = _pair(cin=20, cout=8, config=config, device=device, dtype=dtype)
+    layer, ref = layer.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 20, 7, 6, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    out = _assert_same(layer, ref, x, dtype, training=training)
+    cl = torch.channels_last
+    assert out.is_contiguous(memory_format=cl) == ref(x).is_contiguous(memory_format=cl)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_relu_conv_non_dense_input_and_no_bias(device):
+    layer, ref = _pair(config="k3", bias=False, device=device)
+    x = torch.randn(2, 4, 9, 16, device=device, dtype=torch.float64)[..., ::2]  # neither layout: copied
+    _assert_same(layer, ref, x, torch.float64)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+def test_running_stats_identical_to_batchnorm_after_several_steps(device, momentum):
+    layer, ref = _pair(config="k3", device=device, momentum=momentum)
+    x = torch.randn(3, 4, 5, 5, device=device, dtype=torch.float64) * 3 - 1
+    _assert_same(layer, ref, x, torch.float64, training=True, steps=5)
+    assert int(layer.bn.num_batches_tracked) == int(ref.bn.num_batches_tracked) == 5
+    _assert_same(layer, ref, x, torch.float64, training=False)  # and eval uses them identically
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_running_stats_uses_batch_statistics_in_eval(device):
+    layer, ref = _pair(config="k1", device=device)
+    for m in (layer, ref):
+        m.bn.track_running_stats = False
+        m.bn.running_mean = m.bn.running_var = m.bn.num_batches_tracked = None
+    _assert_same(layer, ref, torch.randn(2, 4, 5, 5, device=device, dtype=torch.float64), torch.float64, training=False)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_shared_preactivation_with_shortcut_matches_reference(device, training):
+    layer, ref = _pair(cin=4, cout=6, config="k3_stride2", device=device)
+    shortcut = nn.Conv2d(4, 6, 1, 2, bias=False).to(device, torch.float64)
+    shortcut_ref = copy.deepcopy(shortcut)
+    layer.train(training), ref.train(training)
+    x = torch.randn(2, 4, 8, 8, device=device, dtype=torch.float64)
+    xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_k, sc_k = layer(xk, shortcut)
+    y = ref.relu(ref.bn(xr))
+    out_r, sc_r = ref.conv(y), shortcut_ref(y)
+    torch.testing.assert_close(out_k, out_r), torch.testing.assert_close(sc_k, sc_r)
+    (out_k.sum() + 2 * sc_k.square().sum()).backward()
+    (out_r.sum() + 2 * sc_r.square().sum()).backward()
+    torch.testing.assert_close(xk.grad, xr.grad)
+    torch.testing.assert_close(shortcut.weight.grad, shortcut_ref.weight.grad)
+    for gk, gr in zip(_grads(layer), _grads(ref)):
+        torch.testing.assert_close(gk, gr)
+    # the running statistics are updated once, not once per use of the shared BN-ReLU
+    for name, buf in ref.bn.named_buffers():
+        torch.testing.assert_close(getattr(layer.bn, name), buf)
+
+
+def test_state_dict_matches_reference_sequence():
+    layer, ref = _pair(config="k3")
+    assert list(layer.state_dict()) == list(ref.state_dict())
+    fresh = PreActConv2d(4, 8, 3, padding=1, bias=True, impl="kernel").double()
+    fresh.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(fresh.eval()(x), ref.eval()(x))
+
+
+def test_reference_impl_is_the_unfused_sequence():
+    layer, ref = _pair(config="k3")
+    layer.impl = "reference"
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    assert torch.equal(layer(x), ref(x))
+
+
+def test_sync_batchnorm_conversion_keeps_the_replacement_forward():
+    layer, ref = _pair(config="k3")
+    layer = nn.SyncBatchNorm.convert_sync_batchnorm(layer)
+    assert type(layer.bn) is nn.SyncBatchNorm
+    calls = []
+    layer.bn.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), ref(x))  # without a process group SyncBatchNorm is plain BN
+    assert calls == [1]
+
+
+def _op_args(device, dtype, training, channels_last=False):
+    x = torch.randn(2, 3, 5, 4, device=device, dtype=dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return (x, torch.rand(3, device=device, dtype=dtype) + 0.5, torch.randn(3, device=device, dtype=dtype),
+            torch.randn(3, device=device, dtype=dtype), torch.rand(3, device=device, dtype=dtype) + 0.5,
+            torch.randn(4, 3, 3, 3, device=device, dtype=dtype), torch.randn(4, device=device, dtype=dtype),
+            [2, 1], [1, 1], [1, 1], 1, training, 1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck(device, training):
+    x, w, b, rm, rv, cw, cb, stride, padding, dilation, groups, _, eps = _op_args(device, torch.float64, training)
+
+    def fn(x, w, b, cw, cb):
+        return ops.bn_relu_conv2d(x, rm.clone(), rv.clone(), w, b, cw, cb, stride, padding, dilation, groups,
+                                  training, 0.1, eps)
+
+    inputs = [t.requires_grad_() for t in (x, w, b, cw, cb)]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck(device, training, channels_last):
+    args = list(_op_args(device, torch.float32, training, channels_last))
+    for i in (0, 1, 2, 5, 6):
+        args[i].requires_grad_()
+    if training:
+        args[3] = args[4] = None  # the op ignores running statistics in training
+    torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d.default, tuple(args))
+    x, w, b, cw = (args[i].detach() for i in (0, 1, 2, 5))
+    mean, var = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    grad_out = torch.randn(2, 4, 3, 4, device=device)
+    for has_conv_bias in (True, False):
+        back = (grad_out, x, w, b, mean, var, cw, *args[7:], has_conv_bias)
+        torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d_backward.default, back)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_training_step_matches_eager(device):
+    layer, ref = _pair(config="k3_stride2", device=device, dtype=torch.float32)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 4, 8, 8, device=device)
+    for _ in range(2):  # the in-place running-statistics update must survive compilation
+        xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        out_k, out_r = compiled(xk), ref(xr)
+        torch.testing.assert_close(out_k, out_r, atol=2e-5, rtol=2e-4)
+        out_k.square().sum().backward(), out_r.square().sum().backward()
+        torch.testing.assert_close(xk.grad, xr.grad, atol=2e-5, rtol=2e-4)
+    torch.testing.assert_close(layer.bn.running_var, ref.bn.running_var)
+    assert int(layer.bn.num_batches_tracked) == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_inductor_matches_eager(device):
+    layer, ref = _pair(config="k3", device=device, dtype=torch.float32)
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(2, 4, 8, 8, device=device, requires_grad=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, ref(x), atol=2e-5, rtol=2e-4)
+    g1 = torch.autograd.grad(out.sum(), x)[0]
+    torch.testing.assert_close(g1, torch.autograd.grad(ref(x).sum(), x)[0], atol=2e-5, rtol=2e-4)
+
+
+def _autocast_check(device, dtype):
+    layer, ref = _pair(config="k3", device=device, dtype=torch.float32)
+    x = torch.randn(2, 4, 8, 8, device=device)
+    outs, grads = [], []
+    for m in (layer, ref):
+        xi = x.clone().requires_grad_()
+        with torch.autocast(device, dtype=dtype):
+            out = m(xi)
+        out.float().square().sum().backward()
+        outs.append(out)
+        grads.append([xi.grad] + _grads(m))
+    assert outs[0].dtype == outs[1].dtype == dtype
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(outs[0], outs[1], atol=atol, rtol=rtol)
+    for gk, gr in zip(*grads):
+        assert gk.dtype == gr.dtype
+        torch.testing.assert_close(gk, gr, atol=atol * 10, rtol=rtol)
+
+
+def test_autocast_cpu_bfloat16_behaves_as_reference():
+    _autocast_check("cpu", torch.bfloat16)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_cuda_behaves_as_reference(dtype):
+    _autocast_check("cuda", dtype)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_precision_cuda_matches_reference(dtype, channels_last):
+    layer, ref = _pair(cin=20, cout=8, config="k3", device="cuda", dtype=dtype)
+    x = torch.randn(4, 20, 16, 16, device="cuda", dtype=dtype)
+    if channels_last:
+        layer, ref = layer.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    _assert_same(layer, ref, x, dtype, training=True, steps=2)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_half_input_with_float32_batchnorm_cuda():
+    # The mixed layout of AMP-style models: half activations, float32 BN parameters and statistics.
+    layer, ref = _pair(config="k3", device="cuda", dtype=torch.float32)
+    layer.conv.half(), ref.conv.half()
+    x = torch.randn(2, 4, 8, 8, device="cuda", dtype=torch.float16)
+    _assert_same(layer, ref, x, torch.float16, training=True, steps=2)
+
+
+def test_backward_saves_only_the_input_and_per_channel_tensors():
+    """The reference keeps the BN input and the ReLU output (two activations); the kernel only the input."""
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+
+    def saved_activation_bytes(layer):
+        storages = {}
+
+        def pack(t):
+            if t.numel() >= x.numel():  # activation-sized (the input is 8 x 16 x 16 x 4 values)
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x)
+        return sum(storages.values())
+
+    kernel, ref = _pair(cin=8, cout=8, config="k3", dtype=torch.float32)
+    assert saved_activation_bytes(kernel) == x.numel() * 4
+    assert saved_activation_bytes(ref) == 2 * x.numel() * 4
+
+
+def test_backward_does_not_update_running_stats_again():
+    layer, _ = _pair(config="k3")
+    x = torch.randn(2, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    out = layer(x)
+    before = [b.clone() for b in layer.bn.buffers()]
+    out.sum().backward()
+    assert all(torch.equal(a, b) for a, b in zip(before, layer.bn.buffers()))
+
+
+# ---- bad input ----
+
+def _call(**over):
+    x, w, b, rm, rv, cw, cb = (torch.randn(2, 3, 5, 5), torch.ones(3), torch.zeros(3), torch.zeros(3), torch.ones(3),
+                               torch.randn(4, 3, 3, 3), None)
+    kw = dict(input=x, running_mean=rm, running_var=rv, weight=w, bias=b, conv_weight=cw, conv_bias=cb, training=True)
+    kw.update(over)
+    return ops.bn_relu_conv2d(**kw)
+
+
+@pytest.mark.parametrize("over, error, match", [
+    (dict(input=torch.randn(3, 5, 5)), ValueError, "4-D.*unsqueeze"),
+    (dict(input=torch.ones(2, 3, 5, 5, dtype=torch.int64)), TypeError, "floating point"),
+    (dict(weight=torch.ones(4)), ValueError, r"weight must have shape \(3,\)"),
+    (dict(running_var=None), ValueError, "both running_mean and running_var"),
+    (dict(running_mean=None, running_var=None, training=False), ValueError, "eval mode"),
+    (dict(conv_weight=torch.randn(4, 2, 3, 3)), RuntimeError, "input channels"),
+    (dict(conv_weight=torch.randn(4, 3, 3)), ValueError, "conv_weight must be 4-D"),
+    (dict(conv_bias=torch.zeros(5)), ValueError, r"conv_bias must have shape \(4,\)"),
+    (dict(input=torch.randn(1, 3, 1, 1), conv_weight=torch.randn(4, 3, 1, 1)), ValueError, "more than 1 value"),
+    (dict(weight=torch.ones(3, dtype=torch.float64)), RuntimeError, "dtype"),
+    (dict(input=torch.randn(2, 3, 2, 2)), RuntimeError, "smaller than the dilated kernel"),
+    (dict(eps=0.0), ValueError, "eps must be > 0"),
+])
+def test_bad_input_raises_clear_error(over, error, match):
+    with pytest.raises(error, match=match):
+        _call(**over)
+
+
+def test_bad_stride_and_padding_raise():
+    with pytest.raises(ValueError, match="stride must be an int or a pair"):
+        _call(stride=(1, 2, 3))
+    with pytest.raises(ValueError, match="padding='same' is not supported"):
+        _call(padding="same")
+    with pytest.raises(ValueError, match="padding must be an int or a pair"):
+        PreActConv2d(3, 4, 3, padding="same")  # the fused kernel takes explicit zero padding
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_mixed_devices_raise():
+    with pytest.raises(RuntimeError, match="same device|is on"):
+        _call(input=torch.randn(2, 3, 5, 5, device="cuda"), weight=torch.ones(3, device="cuda"),
+              bias=torch.zeros(3, device="cuda"), running_mean=None, running_var=None,
+              conv_weight=torch.randn(4, 3, 3, 3))
