@@ -1,5 +1,6 @@
 """Import of torchvision's weights into the lightcnn networks whose layers equal torchvision's: VGG
-(`vgg11` ... `vgg19_bn`) and `alexnet_owt` (torchvision's `alexnet`).
+(`vgg11` ... `vgg19_bn`) and `alexnet_owt` (torchvision's `alexnet`) here; `from_torchvision` also
+serves ResNet (v1.5) and ResNeXt-50/101, whose mapping lives in `lightcnn.models.weights_resnet`.
 
     import torchvision
     from lightcnn.models.weights import from_torchvision
@@ -97,14 +98,24 @@ def load_torchvision_state_dict(model: nn.Module, tv_state_dict: Mapping[str, to
     return model
 
 
-def from_torchvision(name: str, tv_model: nn.Module, **overrides) -> nn.Module:
-    """`create(name)` with the weights of the torchvision model `tv_model` (its class count is taken from
-    its last layer unless `num_classes` is given)."""
+def from_torchvision(name: str, tv_model: nn.Module | Mapping[str, torch.Tensor], **overrides) -> nn.Module:
+    """`create(name)` with the weights of a torchvision model (the module or its state_dict), for every
+    model with a torchvision twin: VGG and `alexnet_owt` here, ResNet (v1.5 layout) and ResNeXt-50/101
+    through `lightcnn.models.weights_resnet`. The class count is taken from the classifier unless
+    `num_classes` is given."""
+    from lightcnn.models import weights_resnet  # the ResNet family's own mapping
+
+    if isinstance(tv_model, nn.Module):
+        sd = tv_model.state_dict()
+    elif isinstance(tv_model, Mapping):
+        sd = tv_model
+    else:
+        raise TypeError(f"tv_model must be a torchvision nn.Module or its state_dict, got {type(tv_model).__name__}")
+    if name in weights_resnet.TORCHVISION_EQUIVALENTS:
+        return weights_resnet.resnet_from_torchvision(name, sd, **overrides)
     if name not in TORCHVISION_TWINS:
-        raise ValueError(f"{name!r} has no torchvision twin; models that do: {', '.join(TORCHVISION_TWINS)}")
-    if not isinstance(tv_model, nn.Module):
-        raise TypeError(f"tv_model must be a torchvision nn.Module, got {type(tv_model).__name__}")
-    sd = tv_model.state_dict()
+        twins = sorted(TORCHVISION_TWINS + tuple(weights_resnet.TORCHVISION_EQUIVALENTS))
+        raise ValueError(f"{name!r} has no torchvision twin; models that do: {', '.join(twins)}")
     last_weight = [v for k, v in sd.items() if k.endswith("weight")][-1]
     overrides.setdefault("num_classes", last_weight.shape[0])
     return load_torchvision_state_dict(create(name, **overrides), sd)
