@@ -122,3 +122,20 @@ def test_mixed_precision_fit(model, accelerator, precision, tmp_path):
         assert torch.isfinite(cli.trainer.callback_metrics[key]), key
     params = list(cli.model.net.parameters())
     assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in params)  # fp32 master weights
+
+
+def test_unknown_model_in_the_config_ends_with_the_registry_message(capsys):
+    with pytest.raises(SystemExit) as e:
+        main([DIGITS, "--model.model", "lenet6", *QUIET])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Unknown model 'lenet6'" in err and "Closest registered names: lenet5" in err, err
+
+
+def test_missing_data_ends_with_how_to_get_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([str(ROOT / "experiments" / "resnet110_cifar10.yaml"), "--data.root", str(tmp_path / "nowhere"),
+              "--run_root", str(tmp_path), *QUIET])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "CIFAR10 not found" in err and "--data.download true" in err, err

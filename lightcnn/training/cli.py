@@ -22,7 +22,7 @@ import os
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, NoReturn, Optional
 from urllib.parse import urlparse
 
 import torch
@@ -237,12 +237,21 @@ def _positional_config(args: list[str]) -> tuple[list[str], str]:
     return args, name
 
 
+def _user_error(stage: str, error: Exception) -> NoReturn:
+    """End the command with the message of a mistake in the config or the data, not a traceback."""
+    print(f"lightcnn.{stage}: error: {error}", file=sys.stderr)
+    raise SystemExit(2) from error
+
+
 def main(args: list[str] | None = None, stage: Literal["fit", "test"] = "fit") -> LightCNNCLI:
     args, name = _positional_config(list(sys.argv[1:] if args is None else args))
     _default_wandb_mode()
     cli = None
     try:
-        cli = LightCNNCLI(args, stage=stage, experiment_name=name)
+        try:
+            cli = LightCNNCLI(args, stage=stage, experiment_name=name)
+        except (ValueError, TypeError) as e:  # e.g. an unknown model name or knob: the registry's message
+            _user_error(stage, e)
         trainer, model, data, config = cli.trainer, cli.model, cli.datamodule, cli.config
         if stage == "fit":
             trainer.fit(model, datamodule=data, ckpt_path=config.ckpt_path)
@@ -250,6 +259,8 @@ def main(args: list[str] | None = None, stage: Literal["fit", "test"] = "fit") -
                 trainer.test(model, datamodule=data)
         else:
             trainer.test(model, datamodule=data, ckpt_path=config.ckpt_path)
+    except (FileNotFoundError, NotADirectoryError) as e:  # missing data: the message says how to get it
+        _user_error(stage, e)
     finally:
         _finish_wandb()
     return cli
