@@ -89,21 +89,27 @@ inline void scale_from_sum(const acc_t* __restrict sum, acc_t* __restrict scale,
   }
 }
 
-// y[i] = x[i] * (k + coef * sum[i])^-beta in one vectorised pass (float and double rows).
-template <typename acc_t>
-inline void normalize_row(const acc_t* __restrict sum, const acc_t* __restrict x, acc_t* __restrict y, int64_t len,
-                          acc_t k, acc_t coef, PowMode mode, acc_t beta) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const Vec vk(k), vcoef(coef);
-  int64_t i = 0;
-  for (; i + Vec::size() <= len; i += Vec::size()) {
-    const Vec s = at::vec::fmadd(vcoef, Vec::loadu(sum + i), vk);
-    (Vec::loadu(x + i) * neg_pow(s, mode, beta)).store(y + i);
-  }
-  if (i < len) {
-    const int64_t rest = len - i;
-    const Vec s = at::vec::fmadd(vcoef, Vec::loadu(sum + i, rest), vk);
-    (Vec::loadu(x + i, rest) * neg_pow(s, mode, beta)).store(y + i, rest);
+// y[i] = x[i] * (k + coef * sum[i])^-beta. float and double: one vectorised pass over the row;
+// reduced precision: the scale in acc_t into `scratch` first, then the rounding multiply.
+template <typename scalar_t, typename acc_t>
+inline void normalize_row(const acc_t* __restrict sum, const scalar_t* __restrict x, scalar_t* __restrict y,
+                          acc_t* __restrict scratch, int64_t len, acc_t k, acc_t coef, PowMode mode, acc_t beta) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using Vec = at::vec::Vectorized<acc_t>;
+    const Vec vk(k), vcoef(coef);
+    int64_t i = 0;
+    for (; i + Vec::size() <= len; i += Vec::size()) {
+      const Vec s = at::vec::fmadd(vcoef, Vec::loadu(sum + i), vk);
+      (Vec::loadu(x + i) * neg_pow(s, mode, beta)).store(y + i);
+    }
+    if (i < len) {
+      const int64_t rest = len - i;
+      const Vec s = at::vec::fmadd(vcoef, Vec::loadu(sum + i, rest), vk);
+      (Vec::loadu(x + i, rest) * neg_pow(s, mode, beta)).store(y + i, rest);
+    }
+  } else {
+    scale_from_sum<acc_t>(sum, scratch, nullptr, len, k, coef, mode, beta);
+    for (int64_t i = 0; i < len; ++i) y[i] = static_cast<scalar_t>(static_cast<acc_t>(x[i]) * scratch[i]);
   }
 }
 
@@ -204,16 +210,8 @@ void forward_channels_first(const scalar_t* x, scalar_t* y, int64_t N, int64_t C
       const scalar_t* xb = x + n * C * S + s0;
       scalar_t* yb = y + n * C * S + s0;
       SquareWindowRows<scalar_t, acc_t> window(xb, C, S, len, w, sum.data());
-      for (int64_t c = 0; c < C; ++c) {
-        const scalar_t* xc = xb + c * S;
-        scalar_t* yc = yb + c * S;
-        if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          normalize_row<acc_t>(window.next(), xc, yc, len, k, coef, mode, beta);
-        } else {  // reduced precision: the scale in acc_t first, then the rounding multiply
-          scale_from_sum<acc_t>(window.next(), scale.data(), nullptr, len, k, coef, mode, beta);
-          for (int64_t i = 0; i < len; ++i) yc[i] = static_cast<scalar_t>(static_cast<acc_t>(xc[i]) * scale[i]);
-        }
-      }
+      for (int64_t c = 0; c < C; ++c)
+        normalize_row<scalar_t, acc_t>(window.next(), xb + c * S, yb + c * S, scale.data(), len, k, coef, mode, beta);
     }
   });
 }
@@ -293,8 +291,7 @@ void forward_channels_last(const scalar_t* x, scalar_t* y, int64_t N, int64_t C,
       const scalar_t* xr = x + p * C;
       scalar_t* yr = y + p * C;
       window_sums_row<scalar_t, acc_t>(xr, sum.data(), C, w);
-      scale_from_sum<acc_t>(sum.data(), scale.data(), nullptr, C, k, coef, mode, beta);
-      for (int64_t c = 0; c < C; ++c) yr[c] = static_cast<scalar_t>(static_cast<acc_t>(xr[c]) * scale[c]);
+      normalize_row<scalar_t, acc_t>(sum.data(), xr, yr, scale.data(), C, k, coef, mode, beta);
     }
   });
 }
