@@ -264,33 +264,52 @@ void backward_channels_first(const scalar_t* g, const scalar_t* x, scalar_t* dx,
 // ---------------------------------------------------------------------------------------------------
 // Channels-last: x is (N, S, C) contiguous; each position's C channels are one contiguous row.
 
-template <typename scalar_t, typename acc_t>
-inline void window_sums_row(const scalar_t* xr, acc_t* sum, int64_t C, const Window& w) {
+// out[c] = the sum of v[j] over j in [c - left, c - left + size - 1], clipped to [0, C), along one row.
+// Windows of up to 16 channels: `size` shifted adds over a zero-padded copy, which vectorise (no serial
+// dependency from channel to channel); wider windows: one running sum.
+template <typename acc_t>
+inline void window_sum(const acc_t* __restrict v, acc_t* __restrict out, acc_t* __restrict pad, int64_t C,
+                       int64_t left, int64_t size) {
+  if (size <= 16) {
+    std::fill(pad, pad + left, acc_t(0));
+    std::copy(v, v + C, pad + left);
+    std::fill(pad + left + C, pad + C + size - 1, acc_t(0));
+    std::copy(pad, pad + C, out);
+    for (int64_t d = 1; d < size; ++d)
+      for (int64_t c = 0; c < C; ++c) out[c] += pad[c + d];
+    return;
+  }
   acc_t run = 0;
-  for (int64_t j = 0; j <= std::min(w.hi, C - 1); ++j) run += static_cast<acc_t>(xr[j]) * static_cast<acc_t>(xr[j]);
+  for (int64_t j = 0; j <= std::min(size - 1 - left, C - 1); ++j) run += v[j];
   for (int64_t c = 0; c < C; ++c) {
     if (c > 0) {
-      const int64_t in = c + w.hi, out = c - w.lo - 1;
-      if (in < C) run += static_cast<acc_t>(xr[in]) * static_cast<acc_t>(xr[in]);
-      if (out >= 0) run -= static_cast<acc_t>(xr[out]) * static_cast<acc_t>(xr[out]);
+      const int64_t in = c - left + size - 1, gone = c - left - 1;
+      if (in < C) run += v[in];
+      if (gone >= 0) run -= v[gone];
     }
-    sum[c] = run;
+    out[c] = run;
   }
+}
+
+// sum[c] = the sum of a^2 over the window of channel c, for one pixel's contiguous row of channels.
+template <typename scalar_t, typename acc_t>
+inline void window_sums_row(const scalar_t* xr, acc_t* sum, acc_t* sq, acc_t* pad, int64_t C, int64_t size) {
+  for (int64_t c = 0; c < C; ++c) sq[c] = static_cast<acc_t>(xr[c]) * static_cast<acc_t>(xr[c]);
+  window_sum<acc_t>(sq, sum, pad, C, size / 2, size);
 }
 
 template <typename scalar_t>
 void forward_channels_last(const scalar_t* x, scalar_t* y, int64_t N, int64_t C, int64_t S, int64_t size,
                            double alpha, double beta, double k) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Window w(size);
   const acc_t coef = alpha / size;
   const PowMode mode = pow_mode(beta);
   at::parallel_for(0, N * S, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(C), scale(C);
+    std::vector<acc_t> sum(C), scale(C), sq(C), pad(C + size);
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t* xr = x + p * C;
       scalar_t* yr = y + p * C;
-      window_sums_row<scalar_t, acc_t>(xr, sum.data(), C, w);
+      window_sums_row<scalar_t, acc_t>(xr, sum.data(), sq.data(), pad.data(), C, size);
       normalize_row<scalar_t, acc_t>(sum.data(), xr, yr, scale.data(), C, k, coef, mode, beta);
     }
   });
@@ -300,27 +319,20 @@ template <typename scalar_t>
 void backward_channels_last(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t N, int64_t C, int64_t S,
                             int64_t size, double alpha, double beta, double k) {
   using acc_t = at::opmath_type<scalar_t>;
-  const Window w(size);
   const acc_t coef = alpha / size, coef2 = 2.0 * alpha * beta / size;
   const PowMode mode = pow_mode(beta);
   at::parallel_for(0, N * S, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> sum(C), scale(C), inv_s(C), tv(C);
+    std::vector<acc_t> sum(C), scale(C), inv_s(C), tv(C), sq(C), pad(C + size);
     for (int64_t p = begin; p < end; ++p) {
       const scalar_t *xr = x + p * C, *gr = g + p * C;
       scalar_t* dr = dx + p * C;
-      window_sums_row<scalar_t, acc_t>(xr, sum.data(), C, w);
+      window_sums_row<scalar_t, acc_t>(xr, sum.data(), sq.data(), pad.data(), C, size);
       scale_from_sum<acc_t>(sum.data(), scale.data(), inv_s.data(), C, k, coef, mode, beta);
       for (int64_t c = 0; c < C; ++c)
         tv[c] = static_cast<acc_t>(gr[c]) * static_cast<acc_t>(xr[c]) * scale[c] * inv_s[c];
-      acc_t run = 0;
-      for (int64_t c = 0; c <= std::min(w.lo, C - 1); ++c) run += tv[c];
+      window_sum<acc_t>(tv.data(), sum.data(), pad.data(), C, (size - 1) / 2, size);  // mirrored window
       for (int64_t j = 0; j < C; ++j) {
-        if (j > 0) {
-          const int64_t in = j + w.lo, out = j - w.hi - 1;
-          if (in < C) run += tv[in];
-          if (out >= 0) run -= tv[out];
-        }
-        dr[j] = static_cast<scalar_t>(static_cast<acc_t>(gr[j]) * scale[j] - coef2 * static_cast<acc_t>(xr[j]) * run);
+        dr[j] = static_cast<scalar_t>(static_cast<acc_t>(gr[j]) * scale[j] - coef2 * static_cast<acc_t>(xr[j]) * sum[j]);
       }
     }
   });

@@ -118,6 +118,17 @@ def test_lrn_non_contiguous_and_channels_last(layout, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("size", [1, 2, 5, 16, 17, 40])
+def test_lrn_channels_last_every_window_width(size, device):
+    """Channels-last rows use shifted adds up to 16 channels and a running sum beyond: both match."""
+    x = torch.randn(2, 24, 3, 5, dtype=torch.float64, device=device).contiguous(memory_format=torch.channels_last)
+    yk, yr, gk, gr = compare(x, size, **lrn_args())
+    assert yk.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(yk, yr, **TOL[torch.float64])
+    torch.testing.assert_close(gk, gr, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_lrn_bfloat16_against_float32_reference(channels_last, device):
     x = torch.randn(2, 16, 9, 11, device=device)
