@@ -38,9 +38,10 @@ def kernel(x):
     return ops.local_response_norm(x, **LRN_ARGS)
 
 
-def bench_shape(shape, device, dtype, rounds):
-    x = torch.randn(shape, device=device, dtype=dtype)
-    g = torch.randn(shape, device=device, dtype=dtype)
+def bench_shape(shape, device, dtype, rounds, channels_last=False):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
+    g = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
     compiled = torch.compile(reference, dynamic=False)
     fwd = {
         "copy": lambda: x.clone(),
@@ -74,6 +75,7 @@ def main():
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16", "float16"])
     p.add_argument("--rounds", type=int, default=None, help="timed rounds per variant (default 15 CPU, 50 GPU)")
+    p.add_argument("--channels-last", action="store_true", help="NHWC inputs (the targets are set for NCHW)")
     p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -81,11 +83,11 @@ def main():
     dtype = getattr(torch, args.dtype)
     rounds = args.rounds or (15 if args.device == "cpu" else 50)
     print(f"LRN benchmark on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, "
-          f"{torch.get_num_threads()} threads), {args.dtype}, {LRN_ARGS}, median of {rounds} interleaved rounds")
+          f"{torch.get_num_threads()} threads), {args.dtype}{', channels-last' if args.channels_last else ''}, {LRN_ARGS}, median of {rounds} interleaved rounds")
     print(f"backend: {ops.backend_info()['library']}")
     results, lines = {}, []
     for shape in SHAPES:
-        t_fwd, t_both = bench_shape(shape, args.device, dtype, rounds)
+        t_fwd, t_both = bench_shape(shape, args.device, dtype, rounds, args.channels_last)
         results[str(shape)] = {"forward": t_fwd, "forward_backward": t_both}
         for label, t in (("forward", t_fwd), ("forward+backward", t_both)):
             print(f"\n{shape} {label}: " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()))
