@@ -15,10 +15,23 @@ def imagenet_cfg(input_size: int = 224, **kw) -> dict:
                 dataset="imagenet", num_classes=1000, **kw)
 
 
-def cifar_cfg(num_classes: int = 10, **kw) -> dict:
-    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if num_classes == 10 else (CIFAR100_MEAN, CIFAR100_STD)
-    return dict(input_size=(3, 32, 32), mean=mean, std=std,
-                dataset="cifar10" if num_classes == 10 else "cifar100", num_classes=num_classes, **kw)
+def cifar_cfg(num_classes: int = 10, in_chans: int = 3, **kw) -> dict:
+    """CIFAR-100's statistics for 100 classes, CIFAR-10's otherwise; mean/std 0.5 for non-RGB input."""
+    mean, std = (CIFAR100_MEAN, CIFAR100_STD) if num_classes == 100 else (CIFAR10_MEAN, CIFAR10_STD)
+    if in_chans != 3:
+        mean, std = (0.5,) * in_chans, (0.5,) * in_chans
+    return dict(input_size=(in_chans, 32, 32), mean=mean, std=std,
+                dataset="cifar100" if num_classes == 100 else "cifar10", num_classes=num_classes, **kw)
+
+
+def init_he_fan_out_(model: nn.Module) -> None:
+    """He-normal (fan_out) convolutions and identity BatchNorms, as the ResNet authors' code initialises."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
 
 class Classifier(nn.Module):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightcnn.layers import PreActConv2d
-from lightcnn.models.base import Classifier, cifar_cfg
+from lightcnn.models.base import Classifier, cifar_cfg, init_he_fan_out_
 from lightcnn.models.registry import register_model
 
 
@@ -94,17 +94,8 @@ class PreActResNet(Classifier):
         self.bn = nn.BatchNorm2d(self.num_features)  # the final activation after the last addition
         self.fc = nn.Linear(self.num_features, num_classes)
 
-        cfg = cifar_cfg(num_classes if num_classes in (10, 100) else 10)
-        cfg.update(num_classes=num_classes, input_size=(in_chans, 32, 32))
-        if in_chans != 3:
-            cfg.update(mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
-        self.default_cfg = cfg
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.default_cfg = cifar_cfg(num_classes, in_chans)
+        init_he_fan_out_(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return F.relu(self.bn(self.stages(self.stem(x))))

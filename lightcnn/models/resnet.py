@@ -280,7 +280,7 @@ class ResNet(Classifier):
         self.num_features = inplanes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
-        self.default_cfg = imagenet_cfg(224) if stem == "imagenet" else cifar_cfg(num_classes)
+        self.default_cfg = imagenet_cfg(224) if stem == "imagenet" else cifar_cfg(num_classes, in_chans)
         self.default_cfg["num_classes"] = num_classes
 
         # He et al. 2015 ("Delving deep into rectifiers") init, as both papers' code.

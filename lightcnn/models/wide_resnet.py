@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightcnn.layers import PreActConv2d
-from lightcnn.models.base import Classifier, cifar_cfg
+from lightcnn.models.base import Classifier, cifar_cfg, init_he_fan_out_
 from lightcnn.models.registry import register_model, register_model_pattern
 
 
@@ -77,23 +77,9 @@ class WideResNet(Classifier):
         self.bn = nn.BatchNorm2d(widths[3])  # the final pre-activation before pooling
         self.fc = nn.Linear(widths[3], num_classes)
 
-        cfg = cifar_cfg(num_classes if num_classes in (10, 100) else 10)
-        cfg.update(num_classes=num_classes, input_size=(in_chans, 32, 32))
-        if in_chans != 3:
-            cfg.update(mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
-        self.default_cfg = cfg
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        # The authors' initialisation: He-normal (fan_out) convs, BN to identity, zero linear bias.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        self.default_cfg = cifar_cfg(num_classes, in_chans)
+        init_he_fan_out_(self)  # the authors' initialisation, and a zero classifier bias
+        nn.init.zeros_(self.fc.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
