@@ -361,12 +361,8 @@ at::Tensor lrn_cpu(const at::Tensor& input, int64_t size, double alpha, double b
 
 at::Tensor lrn_backward_cpu(const at::Tensor& grad_output, const at::Tensor& input, int64_t size, double alpha,
                             double beta, double k) {
-  lrn_check(input, size, "lightcnn::lrn_backward");
-  lrn_check_grad(grad_output, input, "lightcnn::lrn_backward");
   check_cpu(input, "lightcnn::lrn_backward");
-  const LrnView v = lrn_view(input);
-  const at::Tensor g = grad_output.contiguous(lrn_memory_format(input));
-  at::Tensor grad_input = at::empty_like(v.x);
+  const auto [v, g, grad_input] = lrn_backward_operands(grad_output, input, size);
   if (grad_input.numel() == 0) return grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, v.x.scalar_type(), "lrn_backward_cpu", [&] {
     (v.channels_last ? backward_channels_last<scalar_t> : backward_channels_first<scalar_t>)(

@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/core/MemoryFormat.h>
 #include <c10/util/Exception.h>
 
@@ -55,6 +56,23 @@ inline LrnView lrn_view(const at::Tensor& input) {
   const int64_t N = x.size(0), C = x.size(1);
   const int64_t S = (N * C == 0) ? 0 : x.numel() / (N * C);
   return {x, N, C, S, fmt != c10::MemoryFormat::Contiguous};
+}
+
+// The backward's operands after the checks: the input's view, grad_output in the same layout, and an
+// empty gradient of that layout (the CPU and CUDA kernels share this prologue).
+struct LrnBackwardOperands {
+  LrnView v;
+  at::Tensor grad, grad_input;
+};
+
+inline LrnBackwardOperands lrn_backward_operands(const at::Tensor& grad_output, const at::Tensor& input,
+                                                 int64_t size) {
+  lrn_check(input, size, "lightcnn::lrn_backward");
+  lrn_check_grad(grad_output, input, "lightcnn::lrn_backward");
+  LrnView v = lrn_view(input);
+  at::Tensor grad = grad_output.contiguous(lrn_memory_format(input));
+  at::Tensor grad_input = at::empty_like(v.x);
+  return {std::move(v), std::move(grad), std::move(grad_input)};
 }
 
 }  // namespace lightcnn

@@ -174,13 +174,9 @@ at::Tensor lrn_cuda(const at::Tensor& input, int64_t size, double alpha, double 
 
 at::Tensor lrn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& input, int64_t size, double alpha,
                              double beta, double k) {
-  lrn_check(input, size, "lightcnn::lrn_backward");
-  lrn_check_grad(grad_output, input, "lightcnn::lrn_backward");
   check_cuda(input, "lightcnn::lrn_backward");
   c10::cuda::CUDAGuard guard(input.device());
-  const LrnView v = lrn_view(input);
-  const at::Tensor grad = grad_output.contiguous(lrn_memory_format(input));
-  at::Tensor grad_input = at::empty_like(v.x);
+  const auto [v, grad, grad_input] = lrn_backward_operands(grad_output, input, size);
   if (grad_input.numel() == 0) return grad_input;
   const Geometry g = geometry(v, size);
   const int mode = pow_mode(beta);
