@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lightcnn.layers._impl import resolve_impl
@@ -24,12 +25,15 @@ class PreActConv2d(nn.Sequential):
         in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as `nn.Conv2d`
             (integer padding only); `bias` is the conv's (the BN always has its affine parameters).
         eps, momentum: as `nn.BatchNorm2d` (momentum=None: cumulative moving average).
+        drop_rate: dropout probability between the ReLU and the conv (BN-ReLU-Dropout-Conv, the Wide ResNet
+            unit of Zagoruyko & Komodakis 2016, Sec. 2.4); active in training mode only. The shortcut of
+            `forward(x, shortcut)` sees the BN-ReLU output without dropout.
         impl: "kernel", "reference", or None to follow `lightcnn.layers.set_default_impl`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int = 1,
                  padding: int | tuple[int, int] = 0, dilation: int = 1, groups: int = 1, bias: bool = False,
-                 eps: float = 1e-5, momentum: float | None = 0.1, impl: str | None = None):
+                 eps: float = 1e-5, momentum: float | None = 0.1, drop_rate: float = 0.0, impl: str | None = None):
         if isinstance(padding, str):
             raise ValueError(f"PreActConv2d: padding must be an int or a pair of ints, got {padding!r}")
         super().__init__(OrderedDict(
@@ -37,6 +41,9 @@ class PreActConv2d(nn.Sequential):
             relu=nn.ReLU(),
             conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias),
         ))
+        if not 0.0 <= drop_rate < 1.0:
+            raise ValueError(f"PreActConv2d: drop_rate must be in [0, 1), got {drop_rate}")
+        self.drop_rate = drop_rate
         self.impl = None if impl is None else resolve_impl(impl)
 
     def _bn_args(self, update_running_stats: bool = True):
@@ -64,11 +71,15 @@ class PreActConv2d(nn.Sequential):
         running statistics twice."""
         # A BN replaced by another class (SyncBatchNorm from convert_sync_batchnorm / Lightning's
         # sync_batchnorm) must keep its own forward: the kernel would silently skip its cross-process sync.
-        if resolve_impl(self.impl) == "reference" or type(self.bn) is not nn.BatchNorm2d:
+        # Interim: with dropout active the unfused sequence runs until the fused op takes a drop rate.
+        dropping = self.training and self.drop_rate > 0
+        if resolve_impl(self.impl) == "reference" or type(self.bn) is not nn.BatchNorm2d or dropping:
             y = self.relu(self.bn(x))
-            return self.conv(y) if shortcut is None else (self.conv(y), shortcut(y))
+            out = self.conv(F.dropout(y, self.drop_rate, True) if dropping else y)
+            return out if shortcut is None else (out, shortcut(y))
         out = self._fused(x, self.conv)
         return out if shortcut is None else (out, self._fused(x, shortcut, update_running_stats=False))
 
     def extra_repr(self) -> str:
-        return f"impl={self.impl}" if self.impl else ""
+        extra = [f"drop_rate={self.drop_rate}"] if self.drop_rate else []
+        return ", ".join(extra + ([f"impl={self.impl}"] if self.impl else []))

@@ -4,10 +4,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
-DIGITS_MEAN, DIGITS_STD = (0.5,), (0.5,)
+from lightcnn.constants import (  # noqa: F401  (re-exported until every caller imports lightcnn.constants)
+    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DATASETS, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN,
+    IMAGENET_STD,
+)
+
+
+def make_default_cfg(dataset: str, num_classes: int, in_chans: int, input_size: int | tuple[int, int] | None = None,
+                     **extra) -> dict:
+    """The one way a model states what it expects: `{input_size: (C, H, W), mean, std, dataset, num_classes}`
+    built from the model's real knobs. `dataset` names the paper's data set (a key of
+    `lightcnn.constants.DATASETS`); its mean/std are used for 3-channel input (or digits' 1-channel), and
+    0.5/0.5 per channel for any other channel count. `input_size` is the side (or (H, W)) the model is
+    built for, the data set's native side by default. `extra` adds model-specific entries (e.g. crop_pct)."""
+    if dataset not in DATASETS:
+        raise ValueError(f"make_default_cfg: unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    facts = DATASETS[dataset]
+    mean, std = facts["mean"], facts["std"]
+    if len(mean) != in_chans:
+        mean, std = (0.5,) * in_chans, (0.5,) * in_chans
+    side = facts["input_side"] if input_size is None else input_size
+    hw = (side, side) if isinstance(side, int) else tuple(side)
+    return dict(input_size=(in_chans, *hw), mean=tuple(mean), std=tuple(std), dataset=dataset,
+                num_classes=num_classes, **extra)
 
 
 def imagenet_cfg(input_size: int = 224, **kw) -> dict:
