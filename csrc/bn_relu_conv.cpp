@@ -303,18 +303,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training, double eps) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training, double eps,
+    const std::optional<at::Tensor>& drop_mask, double drop_rate) {
   return forward(kCpuPrims, "bn_relu_conv2d", input, weight, bias, running_mean, running_var, conv_weight, conv_bias,
-                 stride, padding, dilation, groups, training, eps, c10::DeviceType::CPU, {at::kFloat, at::kDouble});
+                 stride, padding, dilation, groups, training, eps, drop_mask, drop_rate, c10::DeviceType::CPU, {at::kFloat, at::kDouble});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
     const at::Tensor& conv_weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, bool training, double eps, bool has_conv_bias) {
+    int64_t groups, bool training, double eps, bool has_conv_bias, const std::optional<at::Tensor>& drop_mask,
+    double drop_rate) {
   return backward(kCpuPrims, "bn_relu_conv2d_backward", grad_output, input, weight, bias, mean, var, conv_weight,
-                  stride, padding, dilation, groups, training, eps, has_conv_bias, c10::DeviceType::CPU,
+                  stride, padding, dilation, groups, training, eps, has_conv_bias, drop_mask, drop_rate, c10::DeviceType::CPU,
                   {at::kFloat, at::kDouble});
 }
 
@@ -325,15 +327,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
 TORCH_LIBRARY_FRAGMENT(lightcnn, m) {
   // Returns (output, mean, var): the batch mean and biased variance in training, copies of the running
   // statistics in eval; the caller updates the running statistics from them (the op is functional).
+  // With drop_mask (bool, the input's shape) the BN-ReLU output is multiplied by mask / (1 - drop_rate).
   m.def(
       "bn_relu_conv2d(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
       "Tensor conv_weight, Tensor? conv_bias, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "bool training, float eps) -> (Tensor, Tensor, Tensor)");
+      "bool training, float eps, Tensor? drop_mask=None, float drop_rate=0.) -> (Tensor, Tensor, Tensor)");
   // Returns grads of (input, weight, bias, conv_weight, conv_bias); recomputes relu(bn(input)).
   m.def(
       "bn_relu_conv2d_backward(Tensor grad_output, Tensor input, Tensor? weight, Tensor? bias, Tensor mean, "
       "Tensor var, Tensor conv_weight, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "bool training, float eps, bool has_conv_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "bool training, float eps, bool has_conv_bias, Tensor? drop_mask=None, float drop_rate=0.) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(lightcnn, CPU, m) {

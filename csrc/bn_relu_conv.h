@@ -2,9 +2,11 @@
 // networks"), shared by the CPU (bn_relu_conv.cpp) and CUDA (cuda/bn_relu_conv_cuda.cu) kernels.
 //
 // Forward:  y = relu(x * scale_c + shift_c), scale = gamma * invstd, shift = beta - mean * scale,
+//           with dropout (a keep mask m given): y = y * m * 1/(1 - p)   (Zagoruyko & Komodakis 2016, 2.4)
 //           out = conv2d(y.to(conv_weight.dtype), conv_weight, conv_bias)   (ATen: oneDNN / cuDNN)
-// Backward: only x and the per-channel mean/var are kept; y is recomputed from them, then
-//           grad_y from ATen's convolution_backward, then the BN-ReLU backward in two passes.
+// Backward: only x, the per-channel mean/var and the 1-byte mask are kept; y is recomputed from them,
+//           then grad_y from ATen's convolution_backward (times m/(1-p)), then the BN-ReLU backward in
+//           two passes.
 //
 // A device supplies four primitives (Prims::stats, bn_relu, reduce, grad_input); everything per
 // channel (C-sized tensors) is done here with ATen ops, which run on the input's device.
@@ -56,6 +58,15 @@ inline void check_param(const char* op, const char* name, const at::Tensor& p, c
   TORCH_CHECK(p.scalar_type() == input.scalar_type() || p.scalar_type() == stats_dtype(input.scalar_type()), op,
               ": ", name, " has dtype ", p.scalar_type(), " but input has dtype ", input.scalar_type(),
               "; BN parameters must have the input's dtype (or float32 for a float16/bfloat16 input)");
+}
+
+// The dropout keep mask: a bool tensor of the input's shape on its device (any layout), and 0 <= p < 1.
+inline void check_drop(const char* op, const at::Tensor& mask, double p, const at::Tensor& input) {
+  if (!mask.defined()) return;
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.sizes() == input.sizes() && mask.device() == input.device(),
+              op, ": drop_mask must be a bool tensor of the input's shape ", input.sizes(), " on ", input.device(),
+              ", got ", mask.scalar_type(), " ", mask.sizes(), " on ", mask.device());
+  TORCH_CHECK(p >= 0.0 && p < 1.0, op, ": drop_rate must be in [0, 1) with a drop_mask, got ", p);
 }
 
 inline void check_args(const char* op, const at::Tensor& input, const at::Tensor& weight, const at::Tensor& bias,
@@ -146,15 +157,17 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const std::optional<at::Tensor>& bias_, const std::optional<at::Tensor>& running_mean_,
     const std::optional<at::Tensor>& running_var_, const at::Tensor& conv_weight,
     const std::optional<at::Tensor>& conv_bias_, at::IntArrayRef stride, at::IntArrayRef padding,
-    at::IntArrayRef dilation, int64_t groups, bool training, double eps, c10::DeviceType device_type,
-    std::initializer_list<c10::ScalarType> dtypes) {
+    at::IntArrayRef dilation, int64_t groups, bool training, double eps, const std::optional<at::Tensor>& drop_mask_,
+    double drop_rate, c10::DeviceType device_type, std::initializer_list<c10::ScalarType> dtypes) {
   NoAutocast no_autocast;
   const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
+  const at::Tensor drop_mask = drop_mask_.value_or(at::Tensor());
   const at::Tensor running_mean = running_mean_.value_or(at::Tensor()),
                    running_var = running_var_.value_or(at::Tensor());
   const at::Tensor conv_bias = conv_bias_.value_or(at::Tensor());
   check_args(op, input_, weight, bias, running_mean, running_var, conv_weight, conv_bias, stride, padding, dilation,
              groups, device_type, dtypes);
+  check_drop(op, drop_mask, drop_rate, input_);
   TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
   const at::Tensor input = dense(input_);
   const auto sdt = stats_dtype(input.scalar_type());
@@ -173,6 +186,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   at::Tensor scale, shift;
   std::tie(scale, shift) = affine(weight, bias, mean, (var + eps).rsqrt());
   at::Tensor y = prims.bn_relu(input, scale, shift);
+  // The same two ATen multiplications as the reference's y * mask * (1 / (1 - p)): bit-identical outputs.
+  if (drop_mask.defined()) y.mul_(drop_mask).mul_(1.0 / (1.0 - drop_rate));
   at::Tensor out = at::convolution(y.to(conv_weight.scalar_type()), conv_weight, conv_bias, stride, padding, dilation,
                                    /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
   return {out, mean, var};
@@ -186,11 +201,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
     const std::optional<at::Tensor>& weight_, const std::optional<at::Tensor>& bias_, const at::Tensor& mean,
     const at::Tensor& var, const at::Tensor& conv_weight, at::IntArrayRef stride, at::IntArrayRef padding,
     at::IntArrayRef dilation, int64_t groups, bool training, double eps, bool has_conv_bias,
-    c10::DeviceType device_type, std::initializer_list<c10::ScalarType> dtypes) {
+    const std::optional<at::Tensor>& drop_mask_, double drop_rate, c10::DeviceType device_type,
+    std::initializer_list<c10::ScalarType> dtypes) {
   NoAutocast no_autocast;
   const at::Tensor weight = weight_.value_or(at::Tensor()), bias = bias_.value_or(at::Tensor());
+  const at::Tensor drop_mask = drop_mask_.value_or(at::Tensor());
   check_args(op, input_, weight, bias, mean, var, conv_weight, at::Tensor(), stride, padding, dilation, groups,
              device_type, dtypes);
+  check_drop(op, drop_mask, drop_rate, input_);
   TORCH_CHECK(grad_output.device() == input_.device() && grad_output.dim() == 4 &&
                   grad_output.size(0) == input_.size(0) && grad_output.size(1) == conv_weight.size(0),
               op, ": grad_output must be (N, C_out, H_out, W_out) = (", input_.size(0), ", ", conv_weight.size(0),
@@ -205,7 +223,9 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   // Recompute the BN-ReLU output (the forward did not keep it) and back-propagate through the conv.
   at::Tensor grad_y, grad_conv_weight, grad_conv_bias;
   {
-    at::Tensor y = prims.bn_relu(input, scale, shift).to(conv_weight.scalar_type());
+    at::Tensor y = prims.bn_relu(input, scale, shift);
+    if (drop_mask.defined()) y.mul_(drop_mask).mul_(1.0 / (1.0 - drop_rate));  // as in the forward
+    y = y.to(conv_weight.scalar_type());
     const int64_t cout = conv_weight.size(0);
     // The bias gradient only when there is a bias: oneDNN's backward is slower when asked for it.
     std::tie(grad_y, grad_conv_weight, grad_conv_bias) = at::convolution_backward(
@@ -215,6 +235,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   }  // y is freed here, before the BN-ReLU backward allocates grad_input
   if (!has_conv_bias) grad_conv_bias = at::empty({0}, conv_weight.options());  // the schema returns a Tensor
   grad_y = grad_y.to(input.scalar_type()).contiguous(format_of(input));
+  // Through the dropout: the reference's autograd multiplies by 1/(1-p), then by the mask (exact).
+  if (drop_mask.defined()) grad_y.mul_(1.0 / (1.0 - drop_rate)).mul_(drop_mask);
 
   at::Tensor sum_dz, sum_dz_xmu;
   std::tie(sum_dz, sum_dz_xmu) = prims.reduce(grad_y, input, scale, shift, mean_s);

@@ -388,3 +388,147 @@ def test_mixed_devices_raise():
         _call(input=torch.randn(2, 3, 5, 5, device="cuda"), weight=torch.ones(3, device="cuda"),
               bias=torch.zeros(3, device="cuda"), running_mean=None, running_var=None,
               conv_weight=torch.randn(4, 3, 3, 3))
+
+
+# ---- dropout inside the unit (BN -> ReLU -> Dropout -> Conv, Zagoruyko & Komodakis 2016, Sec. 2.4) ----
+
+def _dropped_reference(ref, x, mask, p):
+    """The unfused unit with dropout written out: conv(relu(bn(x)) * mask / (1 - p))."""
+    return ref.conv(torch.where(mask, ref.relu(ref.bn(x)) / (1 - p), 0.0))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("config", ["k3", "k1_stride2"])
+def test_dropout_unit_equals_bn_relu_dropout_conv_given_the_same_mask(device, dtype, channels_last, config):
+    atol, rtol = TOL[dtype]
+    p = 0.3
+    layer, ref = _pair(cin=20, cout=8, config=config, device=device, dtype=dtype)
+    x = torch.randn(3, 20, 7, 6, device=device, dtype=dtype) * 2 + 0.3
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    mask = torch.rand(x.shape, device=device) >= p
+    xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_k = ops.bn_relu_conv2d(xk, layer.bn.running_mean, layer.bn.running_var, layer.bn.weight, layer.bn.bias,
+                               layer.conv.weight, layer.conv.bias, layer.conv.stride, layer.conv.padding,
+                               training=True, drop_rate=p, drop_mask=mask)
+    out_r = _dropped_reference(ref, xr, mask, p)
+    torch.testing.assert_close(out_k, out_r, atol=atol, rtol=rtol)
+    grad = torch.randn_like(out_r)
+    out_k.backward(grad), out_r.backward(grad)
+    torch.testing.assert_close(xk.grad, xr.grad, atol=atol, rtol=rtol)
+    for gk, gr in zip(_grads(layer), _grads(ref)):
+        torch.testing.assert_close(gk, gr, atol=atol, rtol=rtol)
+    torch.testing.assert_close(layer.bn.running_var, ref.bn.running_var, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_layer_kernel_equals_reference_from_the_same_seed(device):
+    """PreActConv2d draws one mask per call for either impl: the same seed gives the same training step."""
+    layer, _ = _pair(cin=8, cout=8, config="k3", device=device)
+    layer.drop_rate = 0.3
+    ref = copy.deepcopy(layer)
+    ref.impl = "reference"
+    x = torch.randn(2, 8, 6, 6, device=device, dtype=torch.float64)
+    outs = []
+    for module in (layer, ref):
+        torch.manual_seed(5)
+        xi = x.clone().requires_grad_()
+        out = module(xi)
+        out.square().sum().backward()
+        outs.append((out, xi.grad, module.conv.weight.grad, module.bn.weight.grad))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dropout_gradcheck(device, channels_last):
+    x, w, b, rm, rv, cw, cb, stride, padding, dilation, groups, _, eps = _op_args(device, torch.float64, True,
+                                                                                   channels_last)
+    mask = torch.rand(x.shape, device=device) >= 0.4
+
+    def fn(x, w, b, cw, cb):
+        return ops.bn_relu_conv2d(x, None, None, w, b, cw, cb, stride, padding, dilation, groups, True, 0.1, eps,
+                                  drop_rate=0.4, drop_mask=mask)
+
+    inputs = [t.requires_grad_() for t in (x, w, b, cw, cb)]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dropout_opcheck(device, channels_last):
+    args = list(_op_args(device, torch.float32, True, channels_last))
+    for i in (0, 1, 2, 5, 6):
+        args[i].requires_grad_()
+    args[3] = args[4] = None
+    mask = torch.rand(args[0].shape, device=device) >= 0.3
+    torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d.default, (*args, mask, 0.3))
+    x, w, b, cw = (args[i].detach() for i in (0, 1, 2, 5))
+    mean, var = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
+    back = (torch.randn(2, 4, 3, 4, device=device), x, w, b, mean, var, cw, *args[7:], True, mask, 0.3)
+    torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d_backward.default, back)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_dropout_inactive_in_eval(device):
+    layer, ref = _pair(cin=8, cout=8, config="k3", device=device)
+    layer.drop_rate = 0.5
+    layer.eval(), ref.eval()
+    x = torch.randn(2, 8, 6, 6, device=device, dtype=torch.float64)
+    state = torch.get_rng_state()
+    torch.testing.assert_close(layer(x), ref(x), atol=1e-10, rtol=1e-10)
+    assert torch.equal(torch.get_rng_state(), state)  # no mask drawn
+    # the functional form: training=False means no dropout whatever drop_rate says
+    out = ops.bn_relu_conv2d(x, layer.bn.running_mean, layer.bn.running_var, layer.bn.weight, layer.bn.bias,
+                             layer.conv.weight, layer.conv.bias, padding=1, training=False, drop_rate=0.5)
+    torch.testing.assert_close(out, ref(x), atol=1e-10, rtol=1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [0.3, 0.7])
+def test_dropout_drops_the_right_fraction_and_scales_the_rest(device, p):
+    """With BN giving relu(bn(x)) = 1 everywhere (gamma 0, beta 1) and an identity 1x1 conv, the output is the
+    dropout of a tensor of ones: zeros with probability p, 1 / (1 - p) elsewhere."""
+    n = 64 * 16 * 16 * 16
+    x = torch.randn(64, 16, 16, 16, device=device)
+    eye = torch.eye(16, device=device).view(16, 16, 1, 1)
+    out = ops.bn_relu_conv2d(x, None, None, torch.zeros(16, device=device), torch.ones(16, device=device), eye,
+                             training=True, drop_rate=p)
+    dropped = (out == 0).double().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / n) ** 0.5  # five standard deviations of the binomial
+    torch.testing.assert_close(out[out != 0], torch.full_like(out[out != 0], 1 / (1 - p)))
+    # another call draws another mask
+    out2 = ops.bn_relu_conv2d(x, None, None, torch.zeros(16, device=device), torch.ones(16, device=device), eye,
+                              training=True, drop_rate=p)
+    assert not torch.equal(out == 0, out2 == 0)
+
+
+def test_dropout_backward_saves_the_input_and_a_one_byte_mask():
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    kernel, _ = _pair(cin=8, cout=8, config="k3", dtype=torch.float32)
+    kernel.drop_rate = 0.3
+    storages = {}
+
+    def pack(t):
+        if t.numel() >= x.numel():
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        kernel(x)
+    assert sum(storages.values()) == x.numel() * (4 + 1)
+
+
+def test_dropout_bad_arguments_raise():
+    x, cw = torch.randn(2, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="drop_rate must be in"):
+        ops.bn_relu_conv2d(x, None, None, None, None, cw, training=True, drop_rate=1.0)
+    with pytest.raises(ValueError, match="drop_mask must be a bool tensor"):
+        ops.bn_relu_conv2d(x, None, None, None, None, cw, training=True, drop_rate=0.3,
+                           drop_mask=torch.ones(2, 3, 5, 5))
+    with pytest.raises(RuntimeError, match="drop_mask must be a bool tensor"):
+        torch.ops.lightcnn.bn_relu_conv2d(x, None, None, None, None, cw, None, [1, 1], [0, 0], [1, 1], 1, True,
+                                          1e-5, torch.ones(2, 3, 5, 4, dtype=torch.bool), 0.3)

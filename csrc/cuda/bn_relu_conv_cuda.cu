@@ -220,10 +220,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
     const at::Tensor& conv_weight, const std::optional<at::Tensor>& conv_bias, at::IntArrayRef stride,
-    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training, double eps) {
+    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training, double eps,
+    const std::optional<at::Tensor>& drop_mask, double drop_rate) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   return forward(kCudaPrims, "bn_relu_conv2d", input, weight, bias, running_mean, running_var, conv_weight,
-                 conv_bias, stride, padding, dilation, groups, training, eps, c10::DeviceType::CUDA,
+                 conv_bias, stride, padding, dilation, groups, training, eps, drop_mask, drop_rate, c10::DeviceType::CUDA,
                  {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
 }
 
@@ -231,10 +232,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     const at::Tensor& grad_output, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
     const at::Tensor& conv_weight, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-    int64_t groups, bool training, double eps, bool has_conv_bias) {
+    int64_t groups, bool training, double eps, bool has_conv_bias, const std::optional<at::Tensor>& drop_mask,
+    double drop_rate) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   return backward(kCudaPrims, "bn_relu_conv2d_backward", grad_output, input, weight, bias, mean, var, conv_weight,
-                  stride, padding, dilation, groups, training, eps, has_conv_bias, c10::DeviceType::CUDA,
+                  stride, padding, dilation, groups, training, eps, has_conv_bias, drop_mask, drop_rate, c10::DeviceType::CUDA,
                   {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
 }
 

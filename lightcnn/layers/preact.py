@@ -4,11 +4,10 @@ from __future__ import annotations
 from collections import OrderedDict
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lightcnn.layers._impl import resolve_impl
-from lightcnn.ops import bn_relu_conv2d
+from lightcnn.ops import bn_relu_conv2d, reference
 
 
 class PreActConv2d(nn.Sequential):
@@ -57,12 +56,14 @@ class PreActConv2d(nn.Sequential):
         use_running = (not self.training or bn.track_running_stats) and (update_running_stats or not training)
         return (bn.running_mean if use_running else None, bn.running_var if use_running else None, training, momentum)
 
-    def _fused(self, x: torch.Tensor, conv: nn.Conv2d, update_running_stats: bool = True) -> torch.Tensor:
+    def _fused(self, x: torch.Tensor, conv: nn.Conv2d, update_running_stats: bool = True,
+               drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError("PreActConv2d: the fused kernel supports only integer zero padding")
         rm, rv, training, momentum = self._bn_args(update_running_stats)
         return bn_relu_conv2d(x, rm, rv, self.bn.weight, self.bn.bias, conv.weight, conv.bias, conv.stride,
-                              conv.padding, conv.dilation, conv.groups, training, momentum, self.bn.eps)
+                              conv.padding, conv.dilation, conv.groups, training, momentum, self.bn.eps,
+                              self.drop_rate if drop_mask is not None else 0.0, drop_mask)
 
     def forward(self, x: torch.Tensor, shortcut: nn.Conv2d | None = None):
         """conv(relu(bn(x))); with `shortcut`, also shortcut(relu(bn(x))) (the projection shortcut that shares
@@ -71,13 +72,14 @@ class PreActConv2d(nn.Sequential):
         running statistics twice."""
         # A BN replaced by another class (SyncBatchNorm from convert_sync_batchnorm / Lightning's
         # sync_batchnorm) must keep its own forward: the kernel would silently skip its cross-process sync.
-        # Interim: with dropout active the unfused sequence runs until the fused op takes a drop rate.
-        dropping = self.training and self.drop_rate > 0
-        if resolve_impl(self.impl) == "reference" or type(self.bn) is not nn.BatchNorm2d or dropping:
+        # Dropout (training only): one mask drawn here for either implementation, so that a seed gives the
+        # kernel and the reference the same mask.
+        mask = reference.dropout_mask(x, self.drop_rate) if self.training and self.drop_rate > 0 else None
+        if resolve_impl(self.impl) == "reference" or type(self.bn) is not nn.BatchNorm2d:
             y = self.relu(self.bn(x))
-            out = self.conv(F.dropout(y, self.drop_rate, True) if dropping else y)
+            out = self.conv(y if mask is None else reference.dropout_with_mask(y, mask, self.drop_rate))
             return out if shortcut is None else (out, shortcut(y))
-        out = self._fused(x, self.conv)
+        out = self._fused(x, self.conv, drop_mask=mask)
         return out if shortcut is None else (out, self._fused(x, shortcut, update_running_stats=False))
 
     def extra_repr(self) -> str:

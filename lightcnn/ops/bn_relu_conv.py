@@ -10,6 +10,15 @@ The op is functional (it returns the batch mean and variance instead of updating
 statistics, so that it can carry an autograd formula); `bn_relu_conv2d` below updates them afterwards
 exactly as `nn.BatchNorm2d` does. The recomputation in the backward uses the saved batch statistics
 and never touches the running ones (the checkpointed-DenseNet bug).
+
+Dropout (the Wide ResNet unit BN -> ReLU -> Dropout -> Conv, Zagoruyko & Komodakis 2016, Sec. 2.4) sits
+inside the op: the keep mask is drawn once in Python (`reference.dropout_mask`, torch's generator, so
+seeding and the RNG state of checkpoints work as for `F.dropout`), passed to the op, and kept for the
+backward as a bool tensor: 1 byte per element against the 4 (float32) of the dropout output and the 4 of
+the ReLU output the unfused sequence keeps. We chose a stored mask over regenerating it from a
+counter-based seed in the backward: the two would cost about the same memory traffic, the stored mask
+needs no RNG of our own on two devices, and a test can hand the same mask to the reference. Packing it
+to 1 bit would save a further 7/8 of a byte per element at the price of a packing kernel per device.
 """
 from __future__ import annotations
 
@@ -98,8 +107,9 @@ def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, runni
                    weight: torch.Tensor | None, bias: torch.Tensor | None, conv_weight: torch.Tensor,
                    conv_bias: torch.Tensor | None = None, stride: int | Sequence[int] = 1,
                    padding: int | Sequence[int] = 0, dilation: int | Sequence[int] = 1, groups: int = 1,
-                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
-    """`F.conv2d(F.relu(F.batch_norm(input, ...)), conv_weight, ...)` with half the saved activations.
+                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5, drop_rate: float = 0.0,
+                   drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.conv2d(F.dropout(F.relu(F.batch_norm(input, ...))), conv_weight, ...)` with half the saved activations.
 
     The arguments are those of `F.batch_norm` followed by those of `F.conv2d`, with the same semantics:
     in training the batch statistics normalise and, when given, `running_mean`/`running_var` are updated
@@ -116,13 +126,26 @@ def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, runni
         training: batch statistics (True) or running statistics (False).
         momentum: running = (1 - momentum) * running + momentum * batch statistic.
         eps: added to the variance.
+        drop_rate: dropout probability p between the ReLU and the conv, applied in training only
+            (kept values are scaled by 1 / (1 - p), as `F.dropout`); 0 for none.
+        drop_mask: the keep mask (bool, the input's shape) to use instead of a fresh
+            `reference.dropout_mask(input, drop_rate)`; for tests and for sharing a mask.
     """
     _check_args(input, running_mean, running_var, weight, bias, conv_weight, conv_bias, training, momentum, eps)
+    if not 0.0 <= drop_rate < 1.0:
+        raise ValueError(f"bn_relu_conv2d: drop_rate must be in [0, 1), got {drop_rate}")
+    dropping = training and drop_rate > 0
+    if dropping and drop_mask is not None and (drop_mask.dtype != torch.bool or drop_mask.shape != input.shape):
+        raise ValueError(f"bn_relu_conv2d: drop_mask must be a bool tensor of the input's shape {tuple(input.shape)}, "
+                         f"got {drop_mask.dtype} {tuple(drop_mask.shape)}")
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
     dev = input.device
     if not (input.dtype in _KERNEL_DTYPES.get(dev.type, ()) and _use_kernel(dev)):
         return reference.bn_relu_conv2d(input, running_mean, running_var, weight, bias, conv_weight, conv_bias,
-                                        stride, padding, dilation, groups, training, momentum, eps)
+                                        stride, padding, dilation, groups, training, momentum, eps, drop_rate,
+                                        drop_mask)
+    if dropping and drop_mask is None:
+        drop_mask = reference.dropout_mask(input, drop_rate)
     cw, cb = conv_weight, conv_bias
     if torch.is_autocast_enabled(dev.type) and cw.dtype != torch.float64:
         # autocast casts conv2d's (non-double) floating arguments to its dtype; BN and ReLU it leaves alone.
@@ -131,7 +154,8 @@ def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, runni
     with torch.autocast(dev.type, enabled=False):
         out, mean, var = torch.ops.lightcnn.bn_relu_conv2d.default(
             input, weight, bias, None if training else running_mean, None if training else running_var,
-            cw, cb, stride, padding, dilation, groups, training, float(eps))
+            cw, cb, stride, padding, dilation, groups, training, float(eps), drop_mask if dropping else None,
+            float(drop_rate) if dropping else 0.0)
     if training and running_mean is not None:
         # nn.BatchNorm2d's update: unbiased variance of the n = N*H*W values of a channel.
         n = input.numel() // input.shape[1]
@@ -148,7 +172,7 @@ if _library.op_defined("bn_relu_conv2d"):
 
     @torch.library.register_fake("lightcnn::bn_relu_conv2d")
     def _bn_relu_conv2d_fake(input, weight, bias, running_mean, running_var, conv_weight, conv_bias, stride,
-                             padding, dilation, groups, training, eps):
+                             padding, dilation, groups, training, eps, drop_mask=None, drop_rate=0.0):
         out = torch.ops.aten.convolution.default(_fake_y(input, conv_weight.dtype), conv_weight, conv_bias, stride,
                                                  padding, dilation, False, [0, 0], groups)
         sdt = _stats_dtype(input.dtype)
@@ -157,7 +181,8 @@ if _library.op_defined("bn_relu_conv2d"):
 
     @torch.library.register_fake("lightcnn::bn_relu_conv2d_backward")
     def _bn_relu_conv2d_backward_fake(grad_output, input, weight, bias, mean, var, conv_weight, stride, padding,
-                                      dilation, groups, training, eps, has_conv_bias):
+                                      dilation, groups, training, eps, has_conv_bias, drop_mask=None,
+                                      drop_rate=0.0):
         _, grad_w, grad_b = torch.ops.aten.convolution_backward.default(
             grad_output.to(conv_weight.dtype), _fake_y(input, conv_weight.dtype), conv_weight,
             [conv_weight.shape[0]] if has_conv_bias else None, stride, padding, dilation, False, [0, 0], groups,
@@ -170,22 +195,26 @@ if _library.op_defined("bn_relu_conv2d"):
                 grad_w, grad_b)
 
     def _setup_context(ctx, inputs, output):
-        input, weight, bias, _, _, conv_weight, conv_bias, stride, padding, dilation, groups, training, eps = inputs
+        (input, weight, bias, _, _, conv_weight, conv_bias, stride, padding, dilation, groups, training, eps,
+         drop_mask, drop_rate) = inputs
         _, mean, var = output
-        # Only the input and per-channel tensors: the BN-ReLU output is recomputed in the backward.
-        ctx.save_for_backward(input, weight, bias, mean, var, conv_weight)
+        # Only the input, the 1-byte dropout mask and per-channel tensors: the BN-ReLU(-dropout) output is
+        # recomputed in the backward.
+        ctx.save_for_backward(input, weight, bias, mean, var, conv_weight, drop_mask)
         ctx.mark_non_differentiable(mean, var)
         ctx.args = (stride, padding, dilation, groups, training, eps)
+        ctx.drop_rate = drop_rate
         ctx.has_conv_bias = conv_bias is not None
         ctx.conv_bias_dtype = None if conv_bias is None else conv_bias.dtype
 
     def _backward(ctx, grad_output, _grad_mean, _grad_var):
-        input, weight, bias, mean, var, conv_weight = ctx.saved_tensors
+        input, weight, bias, mean, var, conv_weight, drop_mask = ctx.saved_tensors
         gi, gw, gb, gcw, gcb = torch.ops.lightcnn.bn_relu_conv2d_backward.default(
-            grad_output, input, weight, bias, mean, var, conv_weight, *ctx.args, ctx.has_conv_bias)
+            grad_output, input, weight, bias, mean, var, conv_weight, *ctx.args, ctx.has_conv_bias, drop_mask,
+            ctx.drop_rate)
         gw = None if weight is None else gw.to(weight.dtype)
         gb = None if bias is None else gb.to(bias.dtype)
         gcb = gcb.to(ctx.conv_bias_dtype) if ctx.has_conv_bias else None
-        return gi, gw, gb, None, None, gcw, gcb, None, None, None, None, None, None
+        return gi, gw, gb, None, None, gcw, gcb, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("lightcnn::bn_relu_conv2d", _backward, setup_context=_setup_context)

@@ -16,11 +16,29 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
     return F.local_response_norm(input, size, alpha=alpha, beta=beta, k=k)
 
 
+def dropout_mask(input: torch.Tensor, p: float) -> torch.Tensor:
+    """The keep mask of dropout with drop probability p: bool, the input's shape and layout, True with
+    probability 1 - p, drawn from torch's generator of the input's device. The fused op and this reference
+    draw their masks here, so that the same seed gives both the same mask."""
+    return torch.empty_like(input, dtype=torch.bool).bernoulli_(1.0 - p)
+
+
+def dropout_with_mask(y: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """Dropout given its keep mask: y * mask / (1 - p) (the inverted dropout of `F.dropout`), as the two
+    multiplications the fused kernel does, so that both round alike."""
+    return y * mask * (1.0 / (1.0 - p))
+
+
 def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                    weight: torch.Tensor | None, bias: torch.Tensor | None, conv_weight: torch.Tensor,
                    conv_bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1, groups: int = 1,
-                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
-    """The unfused pre-activation unit `conv2d(relu(batch_norm(input)))`; like `F.batch_norm` it updates the
-    running statistics in place in training. Autograd keeps both the BN input and the ReLU output."""
+                   training: bool = False, momentum: float = 0.1, eps: float = 1e-5, drop_rate: float = 0.0,
+                   drop_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The unfused pre-activation unit `conv2d(dropout(relu(batch_norm(input))))`; like `F.batch_norm` it
+    updates the running statistics in place in training. Dropout (drop_rate > 0, training only) uses
+    `drop_mask` or a fresh `dropout_mask`. Autograd keeps the BN input, the ReLU output, the mask and the
+    dropout output."""
     y = F.relu(F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps))
+    if training and drop_rate > 0:
+        y = dropout_with_mask(y, dropout_mask(input, drop_rate) if drop_mask is None else drop_mask, drop_rate)
     return F.conv2d(y, conv_weight, conv_bias, stride, padding, dilation, groups)
