@@ -3,8 +3,6 @@
 // primitives (batch statistics, BN-ReLU, the backward's per-channel sums, the input gradient), for NCHW
 // rows (one channel of one image: vectorised with at::vec) and NHWC rows (all channels of one pixel).
 // Sums accumulate in double so that float32 statistics match ATen's to rounding.
-#include "bn_relu_conv.h"
-
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -14,6 +12,8 @@
 
 #include <cmath>
 #include <vector>
+
+#include "bn_relu_conv.h"
 
 namespace lightcnn {
 namespace bn_relu_conv {

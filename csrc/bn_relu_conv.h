@@ -24,6 +24,8 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <c10/util/Exception.h>
 
+#include "common.h"
+
 #include <tuple>
 #include <vector>
 
@@ -35,18 +37,12 @@ inline c10::ScalarType stats_dtype(c10::ScalarType t) {
   return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
 }
 
-// The layouts the elementwise kernels take. Anything else is made NCHW-contiguous first.
-inline bool is_channels_last(const at::Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
+// The layouts the elementwise kernels take (common.h). Anything else is made NCHW-contiguous first.
+inline at::MemoryFormat format_of(const at::Tensor& x) { return kernel_memory_format(x); }
 
-inline at::Tensor dense(const at::Tensor& x) {
-  return (x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast)) ? x : x.contiguous();
-}
+inline bool is_channels_last(const at::Tensor& x) { return format_of(x) == at::MemoryFormat::ChannelsLast; }
 
-inline at::MemoryFormat format_of(const at::Tensor& x) {
-  return is_channels_last(x) ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
+inline at::Tensor dense(const at::Tensor& x) { return x.contiguous(format_of(x)); }
 
 inline void check_param(const char* op, const char* name, const at::Tensor& p, const at::Tensor& input) {
   if (!p.defined()) return;

@@ -23,17 +23,6 @@
 namespace lightcnn {
 namespace {
 
-// How s^-beta is computed: exact-rounding fast paths for the betas people use (AlexNet and GoogLeNet use
-// 0.75), a vectorised exp(-beta * log s) otherwise.
-enum class PowMode { ThreeQuarters, Half, One, General };
-
-PowMode pow_mode(double beta) {
-  if (beta == 0.75) return PowMode::ThreeQuarters;
-  if (beta == 0.5) return PowMode::Half;
-  if (beta == 1.0) return PowMode::One;
-  return PowMode::General;
-}
-
 #if defined(CPU_CAPABILITY_AVX2) && !defined(_MSC_VER)
 // 1/sqrt(x) to ~2 ulp: the hardware estimate (12 bits) and one Newton step, 4x cheaper than sqrt + div.
 inline __m256 rsqrt_nr(__m256 x) {
@@ -374,14 +363,16 @@ at::Tensor lrn_backward_cpu(const at::Tensor& grad_output, const at::Tensor& inp
 
 }  // namespace
 
+}  // namespace lightcnn
+
 TORCH_LIBRARY_FRAGMENT(lightcnn, m) {
+  // b = a * (k + alpha/size * window sum of a^2)^-beta, exactly torch.nn.functional.local_response_norm.
   m.def("lrn(Tensor input, int size, float alpha, float beta, float k) -> Tensor");
+  // The input gradient; recomputes the scale from the input (the forward keeps nothing else).
   m.def("lrn_backward(Tensor grad_output, Tensor input, int size, float alpha, float beta, float k) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightcnn, CPU, m) {
-  m.impl("lrn", &lrn_cpu);
-  m.impl("lrn_backward", &lrn_backward_cpu);
+  m.impl("lrn", &lightcnn::lrn_cpu);
+  m.impl("lrn_backward", &lightcnn::lrn_backward_cpu);
 }
-
-}  // namespace lightcnn

@@ -13,7 +13,20 @@
 #include <c10/core/MemoryFormat.h>
 #include <c10/util/Exception.h>
 
+#include "common.h"
+
 namespace lightcnn {
+
+// How s^-beta is computed, shared by the CPU and CUDA kernels: exact-rounding fast paths for the betas
+// people use (AlexNet and GoogLeNet use 0.75), a general power (exp(-beta * log s)) otherwise.
+enum class PowMode : int { ThreeQuarters, Half, One, General };
+
+inline PowMode pow_mode(double beta) {
+  if (beta == 0.75) return PowMode::ThreeQuarters;
+  if (beta == 0.5) return PowMode::Half;
+  if (beta == 1.0) return PowMode::One;
+  return PowMode::General;
+}
 
 // An LRN input seen as (N, C, S) with S the product of the spatial sizes, in one of two layouts:
 // channels-first (element (n, c, s) at (n*C + c)*S + s) or channels-last (at (n*S + s)*C + c).
@@ -23,15 +36,7 @@ struct LrnView {
   bool channels_last;
 };
 
-// channels-last when the input is 4-D/5-D, channels-last dense and not also contiguous; otherwise the
-// contiguous layout. lightcnn/ops/lrn.py's _out_memory_format() mirrors this for the fake kernel.
-inline c10::MemoryFormat lrn_memory_format(const at::Tensor& input) {
-  if (input.dim() == 4 && !input.is_contiguous() && input.is_contiguous(c10::MemoryFormat::ChannelsLast))
-    return c10::MemoryFormat::ChannelsLast;
-  if (input.dim() == 5 && !input.is_contiguous() && input.is_contiguous(c10::MemoryFormat::ChannelsLast3d))
-    return c10::MemoryFormat::ChannelsLast3d;
-  return c10::MemoryFormat::Contiguous;
-}
+inline c10::MemoryFormat lrn_memory_format(const at::Tensor& input) { return kernel_memory_format(input); }
 
 inline void lrn_check(const at::Tensor& input, int64_t size, const char* op) {
   TORCH_CHECK(input.dim() >= 3, op, ": input must have at least 3 dimensions (N, C, ...), got ", input.dim(),

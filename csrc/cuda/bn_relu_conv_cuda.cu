@@ -8,8 +8,6 @@
 // ((n*S + s)*C + c) memory. Arithmetic is in at::acc_type (float for half/bfloat16/float, double for
 // double); the pre-activation v = fma(x, scale, shift) is computed the same way in every kernel so that
 // the backward's ReLU mask is bit-identical to the forward's.
-#include "../bn_relu_conv.h"
-
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -20,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+
+#include "../bn_relu_conv.h"
 
 namespace lightcnn {
 namespace bn_relu_conv {

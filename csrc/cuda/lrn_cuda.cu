@@ -22,25 +22,16 @@ namespace {
 
 constexpr int kThreads = 256;
 
-enum PowMode : int { kThreeQuarters = 0, kHalf = 1, kOne = 2, kGeneral = 3 };
-
-int pow_mode(double beta) {
-  if (beta == 0.75) return kThreeQuarters;
-  if (beta == 0.5) return kHalf;
-  if (beta == 1.0) return kOne;
-  return kGeneral;
-}
-
 template <typename acc_t>
-__device__ __forceinline__ acc_t neg_pow(acc_t s, acc_t beta, int mode) {
+__device__ __forceinline__ acc_t neg_pow(acc_t s, acc_t beta, PowMode mode) {
   switch (mode) {
-    case kThreeQuarters: {
+    case PowMode::ThreeQuarters: {
       const acc_t r = rsqrt(s);
       return r * sqrt(r);
     }
-    case kHalf:
+    case PowMode::Half:
       return rsqrt(s);
-    case kOne:
+    case PowMode::One:
       return acc_t(1) / s;
     default:
       return pow(s, -beta);
@@ -82,7 +73,7 @@ struct SquareWindow {
 
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, acc_t coef,
-                                   acc_t k, acc_t beta, int mode) {
+                                   acc_t k, acc_t beta, PowMode mode) {
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t n = idx / g.S, s = idx % g.S, base = n * g.C * g.S + s * g.ss;
@@ -99,7 +90,7 @@ __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __r
 // Kernel 1 of the backward: t = g * a * s^-beta / s, in the layout of x, in acc_t.
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_t_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-                                      acc_t* __restrict__ t, Geometry g, acc_t coef, acc_t k, acc_t beta, int mode) {
+                                      acc_t* __restrict__ t, Geometry g, acc_t coef, acc_t k, acc_t beta, PowMode mode) {
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t n = idx / g.S, s = idx % g.S, base = n * g.C * g.S + s * g.ss;
@@ -118,7 +109,7 @@ __global__ void lrn_backward_t_kernel(const scalar_t* __restrict__ grad, const s
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_grad_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                          const acc_t* __restrict__ t, scalar_t* __restrict__ dx, Geometry g,
-                                         acc_t coef, acc_t coef2, acc_t k, acc_t beta, int mode) {
+                                         acc_t coef, acc_t coef2, acc_t k, acc_t beta, PowMode mode) {
   for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS;
        idx += (int64_t)gridDim.x * blockDim.x) {
     const int64_t n = idx / g.S, s = idx % g.S, base = n * g.C * g.S + s * g.ss;
@@ -160,7 +151,7 @@ at::Tensor lrn_cuda(const at::Tensor& input, int64_t size, double alpha, double 
   at::Tensor out = at::empty_like(v.x);
   if (out.numel() == 0) return out;
   const Geometry g = geometry(v, size);
-  const int mode = pow_mode(beta);
+  const PowMode mode = pow_mode(beta);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "lrn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -179,7 +170,7 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& in
   const auto [v, grad, grad_input] = lrn_backward_operands(grad_output, input, size);
   if (grad_input.numel() == 0) return grad_input;
   const Geometry g = geometry(v, size);
-  const int mode = pow_mode(beta);
+  const PowMode mode = pow_mode(beta);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "lrn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -200,9 +191,9 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& in
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(lightcnn, CUDA, m) {
-  m.impl("lrn", &lrn_cuda);
-  m.impl("lrn_backward", &lrn_backward_cuda);
-}
-
 }  // namespace lightcnn
+
+TORCH_LIBRARY_IMPL(lightcnn, CUDA, m) {
+  m.impl("lrn", &lightcnn::lrn_cuda);
+  m.impl("lrn_backward", &lightcnn::lrn_backward_cuda);
+}

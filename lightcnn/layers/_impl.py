@@ -1,5 +1,10 @@
-"""Which implementation the kernel-backed layers use: "kernel" (lightcnn._C, falling back to the
-reference with a warning where no kernel is compiled) or "reference" (pure PyTorch ops).
+"""Which implementation the kernel-backed layers use:
+
+  "auto"       (the default) per call, the kernel where it was measured no slower than the reference, the
+               reference elsewhere: the op's choice table in lightcnn.ops (by device type, dtype, layout and
+               TF32; `lightcnn.ops.backend_info()["ops"][op]["auto"]` prints it, README "Kernels" explains it)
+  "kernel"     always lightcnn._C (falling back to the reference with a warning where none is compiled)
+  "reference"  the pure PyTorch ops
 
 A layer built with `impl=None` follows the process-wide default at every call, so a whole network can be
 switched with `set_default_impl("reference")` or `with default_impl("reference"): ...`.
@@ -8,8 +13,12 @@ from __future__ import annotations
 
 import contextlib
 
-IMPLS = ("kernel", "reference")
-_default = "kernel"
+import torch
+
+from lightcnn.ops import _library
+
+IMPLS = ("auto", "kernel", "reference")
+_default = "auto"
 
 
 def _check(impl: str) -> str:
@@ -39,3 +48,12 @@ def default_impl(impl: str):
 
 def resolve_impl(impl: str | None) -> str:
     return _default if impl is None else _check(impl)
+
+
+def runs_kernel(impl: str | None, op: _library.KernelOp, x: torch.Tensor, autocast: bool = False) -> bool:
+    """Whether a layer with this `impl` runs `op`'s kernel path on input `x` ("auto" asks the op's table;
+    the kernel path itself still falls back to the reference where no kernel is compiled)."""
+    impl = resolve_impl(impl)
+    if impl == "auto":
+        return _library.auto_uses_kernel(op, _library.config_of(x, autocast))
+    return impl == "kernel"

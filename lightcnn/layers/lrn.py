@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightcnn.layers._impl import resolve_impl
-from lightcnn.ops import local_response_norm, reference
+from lightcnn.layers._impl import resolve_impl, runs_kernel
+from lightcnn.ops import local_response_norm, lrn, reference
 
 
 class LocalResponseNorm(nn.LocalResponseNorm):
@@ -13,7 +13,7 @@ class LocalResponseNorm(nn.LocalResponseNorm):
 
     Args:
         size, alpha, beta, k: as `nn.LocalResponseNorm` (alpha is divided by size, as in PyTorch).
-        impl: "kernel", "reference", or None to follow `lightcnn.layers.set_default_impl`.
+        impl: "auto", "kernel", "reference", or None to follow `lightcnn.layers.set_default_impl`.
     """
 
     def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, impl: str | None = None):
@@ -21,7 +21,7 @@ class LocalResponseNorm(nn.LocalResponseNorm):
         self.impl = None if impl is None else resolve_impl(impl)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        fn = local_response_norm if resolve_impl(self.impl) == "kernel" else reference.local_response_norm
+        fn = local_response_norm if runs_kernel(self.impl, lrn.OP, input) else reference.local_response_norm
         return fn(input, self.size, self.alpha, self.beta, self.k)
 
     def extra_repr(self) -> str:

@@ -6,8 +6,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from lightcnn.layers._impl import resolve_impl
-from lightcnn.ops import bn_relu_conv2d, reference
+from lightcnn.layers._impl import resolve_impl, runs_kernel
+from lightcnn.ops import bn_relu_conv, bn_relu_conv2d, reference
 
 
 class PreActConv2d(nn.Sequential):
@@ -27,7 +27,7 @@ class PreActConv2d(nn.Sequential):
         drop_rate: dropout probability between the ReLU and the conv (BN-ReLU-Dropout-Conv, the Wide ResNet
             unit of Zagoruyko & Komodakis 2016, Sec. 2.4); active in training mode only. The shortcut of
             `forward(x, shortcut)` sees the BN-ReLU output without dropout.
-        impl: "kernel", "reference", or None to follow `lightcnn.layers.set_default_impl`.
+        impl: "auto", "kernel", "reference", or None to follow `lightcnn.layers.set_default_impl`.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int = 1,
@@ -75,7 +75,7 @@ class PreActConv2d(nn.Sequential):
         # Dropout (training only): one mask drawn here for either implementation, so that a seed gives the
         # kernel and the reference the same mask.
         mask = reference.dropout_mask(x, self.drop_rate) if self.training and self.drop_rate > 0 else None
-        if resolve_impl(self.impl) == "reference" or type(self.bn) is not nn.BatchNorm2d:
+        if not runs_kernel(self.impl, bn_relu_conv.OP, x, autocast=True) or type(self.bn) is not nn.BatchNorm2d:
             y = self.relu(self.bn(x))
             out = self.conv(y if mask is None else reference.dropout_with_mask(y, mask, self.drop_rate))
             return out if shortcut is None else (out, shortcut(y))

@@ -1,28 +1,39 @@
-"""Loading of the compiled library lightcnn._C and the choice between kernel and reference per call.
+"""The one place that knows lightcnn's compiled ops: loading lightcnn._C, the op list, the dtypes each
+op's kernels take per device type, which device types have a compiled kernel (looked up once), and the
+"auto" choice between kernel and reference per configuration.
 
 Importing lightcnn._C runs its TORCH_LIBRARY registrations (torch.ops.lightcnn.*). When it is missing
 or was built against another torch (undefined symbols), every op falls back to its PyTorch reference
 with one warning; LIGHTCNN_REQUIRE_KERNELS=1 turns that into an error (CI sets it).
+
+Adding an op (see README "Kernels"): one line in its lightcnn/ops/<op>.py,
+
+    OP = _library.register("lrn", helpers=("lrn_backward",), dtypes={"cpu": (...), "cuda": (...)})
+
+then `if _library.use_kernel(OP, input): torch.ops.lightcnn.lrn(...)` else the reference, and the fake,
+autograd and FLOP registrations under `if OP.defined:`. Every op asks the same way; no dispatcher query
+happens per call (a query inside an op would break torch.compile's graph).
 """
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-# Every op of the library: name in torch.ops.lightcnn -> the public function that uses it.
-KNOWN_OPS: list[str] = []
+DEVICE_TYPES = ("cpu", "cuda")
 
 _load_error: str | None = None
 _library_path: str | None = None
-_warned: set[str] = set()
+_warned: set[tuple[str, str]] = set()
 
 
 def _load() -> None:
     global _load_error, _library_path
     try:
-        from lightcnn import _C  # noqa: F401  (torch is imported first, as the extension needs)
+        from lightcnn import _C  # torch is imported first, as the extension needs
 
         _library_path = _C.__file__
     except ImportError as e:  # not built, or built against a different torch
@@ -57,40 +68,151 @@ def op_defined(op: str) -> bool:
         return False
 
 
-@torch.compiler.assume_constant_result  # fixed for the life of the process: torch.compile folds it
-def has_kernel(op: str, device_type: str) -> bool:
+def _dispatcher_has_kernel(op: str, device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}[device_type]
+    return op_defined(op) and torch._C._dispatch_has_kernel_for_dispatch_key(f"lightcnn::{op}", key)
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the "auto" choice looks at: device type, the dtype the op computes in (the autocast dtype
+    where autocast casts the op's main computation), layout, and cuDNN's TF32 switch (CUDA only)."""
+
+    device_type: str
+    dtype: torch.dtype
+    channels_last: bool = False
+    tf32: bool = False
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        tf32 = (" TF32 on" if self.tf32 else " TF32 off") if self.device_type == "cuda" and self.dtype == torch.float32 else ""
+        return f"{self.device_type} {dt}{tf32} {'channels-last' if self.channels_last else 'NCHW'}"
+
+
+@dataclass
+class KernelOp:
+    """A compiled op: its name in torch.ops.lightcnn, the other ops it uses (its backward), the input
+    dtypes its kernels take per device type (others run on the reference, silently), and `auto`: the
+    configurations where the kernel is the default (True) or the reference is (False)."""
+
+    name: str
+    dtypes: dict[str, tuple[torch.dtype, ...]]
+    helpers: tuple[str, ...] = ()
+    auto: Callable[[Config], bool] = lambda cfg: True
+    auto_reason: str = ""
+    compiled: dict[str, bool] = field(default_factory=dict)  # per device type, filled once by register()
+
+    @property
+    def defined(self) -> bool:
+        """The loaded library defines the op and its helpers (register fake/autograd only then)."""
+        return all(op_defined(n) for n in (self.name, *self.helpers))
+
+
+OPS: dict[str, KernelOp] = {}
+
+
+def register(name: str, *, dtypes: dict[str, tuple[torch.dtype, ...]], helpers: tuple[str, ...] = (),
+             auto: Callable[[Config], bool] | None = None, auto_reason: str = "") -> KernelOp:
+    """Declare torch.ops.lightcnn.<name>: looks its kernels up once and adds it to `OPS` and backend_info()."""
+    op = KernelOp(name, dtypes, tuple(helpers), auto or (lambda cfg: True), auto_reason)
+    op.compiled = {dt: all(_dispatcher_has_kernel(n, dt) for n in (name, *helpers)) for dt in DEVICE_TYPES}
+    OPS[name] = op
+    return op
+
+
+def _get(op: KernelOp | str) -> KernelOp:
+    return op if isinstance(op, KernelOp) else OPS[op]
+
+
+def has_kernel(op: KernelOp | str, device_type: str) -> bool:
     """Whether torch.ops.lightcnn.<op> has a compiled kernel for this device type ('cpu', 'cuda')."""
-    if not op_defined(op):
-        return False
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"lightcnn::{op}", key)
+    return _get(op).compiled.get(device_type, False)
 
 
-def use_kernel(op: str, device: torch.device) -> bool:
-    """True when the compiled op serves tensors on `device`; otherwise warn once (or raise) and say so."""
-    if has_kernel(op, device.type):
-        return True
+def _fallback(op: KernelOp, device_type: str) -> bool:
+    """Say (once) why the kernel cannot serve this device, or raise under LIGHTCNN_REQUIRE_KERNELS=1."""
     if _load_error is not None:
         why = _load_error
-    elif not op_defined(op):
-        why = f"lightcnn._C ({_library_path}) defines no op {op}: it is a stale build; rebuild with `pip install --no-build-isolation -e .`"
+    elif not op.defined:
+        why = (f"lightcnn._C ({_library_path}) defines no op {op.name}: it is a stale build; rebuild with "
+               "`pip install --no-build-isolation -e .`")
     else:
-        why = f"lightcnn._C has no {device.type.upper()} kernel for {op}" + (
+        why = f"lightcnn._C has no {device_type.upper()} kernel for {op.name}" + (
             " (it was built without CUDA: rebuild on a machine with nvcc, or set LIGHTCNN_FORCE_CUDA=1)"
-            if device.type == "cuda" else ""
-        )
+            if device_type == "cuda" else "")
     if require_kernels():
         raise RuntimeError(f"{why}. LIGHTCNN_REQUIRE_KERNELS=1 forbids falling back to the PyTorch reference.")
-    if (op, device.type) not in _warned:
-        _warned.add((op, device.type))
-        warnings.warn(f"{why}; falling back to the PyTorch reference for {op} (slower, more memory).", stacklevel=3)
+    if (op.name, device_type) not in _warned:
+        _warned.add((op.name, device_type))
+        warnings.warn(f"{why}; falling back to the PyTorch reference for {op.name} (slower, more memory).",
+                      stacklevel=3)
     return False
 
 
+def use_kernel(op: KernelOp | str, input: torch.Tensor) -> bool:
+    """True when the compiled op serves `input` (its device type has a kernel taking its dtype). Dtypes the
+    kernels do not take run on the reference silently; a missing kernel warns once (or raises)."""
+    op = _get(op)
+    device_type = input.device.type
+    if input.dtype not in op.dtypes.get(device_type, ()):
+        return False
+    return op.compiled.get(device_type, False) or _fallback(op, device_type)
+
+
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels compute in and return; mirrors kernel_memory_format() in csrc/common.h."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def config_of(x: torch.Tensor, autocast: bool = False) -> Config:
+    """The Config of an input; with `autocast`, the dtype is the autocast dtype when autocast is on for
+    the input's device and the input is float32 (as autocast would cast the op's convolution)."""
+    device_type, dtype = x.device.type, x.dtype
+    if autocast and dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    channels_last = memory_format(x) != torch.contiguous_format
+    tf32 = device_type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    return Config(device_type, dtype, channels_last, tf32)
+
+
+def auto_uses_kernel(op: KernelOp | str, cfg: Config) -> bool:
+    """Whether impl="auto" runs the kernel in this configuration (before asking if one is compiled)."""
+    op = _get(op)
+    return cfg.dtype in op.dtypes.get(cfg.device_type, ()) and op.auto(cfg)
+
+
+def auto_table(op: KernelOp | str) -> dict[str, str]:
+    """impl="auto"'s choice ("kernel" or "reference") for every configuration of the op's kernel dtypes."""
+    op = _get(op)
+    table = {}
+    for device_type, dtypes in op.dtypes.items():
+        for dtype in dtypes:
+            for channels_last in (False, True):
+                for tf32 in ((False, True) if device_type == "cuda" and dtype == torch.float32 else (False,)):
+                    cfg = Config(device_type, dtype, channels_last, tf32)
+                    table[str(cfg)] = "kernel" if op.auto(cfg) else "reference"
+    return table
+
+
 def backend_info() -> dict:
-    """Which op runs compiled on which device: {'library': path|None, 'error': str|None, 'cuda_compiled':
-    bool, 'ops': {op: {'cpu': bool, 'cuda': bool}}}."""
-    ops = {op: {"cpu": has_kernel(op, "cpu"), "cuda": has_kernel(op, "cuda")} for op in KNOWN_OPS}
+    """What runs where: {'library': path|None, 'error': str|None, 'torch': version, 'cuda_compiled': bool,
+    'ops': {op: {'cpu': bool, 'cuda': bool, 'dtypes': {...}, 'auto': {config: 'kernel'|'reference'},
+    'auto_reason': str}}}. `auto` is what layers built with impl="auto" (the default) use when the
+    kernel is compiled for that device; `cpu`/`cuda` say whether it is."""
+    ops = {
+        name: {
+            "cpu": op.compiled.get("cpu", False),
+            "cuda": op.compiled.get("cuda", False),
+            "dtypes": {dt: [str(d).removeprefix("torch.") for d in ds] for dt, ds in op.dtypes.items()},
+            "auto": auto_table(op),
+            "auto_reason": op.auto_reason,
+        }
+        for name, op in OPS.items()
+    }
     return {
         "library": _library_path,
         "error": _load_error,

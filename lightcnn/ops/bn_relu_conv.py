@@ -26,24 +26,31 @@ from typing import Sequence
 
 import torch
 
+from torch.utils.flop_counter import conv_backward_flop, conv_flop_count, register_flop_formula
+
 from lightcnn.ops import _library, reference
 
-_library.KNOWN_OPS.extend(["bn_relu_conv2d", "bn_relu_conv2d_backward"])
-
-# dtypes of the input (BN part) the compiled kernels take, per device type; others run on the reference.
-_KERNEL_DTYPES = {
-    "cpu": (torch.float32, torch.float64),
-    "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
-}
 
 
-# Whether the loaded library has a kernel per device type, looked up once: a dispatcher query inside the
-# op would break torch.compile's graph. use_kernel() is asked only to warn (or raise) about a fallback.
-_COMPILED = {device_type: _library.has_kernel("bn_relu_conv2d", device_type) for device_type in ("cpu", "cuda")}
+def _auto(cfg: _library.Config) -> bool:
+    # Issue 10, WRN-28-10 step on an H200 against the unfused reference: bf16 autocast + channels-last
+    # 2.34x the time, fp32 TF32 on 1.27x, fp32 TF32 off 1.08x. The kernel's per-channel reductions (one
+    # block per channel, strided in channels-last) are a fixed cost that a faster convolution (half
+    # precision, TF32) or channels-last addressing makes dominant: the reference is the default there,
+    # and in the unmeasured configurations that share the cause (half precision or channels-last in any
+    # dtype), until a GPU measurement says otherwise. CPU: the kernel (same time, half the memory).
+    if cfg.device_type != "cuda":
+        return True
+    return cfg.dtype in (torch.float32, torch.float64) and not cfg.tf32 and not cfg.channels_last
 
 
-def _use_kernel(device: torch.device) -> bool:
-    return _COMPILED.get(device.type, False) or _library.use_kernel("bn_relu_conv2d", device)
+# dtypes: of the input (the BN part); under autocast the convolution runs in the autocast dtype.
+OP = _library.register(
+    "bn_relu_conv2d", helpers=("bn_relu_conv2d_backward",),
+    dtypes={"cpu": (torch.float32, torch.float64),
+            "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)},
+    auto=_auto, auto_reason="CUDA: kernel only in float32 with TF32 off and float64, NCHW (measured slower "
+    "with bf16 autocast + channels-last 2.34x and TF32 1.27x); CPU: kernel")
 
 
 def _pair(name: str, v: int | Sequence[int]) -> list[int]:
@@ -57,13 +64,6 @@ def _pair(name: str, v: int | Sequence[int]) -> list[int]:
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def _memory_format(input: torch.Tensor) -> torch.memory_format:
-    """The layout the kernels compute in; mirrors format_of() in csrc/bn_relu_conv.h."""
-    if not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _check_args(input, running_mean, running_var, weight, bias, conv_weight, conv_bias, training, momentum, eps):
@@ -140,7 +140,7 @@ def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, runni
                          f"got {drop_mask.dtype} {tuple(drop_mask.shape)}")
     stride, padding, dilation = _pair("stride", stride), _pair("padding", padding), _pair("dilation", dilation)
     dev = input.device
-    if not (input.dtype in _KERNEL_DTYPES.get(dev.type, ()) and _use_kernel(dev)):
+    if not _library.use_kernel(OP, input):
         return reference.bn_relu_conv2d(input, running_mean, running_var, weight, bias, conv_weight, conv_bias,
                                         stride, padding, dilation, groups, training, momentum, eps, drop_rate,
                                         drop_mask)
@@ -165,10 +165,10 @@ def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, runni
     return out
 
 
-if _library.op_defined("bn_relu_conv2d"):
+if OP.defined:
 
     def _fake_y(input: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return torch.empty(input.shape, dtype=dtype, device=input.device, memory_format=_memory_format(input))
+        return torch.empty(input.shape, dtype=dtype, device=input.device, memory_format=_library.memory_format(input))
 
     @torch.library.register_fake("lightcnn::bn_relu_conv2d")
     def _bn_relu_conv2d_fake(input, weight, bias, running_mean, running_var, conv_weight, conv_bias, stride,
@@ -218,3 +218,19 @@ if _library.op_defined("bn_relu_conv2d"):
         return gi, gw, gb, None, None, gcw, gcb, None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("lightcnn::bn_relu_conv2d", _backward, setup_context=_setup_context)
+
+    # FLOPs as FlopCounterMode counts the unfused reference: the convolution's (BN, ReLU and dropout count
+    # nothing there), forward; in the backward, the convolution's input and weight gradients (the bias
+    # gradient is a sum, which convolution_backward's formula counts as nothing too).
+    @register_flop_formula(torch.ops.lightcnn.bn_relu_conv2d)
+    def _bn_relu_conv2d_flop(input, weight, bias, running_mean, running_var, conv_weight, *args, out_shape=None,
+                             **kwargs) -> int:
+        return conv_flop_count(input, conv_weight, out_shape[0], transposed=False)
+
+    @register_flop_formula(torch.ops.lightcnn.bn_relu_conv2d_backward)
+    def _bn_relu_conv2d_backward_flop(grad_output, input, weight, bias, mean, var, conv_weight, stride, padding,
+                                      dilation, groups, training, eps, has_conv_bias, *args, out_shape=None,
+                                      **kwargs) -> int:
+        # conv_backward_flop is registered wrapped: it takes (shapes of) the outputs as out_val
+        return conv_backward_flop(grad_output, input, conv_weight, None, stride, padding, dilation, False, [0, 0],
+                                  groups, [True, True, False], out_val=[out_shape[0], out_shape[3]])

@@ -1,0 +1,84 @@
+"""FLOP formulas of the custom ops (torch.utils.flop_counter.register_flop_formula): FlopCounterMode
+counts the same work with the kernels as with the PyTorch references, per op (forward and backward)
+and for every registered model, and the kernel-backed models count their published MACs."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightcnn import ops
+from lightcnn.layers import PreActConv2d, default_impl
+from lightcnn.models import create, list_models
+from lightcnn.ops import _library
+from lightcnn.published import published
+
+pytestmark = pytest.mark.skipif(not _library.op_defined("bn_relu_conv2d") or not _library.op_defined("lrn"),
+                                reason="lightcnn._C without the ops (build it first)")
+
+# ~20 s each on the development machine even on fake tensors (1000+ layers)
+SLOW = {"preact_resnet1001", "resnet1202", "sd_resnet1202"}
+
+
+def _count(fn):
+    counter = FlopCounterMode(display=False)
+    with counter:
+        fn()
+    return counter.get_total_flops(), {str(k): v for k, v in counter.get_flop_counts()["Global"].items()}
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in list_models()])
+def test_every_model_counts_the_same_macs_with_kernel_and_reference(name):
+    """On fake tensors (shapes only, no compute): eval forward at the model's input size, batch 1."""
+    with FakeTensorMode():
+        model = create(name).eval()
+        x = torch.randn(1, *model.default_cfg["input_size"])
+        counts = {}
+        for impl in ("kernel", "reference"):
+            with default_impl(impl), torch.no_grad():
+                counts[impl] = _count(lambda: model(x))
+    (kernel, per_op), (reference, _) = counts["kernel"], counts["reference"]
+    assert kernel == reference > 0
+    if any(isinstance(m, PreActConv2d) for m in model.modules()):
+        assert per_op.get("lightcnn.bn_relu_conv2d", 0) > 0, per_op  # the kernel path ran and was counted
+    ref = published(name)
+    if ref is not None and ref.gmacs is not None and model.default_cfg["input_size"][-1] == ref.input_side:
+        assert kernel / 2 / 1e9 == pytest.approx(ref.gmacs, rel=2e-3)
+
+
+@pytest.mark.parametrize("config", [(3, 1, 1, 1, 1, True), (1, 2, 0, 1, 1, False), (3, 1, 2, 2, 2, True)])
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
+def test_bn_relu_conv2d_counts_the_convolutions_forward_and_backward(config, drop_rate):
+    k, stride, padding, dilation, groups, bias = config
+    layer = PreActConv2d(4, 6, k, stride, padding, dilation, groups, bias=bias, drop_rate=drop_rate)
+    x = torch.randn(2, 4, 9, 8, requires_grad=True)
+    counts = {}
+    for impl in ("kernel", "reference"):
+        layer.impl = impl
+        counts[impl] = _count(lambda: layer(x).sum().backward())
+    kernel, per_op = counts["kernel"]
+    assert set(per_op) == {"lightcnn.bn_relu_conv2d", "lightcnn.bn_relu_conv2d_backward"}
+    assert kernel == counts["reference"][0]
+    # forward independently: 2 * N * C_out * H_out * W_out * (C_in / groups) * k * k; backward as torch counts
+    # the reference's convolution_backward (input and weight gradients)
+    assert per_op["lightcnn.bn_relu_conv2d"] == 2 * layer(x).numel() * (4 // groups) * k * k
+    assert per_op["lightcnn.bn_relu_conv2d_backward"] == counts["reference"][1]["aten.convolution_backward"]
+
+
+def test_bn_relu_conv2d_op_counts_as_its_convolution_on_fake_tensors():
+    with FakeTensorMode():
+        x, w = torch.randn(8, 16, 32, 32), torch.randn(32, 16, 3, 3)
+        fused, _ = _count(lambda: ops.bn_relu_conv2d(x, None, None, None, None, w, padding=1, training=True))
+        conv, _ = _count(lambda: F.conv2d(x, w, padding=1))
+    assert fused == conv == 2 * 8 * 32 * 32 * 32 * 16 * 9
+
+
+def test_lrn_counts_as_its_reference_forward_and_backward():
+    """FlopCounterMode counts matrix products and convolutions only: LRN is 0 on both paths."""
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    kernel, per_op = _count(lambda: ops.local_response_norm(x, 5).sum().backward())
+    reference, _ = _count(lambda: F.local_response_norm(x, 5).sum().backward())
+    assert kernel == reference == 0
+    assert set(per_op) <= {"lightcnn.lrn", "lightcnn.lrn_backward"}
