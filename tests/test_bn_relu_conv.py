@@ -261,32 +261,42 @@ def test_torch_compile_inductor_matches_eager(device):
 
 
 def _autocast_check(device, dtype):
-    layer, ref = _pair(config="k3", device=device, dtype=torch.float32)
+    """The documented policy (lightcnn/ops/bn_relu_conv.py): under autocast the BN-ReLU runs in the input's
+    dtype (float32 here) and only the convolution in the autocast dtype, which is also the output's; the
+    gradients come back in the parameters' and input's dtypes. Checked against that computation written
+    out without autocast, for both implementations."""
+    layer, _ = _pair(config="k3", device=device, dtype=torch.float32)
     x = torch.randn(2, 4, 8, 8, device=device)
-    outs, grads = [], []
-    for m in (layer, ref):
+    expected_layer = copy.deepcopy(layer)
+    xe = x.clone().requires_grad_()
+    bn, conv = expected_layer.bn, expected_layer.conv
+    y = F.relu(F.batch_norm(xe, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, 0.1, bn.eps))
+    expected = F.conv2d(y.to(dtype), conv.weight.to(dtype), conv.bias.to(dtype), padding=1)
+    expected.float().square().sum().backward()
+    atol, rtol = TOL[dtype]
+    for impl in ("kernel", "reference"):
+        m = copy.deepcopy(layer)
+        m.impl = impl
         xi = x.clone().requires_grad_()
         with torch.autocast(device, dtype=dtype):
             out = m(xi)
+        assert out.dtype == dtype, impl
         out.float().square().sum().backward()
-        outs.append(out)
-        grads.append([xi.grad] + _grads(m))
-    assert outs[0].dtype == outs[1].dtype == dtype
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(outs[0], outs[1], atol=atol, rtol=rtol)
-    for gk, gr in zip(*grads):
-        assert gk.dtype == gr.dtype
-        torch.testing.assert_close(gk, gr, atol=atol * 10, rtol=rtol)
+        torch.testing.assert_close(out, expected, atol=atol, rtol=rtol, msg=impl)
+        for got, want in zip([xi.grad, *_grads(m)], [xe.grad, *_grads(expected_layer)]):
+            assert got.dtype == torch.float32
+            torch.testing.assert_close(got, want, atol=atol * 10, rtol=rtol, msg=impl)
+        torch.testing.assert_close(m.bn.running_var, bn.running_var, msg=impl)  # statistics in float32
 
 
-def test_autocast_cpu_bfloat16_behaves_as_reference():
+def test_autocast_cpu_bfloat16_policy_bn_in_input_dtype_conv_in_autocast_dtype():
     _autocast_check("cpu", torch.bfloat16)
 
 
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_autocast_cuda_behaves_as_reference(dtype):
+def test_autocast_cuda_policy_bn_in_input_dtype_conv_in_autocast_dtype(dtype):
     _autocast_check("cuda", dtype)
 
 

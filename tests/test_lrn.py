@@ -200,17 +200,25 @@ def test_lrn_under_torch_compile_fullgraph(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_lrn_under_autocast_behaves_as_reference(device):
-    dtype = torch.bfloat16
+@pytest.mark.parametrize("impl", ["kernel", "reference", "auto"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lrn_autocast_policy_returns_the_input_dtype(device, impl, channels_last):
+    """The documented policy (lightcnn/ops/lrn.py): autocast does not touch LRN; it computes and returns in
+    its input's dtype, checked against F.local_response_norm in float32 outside autocast (not against what
+    one torch version's autocast does to the composite op)."""
     conv = nn.Conv2d(3, 8, 3).to(device)
     x = torch.randn(2, 3, 9, 9, device=device)
-    with torch.autocast(device, dtype=dtype):
-        h = conv(x)
-        y = LocalResponseNorm(5, alpha=0.1, k=2.0)(h)
-        with default_impl("reference"):
-            yr = LocalResponseNorm(5, alpha=0.1, k=2.0)(h)
-    assert y.dtype == yr.dtype == h.dtype == dtype
-    torch.testing.assert_close(y.float(), yr.float(), **TOL[torch.bfloat16])
+    if channels_last:
+        x, conv = x.contiguous(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
+    layer = LocalResponseNorm(5, alpha=0.1, k=2.0, impl=impl)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        h = conv(x)  # bfloat16: conv2d is on autocast's lower-precision list
+        y_half = layer(h)
+        y_full = layer(h.float())  # a float32 input stays float32
+    assert h.dtype == y_half.dtype == torch.bfloat16 and y_full.dtype == torch.float32
+    expected = F.local_response_norm(h.float(), 5, alpha=0.1, k=2.0)
+    torch.testing.assert_close(y_half.float(), expected, **TOL[torch.bfloat16])
+    torch.testing.assert_close(y_full, expected, **TOL[torch.float32])
 
 
 def test_layer_is_a_drop_in_for_nn_local_response_norm():

@@ -114,8 +114,11 @@ def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, runni
     The arguments are those of `F.batch_norm` followed by those of `F.conv2d`, with the same semantics:
     in training the batch statistics normalise and, when given, `running_mean`/`running_var` are updated
     in place (momentum, unbiased variance) as `F.batch_norm` does; in eval the running statistics are used.
-    Under `torch.autocast` the convolution runs in the autocast dtype and the BN-ReLU in the input's,
-    as the unfused sequence does.
+    Autocast policy: under `torch.autocast` the BN-ReLU(-dropout) computes in the input's dtype (statistics
+    in float32 for half inputs) and the convolution in the autocast dtype (the weights are cast, float64
+    ones excepted), which is also the output's dtype: what autocast does to the unfused sequence, where
+    batch_norm runs in its input's dtype and conv2d is on the lower-precision list. Gradients return in
+    the dtypes of the input and parameters.
 
     Args:
         input: (N, C, H, W), contiguous or channels-last (other strides are copied to contiguous).

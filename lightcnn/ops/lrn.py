@@ -47,6 +47,13 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
                         k: float = 1.0) -> torch.Tensor:
     """Local response normalisation over channels, as `torch.nn.functional.local_response_norm`.
 
+    Autocast policy: none applies. The op computes (accumulating in float32 for half inputs) and returns in
+    its input's dtype, with or without `torch.autocast`: a normalisation is cheap next to the convolution
+    before it, and returning the dtype it is given keeps a bf16 network in bf16. The reference follows the
+    same policy (it runs with autocast off), so "kernel", "reference" and "auto" agree; the composite
+    `F.local_response_norm` itself does not (under CUDA autocast its pow runs in float32 and it returns
+    float32 on some torch versions).
+
     Args:
         input: (N, C, *) floating-point tensor (3-D, 4-D or 5-D; contiguous or channels-last).
         size: n, the number of neighbouring channels summed (window [c - n//2, c + (n-1)//2]).
