@@ -13,8 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightcnn import ops
-from lightcnn.layers import PreActConv2d
-from lightcnn.ops import _library
+from lightcnn.layers import LocalResponseNorm, PreActConv2d, get_default_impl
+from lightcnn.ops import _library, bn_relu_conv, lrn
+from lightcnn.ops._library import Config
 from tests.conftest import DEVICES, requires_cuda
 
 pytestmark = pytest.mark.skipif(not _library.op_defined("bn_relu_conv2d"),
@@ -455,8 +456,8 @@ def test_dropout_layer_kernel_equals_reference_from_the_same_seed(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_dropout_gradcheck(device, channels_last):
-    x, w, b, rm, rv, cw, cb, stride, padding, dilation, groups, _, eps = _op_args(device, torch.float64, True,
-                                                                                   channels_last)
+    x, w, b, _, _, cw, cb, stride, padding, dilation, groups, _, eps = _op_args(device, torch.float64, True,
+                                                                                 channels_last)
     mask = torch.rand(x.shape, device=device) >= 0.4
 
     def fn(x, w, b, cw, cb):
@@ -542,3 +543,63 @@ def test_dropout_bad_arguments_raise():
     with pytest.raises(RuntimeError, match="drop_mask must be a bool tensor"):
         torch.ops.lightcnn.bn_relu_conv2d(x, None, None, None, None, cw, None, [1, 1], [0, 0], [1, 1], 1, True,
                                           1e-5, torch.ones(2, 3, 5, 4, dtype=torch.bool), 0.3)
+
+
+# ---- impl="auto": the default, chosen per device type, dtype, layout and TF32 (issue 10's measurements) ----
+
+
+AUTO_CASES = [
+    # (op, config, expected) -- CUDA figures: WRN-28-10 step and LRN on an H200, issue 10
+    (bn_relu_conv.OP, Config("cpu", torch.float32), "kernel"),  # CPU: same time, half the memory
+    (bn_relu_conv.OP, Config("cpu", torch.float32, channels_last=True), "kernel"),
+    (bn_relu_conv.OP, Config("cpu", torch.bfloat16), "reference"),  # no CPU bf16 kernel
+    (bn_relu_conv.OP, Config("cuda", torch.float32, tf32=False), "kernel"),  # 1.08x: within 10%
+    (bn_relu_conv.OP, Config("cuda", torch.float32, tf32=True), "reference"),  # 1.27x
+    (bn_relu_conv.OP, Config("cuda", torch.bfloat16, channels_last=True), "reference"),  # 2.34x
+    (bn_relu_conv.OP, Config("cuda", torch.float16), "reference"),  # shares the cause, unmeasured
+    (bn_relu_conv.OP, Config("cuda", torch.float32, channels_last=True), "reference"),
+    (bn_relu_conv.OP, Config("cuda", torch.float64), "kernel"),
+    (lrn.OP, Config("cpu", torch.float32, channels_last=True), "kernel"),
+    (lrn.OP, Config("cpu", torch.bfloat16), "kernel"),
+    (lrn.OP, Config("cuda", torch.float32), "kernel"),
+    (lrn.OP, Config("cuda", torch.float32, channels_last=True), "reference"),  # 2.19 ms vs 0.31 compiled
+    (lrn.OP, Config("cuda", torch.bfloat16, channels_last=True), "reference"),
+]
+
+
+@pytest.mark.parametrize("op, cfg, expected", AUTO_CASES, ids=[f"{o.name}-{c}" for o, c, _ in AUTO_CASES])
+def test_auto_choice_table(op, cfg, expected):
+    assert ("kernel" if _library.auto_uses_kernel(op, cfg) else "reference") == expected
+    if cfg.dtype in op.dtypes[cfg.device_type]:
+        assert ops.backend_info()["ops"][op.name]["auto"][str(cfg)] == expected
+
+
+def test_auto_is_the_default_and_follows_the_input():
+    assert get_default_impl() == "auto"
+    layer, _ = _pair(config="k3", dtype=torch.float32)
+    layer.impl = None
+    x = torch.randn(2, 4, 6, 6)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        layer(x)
+    assert "lightcnn::bn_relu_conv2d" in {e.name for e in prof.events()}  # CPU float32: the kernel
+
+
+def test_config_of_reads_autocast_and_layout():
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    assert _library.config_of(x) == Config("cpu", torch.float32, channels_last=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _library.config_of(x, autocast=True).dtype == torch.bfloat16
+        assert _library.config_of(x).dtype == torch.float32  # LRN: autocast does not apply
+
+
+def test_auto_compiles_fullgraph():
+    """No dispatcher query per call: the auto choice folds into the graph."""
+    torch._dynamo.reset()
+    layer, ref = _pair(config="k3", dtype=torch.float32)
+    layer.impl = None
+    model = nn.Sequential(layer, LocalResponseNorm(3, alpha=0.1, k=2.0))
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(2, 4, 6, 6)
+    out = compiled(x.clone())
+    expected = F.local_response_norm(ref(x.clone()), 3, alpha=0.1, k=2.0)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-4)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lightcnn.ops as ops
-from lightcnn.layers import LocalResponseNorm, default_impl
+from lightcnn.layers import LocalResponseNorm
 from tests.conftest import DEVICES, requires_cuda
 
 # float32 tolerances: the kernel computes s^-beta with a multiply by the reciprocal power (and, for

@@ -1,5 +1,10 @@
 """nn.Module faces of lightcnn's kernels, each with `impl="auto" | "kernel" | "reference"` (see _impl.py)."""
-from lightcnn.layers._impl import default_impl, get_default_impl, resolve_impl, set_default_impl
+from lightcnn.layers._impl import (
+    default_impl,
+    get_default_impl,
+    resolve_impl,
+    set_default_impl,
+)
 from lightcnn.layers.lrn import LocalResponseNorm
 from lightcnn.layers.preact import PreActConv2d
 

@@ -22,14 +22,16 @@ to 1 bit would save a further 7/8 of a byte per element at the price of a packin
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
-
-from torch.utils.flop_counter import conv_backward_flop, conv_flop_count, register_flop_formula
+from torch.utils.flop_counter import (
+    conv_backward_flop,
+    conv_flop_count,
+    register_flop_formula,
+)
 
 from lightcnn.ops import _library, reference
-
 
 
 def _auto(cfg: _library.Config) -> bool:

@@ -7,11 +7,9 @@ cheaper than keeping a second activation-sized tensor alive until the backward.
 from __future__ import annotations
 
 import torch
-
 from torch.utils.flop_counter import register_flop_formula
 
 from lightcnn.ops import _library, reference
-
 
 
 def _auto(cfg: _library.Config) -> bool:
