@@ -35,4 +35,4 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: str, rounds: 
 
 def check(label: str, value: float, op: str, target: float) -> str:
     ok = value <= target if op == "<=" else value >= target
-    return f"  {'MET ' if ok else 'MISS'} {label}: {value:.2f} (target {op} {target})"
+    return f"  {'MET' if ok else 'MISSED'}: {label}: {value:.2f} (target {op} {target})"

@@ -30,3 +30,25 @@ def test_forced_cuda_without_toolkit_gives_a_cpu_build(tmp_path):
                      "PATH": "/usr/bin:/bin"})
     assert r.returncode == 0, r.stderr
     assert "no CUDA toolkit found" in r.stdout and "building the CPU kernels only" in r.stdout
+
+
+@pytest.mark.slow  # ~40 s on the loaded development machine (three fresh torch processes)
+def test_gpu_check_script_quick_mode_runs_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --device cpu --quick runs every Python part of the GPU check at toy sizes
+    (no build), writes its JSON to $OUT, prints MET/MISSED targets, and never imports jsonargparse or wandb
+    (the GPU image has neither: here they are made unimportable)."""
+    blocker = tmp_path / "block"
+    blocker.mkdir()
+    for name in ("jsonargparse", "wandb"):
+        (blocker / f"{name}.py").write_text(f"raise ImportError('gpu_check must not import {name}')\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "PYTHONPATH": f"{blocker}:{ROOT}", "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--device", "cpu", "--quick"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "must not import" not in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr, r.stdout[-3000:]
+    written = sorted(p.name for p in out.iterdir())
+    assert {"bench_wrn_bf16_cl_drop03.json", "bench_lrn_bf16_cl.json", "gpu_check.log"} <= set(written), written
+    assert "=== summary:" in r.stdout and ("MET:" in r.stdout or "MISSED:" in r.stdout)
