@@ -108,7 +108,7 @@ def main():
             print(f"\n{shape} {label}: " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()))
             print("  ratios: " + "  ".join(f"{k}/kernel {v / t['kernel']:.2f}x" for k, v in t.items() if k != "kernel")
                   + f"  kernel/copy {t['kernel'] / t['copy']:.2f}x")
-        if args.device == "cpu" and args.no_compile:
+        if args.device == "cpu" and args.no_compile:  # the quick smoke run
             lines += [check(f"{shape} {args.dtype} {layout} fwd+bwd speed-up over eager",
                             t_both["eager"] / t_both["kernel"], ">=", 4.0)]
         elif args.device == "cpu":

@@ -29,7 +29,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MOD
 
 P=benchmarks/bench_preact.py L=benchmarks/bench_lrn.py
 # WRN-28-10 variants: kernel vs reference in fresh subprocesses (the compiled variant would cost minutes).
-WRN="--device cuda --model wrn28_10 --batch-size 128 --steps 10 --warmup 3 --variants kernel,reference --timeout 120"
+WRN="--device cuda --model wrn28_10 --batch-size 128 --steps 8 --warmup 2 --variants kernel,reference --timeout 120"
 BENCHMARKS=(
   "python $P $WRN --precision bf16 --channels-last --drop-rate 0 --json {out}_wrn_bf16_cl_drop0.json"
   "python $P $WRN --precision bf16 --channels-last --drop-rate 0.3 --json {out}_wrn_bf16_cl_drop03.json"
@@ -37,11 +37,17 @@ BENCHMARKS=(
   "python $P $WRN --precision tf32 --drop-rate 0.3 --json {out}_wrn_tf32_drop03.json"
   "python $P $WRN --precision fp32 --drop-rate 0 --json {out}_wrn_fp32_drop0.json"
   "python $P $WRN --precision fp32 --drop-rate 0.3 --json {out}_wrn_fp32_drop03.json"
+  # issue 10 item 1's opt-in variant (ATen SyncBN reductions), where the default kernel is slowest
+  "env LIGHTCNN_CUDA_BN_REDUCTIONS=aten python $P $WRN --precision bf16 --channels-last --drop-rate 0 --json {out}_wrn_bf16_cl_drop0_aten.json"
+  "env LIGHTCNN_CUDA_BN_REDUCTIONS=aten python $P $WRN --precision tf32 --drop-rate 0 --json {out}_wrn_tf32_drop0_aten.json"
   "python $P --device cuda --model preact_resnet164 --batch-size 128 --steps 10 --warmup 3 --variants kernel,reference --precision tf32 --json {out}_preact164_tf32.json"
   "python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype float32 --json {out}_lrn_fp32_nchw.json"
   "python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype float32 --channels-last --json {out}_lrn_fp32_cl.json"
   "python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype bfloat16 --json {out}_lrn_bf16_nchw.json"
   "python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype bfloat16 --channels-last --json {out}_lrn_bf16_cl.json"
+  # issue 10 item 2's opt-in channels-last kernel (compare with the compiled figures of the two runs above)
+  "env LIGHTCNN_CUDA_LRN_CHANNELS_LAST=block python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype float32 --channels-last --no-compile --json {out}_lrn_fp32_cl_block.json"
+  "env LIGHTCNN_CUDA_LRN_CHANNELS_LAST=block python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype bfloat16 --channels-last --no-compile --json {out}_lrn_bf16_cl_block.json"
 )
 # The same commands at toy sizes on the CPU: proves the Python parts run (no timing meaning).
 QW="--device cpu --model wrn10_2 --batch-size 2 --steps 1 --warmup 1 --variants kernel,reference --threads 1"

@@ -66,18 +66,26 @@ def _grads(module):
     return [p.grad for p in (module.bn.weight, module.bn.bias, module.conv.weight, module.conv.bias) if p is not None]
 
 
+def _check_step(layer, ref, x, dtype, run_k=None, run_r=None):
+    """One forward + backward of run_k (default: layer) and run_r (default: ref): output, input gradient and
+    parameter gradients equal."""
+    atol, rtol = TOL[dtype]
+    xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_k, out_r = (run_k or layer)(xk), (run_r or ref)(xr)
+    torch.testing.assert_close(out_k, out_r, atol=atol, rtol=rtol)
+    grad = torch.randn_like(out_r)
+    out_k.backward(grad), out_r.backward(grad)
+    torch.testing.assert_close(xk.grad, xr.grad, atol=atol, rtol=rtol)
+    for gk, gr in zip(_grads(layer), _grads(ref)):
+        torch.testing.assert_close(gk, gr, atol=atol, rtol=rtol)
+    return out_k
+
+
 def _assert_same(layer, ref, x, dtype, training=True, steps=1):
     atol, rtol = TOL[dtype]
     layer.train(training), ref.train(training)
     for _ in range(steps):
-        xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-        out_k, out_r = layer(xk), ref(xr)
-        torch.testing.assert_close(out_k, out_r, atol=atol, rtol=rtol)
-        grad = torch.randn_like(out_r)
-        out_k.backward(grad), out_r.backward(grad)
-        torch.testing.assert_close(xk.grad, xr.grad, atol=atol, rtol=rtol)
-        for gk, gr in zip(_grads(layer), _grads(ref)):
-            torch.testing.assert_close(gk, gr, atol=atol, rtol=rtol)
+        out_k = _check_step(layer, ref, x, dtype)
         for name, buf in ref.bn.named_buffers():
             torch.testing.assert_close(getattr(layer.bn, name), buf, atol=atol, rtol=rtol)
     return out_k
@@ -420,17 +428,13 @@ def test_dropout_unit_equals_bn_relu_dropout_conv_given_the_same_mask(device, dt
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     mask = torch.rand(x.shape, device=device) >= p
-    xk, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_k = ops.bn_relu_conv2d(xk, layer.bn.running_mean, layer.bn.running_var, layer.bn.weight, layer.bn.bias,
-                               layer.conv.weight, layer.conv.bias, layer.conv.stride, layer.conv.padding,
-                               training=True, drop_rate=p, drop_mask=mask)
-    out_r = _dropped_reference(ref, xr, mask, p)
-    torch.testing.assert_close(out_k, out_r, atol=atol, rtol=rtol)
-    grad = torch.randn_like(out_r)
-    out_k.backward(grad), out_r.backward(grad)
-    torch.testing.assert_close(xk.grad, xr.grad, atol=atol, rtol=rtol)
-    for gk, gr in zip(_grads(layer), _grads(ref)):
-        torch.testing.assert_close(gk, gr, atol=atol, rtol=rtol)
+
+    def fused(xk):
+        return ops.bn_relu_conv2d(xk, layer.bn.running_mean, layer.bn.running_var, layer.bn.weight, layer.bn.bias,
+                                  layer.conv.weight, layer.conv.bias, layer.conv.stride, layer.conv.padding,
+                                  training=True, drop_rate=p, drop_mask=mask)
+
+    _check_step(layer, ref, x, dtype, fused, lambda xr: _dropped_reference(ref, xr, mask, p))
     torch.testing.assert_close(layer.bn.running_var, ref.bn.running_var, atol=atol, rtol=rtol)
 
 
@@ -603,3 +607,34 @@ def test_auto_compiles_fullgraph():
     out = compiled(x.clone())
     expected = F.local_response_norm(ref(x.clone()), 3, alpha=0.1, k=2.0)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_aten_reductions_variant_matches_reference(monkeypatch, dtype, channels_last):
+    """The opt-in variant with ATen's SyncBatchNorm reductions (LIGHTCNN_CUDA_BN_REDUCTIONS=aten, issue 10
+    item 1; not the default until a GPU measures it) computes the same unit, dropout included."""
+    monkeypatch.setenv("LIGHTCNN_CUDA_BN_REDUCTIONS", "aten")
+    layer, ref = _pair(cin=20, cout=8, config="k3", device="cuda", dtype=dtype)
+    x = torch.randn(4, 20, 9, 7, device="cuda", dtype=dtype) * 2 + 0.3
+    if channels_last:
+        layer, ref = layer.to(memory_format=torch.channels_last), ref.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    _assert_same(layer, ref, x, dtype, training=True, steps=2)
+    mask = torch.rand(x.shape, device="cuda") >= 0.3
+    out = ops.bn_relu_conv2d(x, None, None, layer.bn.weight, layer.bn.bias, layer.conv.weight, layer.conv.bias,
+                             padding=1, training=True, drop_rate=0.3, drop_mask=mask)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(out, _dropped_reference(ref, x, mask, 0.3), atol=atol, rtol=rtol)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_aten_reductions_variant_half_matches_reference(monkeypatch, dtype):
+    monkeypatch.setenv("LIGHTCNN_CUDA_BN_REDUCTIONS", "aten")
+    layer, ref = _pair(cin=20, cout=8, config="k3", device="cuda", dtype=dtype)
+    x = torch.randn(4, 20, 16, 16, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    _assert_same(layer, ref, x, dtype, training=True, steps=2)

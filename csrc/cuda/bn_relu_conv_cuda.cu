@@ -10,14 +10,19 @@
 // the backward's ReLU mask is bit-identical to the forward's.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <ATen/ops/batch_norm_backward_reduce.h>
+#include <ATen/ops/batch_norm_stats.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
+#include <ATen/ops/where.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 
 #include "../bn_relu_conv.h"
 
@@ -143,6 +148,19 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ g, const scalar_t
   }
 }
 
+// g = g * [x * scale_c + shift_c > 0], in place: the ReLU's backward with the mask recomputed exactly as
+// the forward computed it (the ATen-reductions variant below hands the masked gradient to ATen).
+template <typename scalar_t, typename acc_t>
+__global__ void relu_mask_kernel(scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
+                                 const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, int64_t numel,
+                                 Layout L) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t c = L.channel(i);
+    if (!(preact(static_cast<acc_t>(x[i]), scale[c], shift[c]) > acc_t(0))) g[i] = scalar_t(0);
+  }
+}
+
 unsigned elementwise_blocks(int64_t numel) {
   return static_cast<unsigned>(std::max<int64_t>(
       1, std::min<int64_t>((numel + kElementwiseThreads - 1) / kElementwiseThreads, int64_t(1) << 16)));
@@ -216,6 +234,48 @@ at::Tensor grad_input_cuda(const at::Tensor& g, const at::Tensor& x, const at::T
 
 const Prims kCudaPrims{stats_cuda, bn_relu_cuda, reduce_cuda, grad_input_cuda};
 
+// ---- Variant (issue 10, item 1): the two per-channel reductions on ATen's SyncBatchNorm primitives ----
+// at::batch_norm_stats (Welford) and at::batch_norm_backward_reduce use many blocks per channel and have
+// channels-last kernels with coalesced loads along C, where the kernels above use one block per channel.
+// The elementwise passes stay ours (BN-ReLU in one pass; the ReLU mask folded into the input gradient).
+// Compiled and CPU-reviewed only: no GPU has measured it yet, so it is opt-in,
+// LIGHTCNN_CUDA_BN_REDUCTIONS=aten (read at every call, so that tests and benchmarks can switch it).
+
+std::tuple<at::Tensor, at::Tensor> stats_aten(const at::Tensor& x) {
+  // eps = 0: invstd = 1/sqrt(var), and ATen returns invstd = 0 for a constant channel (var = 0).
+  auto [mean, invstd] = at::batch_norm_stats(x, /*epsilon=*/0.0);
+  at::Tensor var = at::where(invstd == 0, at::zeros_like(invstd), invstd.pow(-2));
+  return {mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor> reduce_aten(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale,
+                                               const at::Tensor& shift, const at::Tensor& mean) {
+  const Layout L = layout_of(x);
+  const int64_t numel = x.numel();
+  if (numel > 0) {
+    // dz in place of grad_y (a buffer of backward()'s own); grad_input then re-applies the same mask, a no-op.
+    LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_relu_mask_cuda", [&] {
+      using acc_t = at::acc_type<scalar_t, true>;
+      relu_mask_kernel<scalar_t, acc_t><<<elementwise_blocks(numel), kElementwiseThreads, 0, current_stream()>>>(
+          g.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
+          shift.const_data_ptr<acc_t>(), numel, L);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  // sum dz and sum dz * (x - mean); invstd and weight only scale gradients that are not asked for. A
+  // weight in the statistics' dtype tells ATen that a half input has float statistics (its mixed-type path).
+  auto r = at::batch_norm_backward_reduce(g, x, mean, /*invstd=*/scale, /*weight=*/scale, /*input_g=*/true,
+                                          /*weight_g=*/false, /*bias_g=*/false);
+  return {std::get<0>(r), std::get<1>(r)};
+}
+
+const Prims kCudaAtenPrims{stats_aten, bn_relu_cuda, reduce_aten, grad_input_cuda};
+
+const Prims& cuda_prims() {
+  const char* v = std::getenv("LIGHTCNN_CUDA_BN_REDUCTIONS");
+  return (v != nullptr && std::strcmp(v, "aten") == 0) ? kCudaAtenPrims : kCudaPrims;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
@@ -223,7 +283,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_cuda(
     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, bool training, double eps,
     const std::optional<at::Tensor>& drop_mask, double drop_rate) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
-  return forward(kCudaPrims, "bn_relu_conv2d", input, weight, bias, running_mean, running_var, conv_weight,
+  return forward(cuda_prims(), "bn_relu_conv2d", input, weight, bias, running_mean, running_var, conv_weight,
                  conv_bias, stride, padding, dilation, groups, training, eps, drop_mask, drop_rate, c10::DeviceType::CUDA,
                  {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
 }
@@ -235,7 +295,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bn_relu_c
     int64_t groups, bool training, double eps, bool has_conv_bias, const std::optional<at::Tensor>& drop_mask,
     double drop_rate) {
   const c10::cuda::OptionalCUDAGuard guard(input.device());
-  return backward(kCudaPrims, "bn_relu_conv2d_backward", grad_output, input, weight, bias, mean, var, conv_weight,
+  return backward(cuda_prims(), "bn_relu_conv2d_backward", grad_output, input, weight, bias, mean, var, conv_weight,
                   stride, padding, dilation, groups, training, eps, has_conv_bias, drop_mask, drop_rate, c10::DeviceType::CUDA,
                   {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
 }

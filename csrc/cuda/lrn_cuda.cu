@@ -15,6 +15,10 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
 #include "../lrn.h"
 
 namespace lightcnn {
@@ -133,6 +137,86 @@ __global__ void lrn_backward_grad_kernel(const scalar_t* __restrict__ grad, cons
   }
 }
 
+// ---- Variant for channels-last (issue 10, item 2): a block per pixel, its C channels in shared memory ----
+// Neighbouring threads take neighbouring channels of one pixel, so every load and store is coalesced
+// (the kernels above give each thread a pixel, whose channels are C elements apart from the next
+// thread's). Each window sum is read from shared memory: O(size) per element, cheap for LRN's n = 5.
+// Compiled and CPU-reviewed only: opt-in with LIGHTCNN_CUDA_LRN_CHANNELS_LAST=block until a GPU measures it.
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t window_sum_shared(const acc_t* v, int64_t c, int64_t left, int64_t right, int64_t C) {
+  acc_t sum = 0;
+  const int64_t j1 = min(c + right, C - 1);
+  for (int64_t j = max(c - left, int64_t(0)); j <= j1; ++j) sum += v[j];
+  return sum;
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void lrn_forward_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g,
+                                      acc_t coef, acc_t k, acc_t beta, PowMode mode) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sq = reinterpret_cast<acc_t*>(smem_raw);
+  for (int64_t p = blockIdx.x; p < g.NS; p += gridDim.x) {
+    const scalar_t* xp = x + p * g.C;
+    scalar_t* yp = y + p * g.C;
+    __syncthreads();  // the previous pixel's reads of sq are done
+    for (int64_t c = threadIdx.x; c < g.C; c += blockDim.x) {
+      const acc_t a = static_cast<acc_t>(xp[c]);
+      sq[c] = a * a;
+    }
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < g.C; c += blockDim.x) {
+      const acc_t sum = window_sum_shared(sq, c, g.lo, g.hi, g.C);
+      yp[c] = static_cast<scalar_t>(static_cast<acc_t>(xp[c]) * neg_pow<acc_t>(k + coef * sum, beta, mode));
+    }
+  }
+}
+
+// The whole backward in one pass per pixel: s^-beta and t = g a s^-beta / s into shared memory, then
+// da_j = g_j s_j^-beta - coef2 * a_j * sum of t over the mirrored window [j - hi, j + lo].
+template <typename scalar_t, typename acc_t>
+__global__ void lrn_backward_cl_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                                       scalar_t* __restrict__ dx, Geometry g, acc_t coef, acc_t coef2, acc_t k,
+                                       acc_t beta, PowMode mode) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sq = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* pw = sq + g.C;
+  acc_t* t = pw + g.C;
+  for (int64_t p = blockIdx.x; p < g.NS; p += gridDim.x) {
+    const scalar_t *xp = x + p * g.C, *gp = grad + p * g.C;
+    scalar_t* dp = dx + p * g.C;
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < g.C; c += blockDim.x) {
+      const acc_t a = static_cast<acc_t>(xp[c]);
+      sq[c] = a * a;
+    }
+    __syncthreads();
+    for (int64_t c = threadIdx.x; c < g.C; c += blockDim.x) {
+      const acc_t sc = k + coef * window_sum_shared(sq, c, g.lo, g.hi, g.C);
+      const acc_t pc = neg_pow<acc_t>(sc, beta, mode);
+      pw[c] = pc;
+      t[c] = static_cast<acc_t>(gp[c]) * static_cast<acc_t>(xp[c]) * pc / sc;
+    }
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < g.C; j += blockDim.x) {
+      const acc_t tsum = window_sum_shared(t, j, g.hi, g.lo, g.C);
+      dp[j] = static_cast<scalar_t>(static_cast<acc_t>(gp[j]) * pw[j] - coef2 * static_cast<acc_t>(xp[j]) * tsum);
+    }
+  }
+}
+
+// Whether the channels-last variant serves this call: asked for, channels-last, and `arrays` per-channel
+// acc_t arrays fit in the default 48 KiB of shared memory.
+bool use_cl_variant(const LrnView& v, size_t acc_bytes, int arrays) {
+  const char* opt = std::getenv("LIGHTCNN_CUDA_LRN_CHANNELS_LAST");
+  return opt != nullptr && std::strcmp(opt, "block") == 0 && v.channels_last &&
+         static_cast<size_t>(v.C) * acc_bytes * arrays <= 48 * 1024;
+}
+
+unsigned cl_threads(int64_t C) { return static_cast<unsigned>(std::min<int64_t>(256, (C + 31) / 32 * 32)); }
+
+unsigned cl_blocks(int64_t pixels) { return static_cast<unsigned>(std::min<int64_t>(pixels, int64_t(1) << 20)); }
+
 Geometry geometry(const LrnView& v, int64_t size) {
   return {v.N * v.S, v.C, v.S, v.channels_last ? 1 : v.S, v.channels_last ? v.C : 1, size / 2, (size - 1) / 2};
 }
@@ -155,6 +239,13 @@ at::Tensor lrn_cuda(const at::Tensor& input, int64_t size, double alpha, double 
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "lrn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    if (use_cl_variant(v, sizeof(acc_t), 1)) {
+      lrn_forward_cl_kernel<scalar_t, acc_t><<<cl_blocks(g.NS), cl_threads(g.C), g.C * sizeof(acc_t), stream>>>(
+          v.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, static_cast<acc_t>(alpha / size),
+          static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     lrn_forward_kernel<scalar_t, acc_t><<<blocks_for(g.NS), kThreads, 0, stream>>>(
         v.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, static_cast<acc_t>(alpha / size),
         static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
@@ -174,9 +265,16 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& in
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "lrn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    const acc_t coef = static_cast<acc_t>(alpha / size), coef2 = static_cast<acc_t>(2.0 * alpha * beta / size);
+    if (use_cl_variant(v, sizeof(acc_t), 3)) {
+      lrn_backward_cl_kernel<scalar_t, acc_t><<<cl_blocks(g.NS), cl_threads(g.C), 3 * g.C * sizeof(acc_t), stream>>>(
+          grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(), g,
+          coef, coef2, static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
     // Scratch for t, laid out like x (its strides are those of x: same dense layout, same sizes).
     at::Tensor t = at::empty_like(v.x, v.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    const acc_t coef = static_cast<acc_t>(alpha / size), coef2 = static_cast<acc_t>(2.0 * alpha * beta / size);
     lrn_backward_t_kernel<scalar_t, acc_t><<<blocks_for(g.NS), kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), t.mutable_data_ptr<acc_t>(), g, coef,
         static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
