@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -211,6 +210,8 @@ def _fmt(key: str, v) -> str:
         return "-"
     if key in ("params", "published_params"):
         return f"{v:,}"
+    if key in ("top1_err", "top5_err"):
+        return str(v)  # as published
     if key in ("gmacs", "published_gmacs"):
         return f"{v:.4g}"
     if key == "act_mib_per_image":
@@ -241,7 +242,7 @@ def write_csv(rows: Sequence[dict], path: Path) -> Path:
     return path
 
 
-PANELS = (("imagenet", "ImageNet: top-1 accuracy (published)"), ("cifar10", "CIFAR-10: test accuracy (published)"))
+PANELS = (("imagenet", "ImageNet", "top-1 accuracy (%)"), ("cifar10", "CIFAR-10", "test accuracy (%)"))
 
 
 def chart(rows: Sequence[dict], path: Path) -> Path:
@@ -251,41 +252,47 @@ def chart(rows: Sequence[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    families = sorted({r["family"] for r in rows})
-    colour = {f: plt.cm.tab20(i % 20) for i, f in enumerate(families)}
-    panels = [(d, t) for d, t in PANELS if any(r["dataset"] == d for r in rows)] or [PANELS[0]]
-    fig, axes = plt.subplots(1, len(panels), figsize=(7.5 * len(panels), 6), squeeze=False)
+    plotted = [r for r in rows if r["top1_err"] is not None and r["dataset"] in {p[0] for p in PANELS}]
+    families = sorted({r["family"] for r in plotted})
+    colour = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
+    panels = [p for p in PANELS if any(r["dataset"] == p[0] for r in rows)] or [PANELS[0]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 5.5), squeeze=False)
     biggest = max((r["params"] for r in rows), default=1)
-    for ax, (dataset, title) in zip(axes[0], panels):
-        pts = [r for r in rows if r["dataset"] == dataset and r["top1_err"] is not None]
+
+    def area(params: float) -> float:
+        return 30 + 2000 * params / biggest
+
+    for ax, (dataset, name, ylabel) in zip(axes[0], panels):
+        pts = [r for r in plotted if r["dataset"] == dataset]
         for r in pts:
-            ax.scatter(r["gmacs"], 100 - r["top1_err"], s=40 + 1500 * r["params"] / biggest,
-                       color=colour[r["family"]], alpha=0.6, edgecolors="k", linewidths=0.5)
-            ax.annotate(r["model"], (r["gmacs"], 100 - r["top1_err"]), fontsize=7, xytext=(4, 4),
+            ax.scatter(r["gmacs"], 100 - r["top1_err"], s=area(r["params"]), color=colour[r["family"]], alpha=0.6,
+                       edgecolors="k", linewidths=0.5)
+            ax.annotate(r["model"], (r["gmacs"], 100 - r["top1_err"]), fontsize=7, xytext=(5, 5),
                         textcoords="offset points")
         ax.set_xscale("log")
         ax.set_xlabel("GMACs per image (FlopCounterMode, native input)")
-        ax.set_ylabel("top-1 accuracy (%)")
-        ax.set_title(title, fontsize=10)
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{name}: published accuracy against operations", fontsize=10)
         ax.grid(alpha=0.3, which="both")
         if pts:
-            ys = [100 - r["top1_err"] for r in pts]
-            xs = [r["gmacs"] for r in pts]
-            ax.set_ylim(min(ys) - 2, max(ys) + 2)
-            ax.set_xlim(min(xs) / 2, max(xs) * 2)
+            ys, xs = [100 - r["top1_err"] for r in pts], [r["gmacs"] for r in pts]
+            ax.set_ylim(min(ys) - 1.5, max(ys) + 1.5)
+            ax.set_xlim(min(xs) / 2, max(xs) * 2.5)
         else:
             ax.text(0.5, 0.5, "no model with a published error", transform=ax.transAxes, ha="center")
         missing = [r["model"] for r in rows if r["dataset"] == dataset and r["top1_err"] is None]
         if missing:
-            ax.text(0.01, 0.01, _wrap("not plotted (no published top-1 error): " + ", ".join(missing), 90),
-                    transform=ax.transAxes, fontsize=6, va="bottom", color="0.3")
-    others = [r["model"] for r in rows if r["dataset"] not in dict(PANELS)]
+            ax.text(0, -0.13, _wrap("Not plotted (no published top-1 error): " + ", ".join(missing), 100),
+                    transform=ax.transAxes, fontsize=7, va="top", color="0.3")
     handles = [plt.scatter([], [], s=60, color=colour[f], alpha=0.6, edgecolors="k", label=f) for f in families]
-    note = "bubble area ~ parameters"
+    handles += [plt.scatter([], [], s=area(n), color="0.85", edgecolors="k", label=f"{n / 1e6:g}M params")
+                for n in (1e6, 10e6, 50e6, 100e6) if n <= biggest * 1.5]
+    others = [r["model"] for r in rows if r["dataset"] not in {p[0] for p in PANELS}]
+    title = "family / bubble area ~ parameters"
     if others:
-        note += "\nnot plotted (other data set): " + ", ".join(others)
-    fig.legend(handles=handles, loc="upper center", ncol=min(len(families), 8), fontsize=8, frameon=False,
-               title=note, title_fontsize=8, bbox_to_anchor=(0.5, 1.02 + 0.03 * math.ceil(len(families) / 8)))
+        title += "\n" + _wrap("not plotted (other data set): " + ", ".join(others), 30)
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False,
+               title=title, title_fontsize=8, labelspacing=2.0, handletextpad=1.8, borderpad=1)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)

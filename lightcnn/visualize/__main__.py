@@ -101,8 +101,7 @@ def _run(args) -> int:
         if not args.snapshots:
             raise ValueError("--what evolution needs --snapshots (a folder written by "
                              "lightcnn.visualize.FeatureSnapshots, or checkpoint files)")
-        snaps = args.snapshots[0] if len(args.snapshots) == 1 else args.snapshots
-        written.append(feature_evolution(args.model, snaps, x, args.out, args.layers, maps=args.maps, **overrides))
+        written.append(feature_evolution(args.model, args.snapshots, x, args.out, args.layers, maps=args.maps, **overrides))
     for path in written:
         print(f"wrote {path}")
     return 0

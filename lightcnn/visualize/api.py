@@ -131,6 +131,8 @@ def _epoch_of(path: Path) -> str:
 
 def snapshot_files(snapshots: str | Path | Sequence[str | Path]) -> list[Path]:
     """A folder of snapshots (`*.pt`/`*.ckpt`, in epoch order) or a list of files."""
+    if not isinstance(snapshots, (str, Path)) and len(snapshots) == 1:
+        snapshots = snapshots[0]
     if isinstance(snapshots, (str, Path)) and Path(snapshots).is_dir():
         files = sorted(list(Path(snapshots).glob("*.pt")) + list(Path(snapshots).glob("*.ckpt")),
                        key=lambda p: (int(m.group(1)) if (m := re.search(r"epoch=(\d+)", p.name)) else 1 << 30, p.name))

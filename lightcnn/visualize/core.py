@@ -80,24 +80,26 @@ def load_model(name: str | None, checkpoint: str | Path | None = None, **overrid
             name = saved
         elif saved is not None and saved != name:
             raise ValueError(f"checkpoint {str(checkpoint)!r} was trained as {saved!r}, not {name!r}: "
-                             f"give --model {saved} (or no model name)")
+                             f"give the model name {saved!r} (or none)")
     if name is None:
         raise ValueError("give a model name (lightcnn.models.list_models()) or a checkpoint of lightcnn.fit")
     kwargs = dict(hp.get("model_kwargs") or {})
     for key in ("num_classes", "in_chans"):
         if hp.get(key) is not None:
             kwargs[key] = hp[key]
-    if state is not None:  # the classifier's shape decides the class count of a plain state_dict
-        last = [v for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
-        kwargs.setdefault("num_classes", last[-1].shape[0]) if last else None
     kwargs.update(overrides)
     model = models.create(name, **kwargs)
     if state is not None:
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit {name!r} "
-                             f"(another model or other settings?): {e}") from None
+            # a plain state_dict of a network trained for another class count: the classifier's rows say
+            last = [k for k, v in state.items() if k.endswith("weight") and v.dim() == 2]
+            n = state[last[-1]].shape[0] if last else None
+            if "num_classes" in kwargs or n is None or n == getattr(model, "num_classes", n):
+                raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit {name!r} "
+                                 f"(another model or other settings?): {e}") from None
+            return load_model(name, checkpoint, **{**overrides, "num_classes": n})
     return model.eval()
 
 

@@ -106,7 +106,7 @@ def projections(projs: Sequence[Projection], images: torch.Tensor, field: Field,
     """Fig. 2: top row the deconvnet projections of the strongest units (cropped to their receptive
     fields), bottom row the image patches that caused them."""
     n = len(projs)
-    fig, axes = plt.subplots(2, n, figsize=(max(n, 2) * 1.2, 2.7), squeeze=False)
+    fig, axes = plt.subplots(2, n, figsize=(max(n, 2) * 1.2, 2.7), squeeze=False, layout="constrained")
     hw = tuple(images.shape[-2:])
     for k, p in enumerate(projs):
         t, b, lft, r = field.box(*p.position, hw)
@@ -209,7 +209,8 @@ def evolution(grid: dict[str, list[list[Projection]]], hw: tuple[int, int], fiel
     the map's strongest activation over the images, cropped to its receptive field."""
     rows = sum(len(v[0]) for v in grid.values())
     cols = len(epochs)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.95 + 0.8, rows * 0.95 + 0.5), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 0.95 + 0.8, rows * 0.95 + 0.5), squeeze=False,
+                             layout="constrained")
     r = 0
     for layer, per_epoch in grid.items():
         for k in range(len(per_epoch[0])):
