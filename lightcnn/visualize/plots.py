@@ -220,7 +220,8 @@ def evolution(grid: dict[str, list[list[Projection]]], hw: tuple[int, int], fiel
                 _show(axes[r, c], to_image(signed_image(p.pixels)[:, t:b + 1, lft:rt + 1]))
                 if r == 0:
                     axes[r, c].set_title(epochs[c], fontsize=7)
-            axes[r, 0].set_ylabel(f"{layer.split('.')[-1]}\nch {per_epoch[0][k].channel}", fontsize=6)
+            short = layer if layer.split(".")[-1].isdigit() else layer.split(".")[-1]  # "features.4", "relu5"
+            axes[r, 0].set_ylabel(f"{short}\nch {per_epoch[0][k].channel}", fontsize=6)
             r += 1
     fig.suptitle(title, fontsize=9)
     return _save(fig, path)
