@@ -5,7 +5,10 @@
 - each fit gets a run folder `RUN_ROOT/NAME/TIMESTAMP/` (NAME defaults to the experiment file's name)
   holding the resolved `config.yaml` and `checkpoints/`; the folder is chosen on rank 0 and broadcast,
   so every DDP process agrees on it however it was launched (Lightning, torchrun, SLURM);
-- the data decides the classifier's `num_classes` and `in_chans` (linked arguments);
+- the data decides the classifier's `num_classes` and `in_chans` (linked arguments); the network's
+  `default_cfg` decides the data's input size and normalisation where the recipe does not
+  (`lightcnn/data/base.py`);
+- `--test_weights best` tests the best validation checkpoint after training instead of the final weights;
 - W&B (`wandb_utils.py`): with no credentials the run logs offline and says how to sync it;
   `WANDB_MODE=disabled` turns it off; `wandb.finish()` always runs, also after an error;
 - a misspelt key is an error naming the closest accepted keys (`key_hints.py`).
@@ -22,11 +25,7 @@ from typing import Literal, NoReturn, Optional
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.cli import (
-    LightningArgumentParser,
-    LightningCLI,
-    SaveConfigCallback,
-)
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
