@@ -556,10 +556,12 @@ AUTO_CASES = [
     # (op, config, expected) -- CUDA figures: WRN-28-10 step and LRN on an H200, issue 10
     (bn_relu_conv.OP, Config("cpu", torch.float32), "kernel"),  # CPU: same time, half the memory
     (bn_relu_conv.OP, Config("cpu", torch.float32, channels_last=True), "kernel"),
+    (bn_relu_conv.OP, Config("cpu", torch.float32, torch.bfloat16), "kernel"),  # BN input float32, conv bf16
     (bn_relu_conv.OP, Config("cpu", torch.bfloat16), "reference"),  # no CPU bf16 kernel
     (bn_relu_conv.OP, Config("cuda", torch.float32, tf32=False), "kernel"),  # 1.08x: within 10%
     (bn_relu_conv.OP, Config("cuda", torch.float32, tf32=True), "reference"),  # 1.27x
-    (bn_relu_conv.OP, Config("cuda", torch.bfloat16, channels_last=True), "reference"),  # 2.34x
+    (bn_relu_conv.OP, Config("cuda", torch.float32, torch.bfloat16, channels_last=True), "reference"),  # 2.34x
+    (bn_relu_conv.OP, Config("cuda", torch.float32, torch.bfloat16), "reference"),  # shares the cause
     (bn_relu_conv.OP, Config("cuda", torch.float16), "reference"),  # shares the cause, unmeasured
     (bn_relu_conv.OP, Config("cuda", torch.float32, channels_last=True), "reference"),
     (bn_relu_conv.OP, Config("cuda", torch.float64), "kernel"),
@@ -592,8 +594,8 @@ def test_config_of_reads_autocast_and_layout():
     x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
     assert _library.config_of(x) == Config("cpu", torch.float32, channels_last=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _library.config_of(x, autocast=True).dtype == torch.bfloat16
-        assert _library.config_of(x).dtype == torch.float32  # LRN: autocast does not apply
+        assert _library.config_of(x, autocast=True) == Config("cpu", torch.float32, torch.bfloat16, True)
+        assert _library.config_of(x).autocast_dtype is None  # LRN: autocast does not apply
 
 
 def test_auto_compiles_fullgraph():

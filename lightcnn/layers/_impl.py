@@ -50,10 +50,10 @@ def resolve_impl(impl: str | None) -> str:
     return _default if impl is None else _check(impl)
 
 
-def runs_kernel(impl: str | None, op: _library.KernelOp, x: torch.Tensor, autocast: bool = False) -> bool:
+def runs_kernel(impl: str | None, op: _library.KernelOp, x: torch.Tensor) -> bool:
     """Whether a layer with this `impl` runs `op`'s kernel path on input `x` ("auto" asks the op's table;
     the kernel path itself still falls back to the reference where no kernel is compiled)."""
     impl = resolve_impl(impl)
     if impl == "auto":
-        return _library.auto_uses_kernel(op, _library.config_of(x, autocast))
+        return _library.auto_uses_kernel(op, _library.config_of(x, op.autocast))
     return impl == "kernel"

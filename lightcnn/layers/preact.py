@@ -75,7 +75,7 @@ class PreActConv2d(nn.Sequential):
         # Dropout (training only): one mask drawn here for either implementation, so that a seed gives the
         # kernel and the reference the same mask.
         mask = reference.dropout_mask(x, self.drop_rate) if self.training and self.drop_rate > 0 else None
-        if not runs_kernel(self.impl, bn_relu_conv.OP, x, autocast=True) or type(self.bn) is not nn.BatchNorm2d:
+        if not runs_kernel(self.impl, bn_relu_conv.OP, x) or type(self.bn) is not nn.BatchNorm2d:
             y = self.relu(self.bn(x))
             out = self.conv(y if mask is None else reference.dropout_with_mask(y, mask, self.drop_rate))
             return out if shortcut is None else (out, shortcut(y))

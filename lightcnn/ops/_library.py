@@ -75,18 +75,29 @@ def _dispatcher_has_kernel(op: str, device_type: str) -> bool:
 
 @dataclass(frozen=True)
 class Config:
-    """What the "auto" choice looks at: device type, the dtype the op computes in (the autocast dtype
-    where autocast casts the op's main computation), layout, and cuDNN's TF32 switch (CUDA only)."""
+    """What the "auto" choice looks at: device type, the input's dtype, the autocast dtype that the op's
+    convolution would run in (None without autocast, or for ops autocast does not touch), layout, and
+    cuDNN's TF32 switch (only when a float32 convolution runs on CUDA)."""
 
     device_type: str
     dtype: torch.dtype
+    autocast_dtype: torch.dtype | None = None
     channels_last: bool = False
     tf32: bool = False
 
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.autocast_dtype or self.dtype
+
     def __str__(self) -> str:
-        dt = str(self.dtype).removeprefix("torch.")
-        tf32 = (" TF32 on" if self.tf32 else " TF32 off") if self.device_type == "cuda" and self.dtype == torch.float32 else ""
-        return f"{self.device_type} {dt}{tf32} {'channels-last' if self.channels_last else 'NCHW'}"
+        def name(d):
+            return str(d).removeprefix("torch.")
+        text = f"{self.device_type} {name(self.dtype)}"
+        if self.autocast_dtype is not None:
+            text += f" autocast {name(self.autocast_dtype)}"
+        elif self.device_type == "cuda" and self.dtype == torch.float32:
+            text += " TF32 on" if self.tf32 else " TF32 off"
+        return text + (" channels-last" if self.channels_last else " NCHW")
 
 
 @dataclass
@@ -100,6 +111,7 @@ class KernelOp:
     helpers: tuple[str, ...] = ()
     auto: Callable[[Config], bool] = lambda cfg: True
     auto_reason: str = ""
+    autocast: bool = False  # autocast casts the op's convolution (see config_of)
     compiled: dict[str, bool] = field(default_factory=dict)  # per device type, filled once by register()
 
     @property
@@ -112,9 +124,11 @@ OPS: dict[str, KernelOp] = {}
 
 
 def register(name: str, *, dtypes: dict[str, tuple[torch.dtype, ...]], helpers: tuple[str, ...] = (),
-             auto: Callable[[Config], bool] | None = None, auto_reason: str = "") -> KernelOp:
-    """Declare torch.ops.lightcnn.<name>: looks its kernels up once and adds it to `OPS` and backend_info()."""
-    op = KernelOp(name, dtypes, tuple(helpers), auto or (lambda cfg: True), auto_reason)
+             auto: Callable[[Config], bool] | None = None, auto_reason: str = "", autocast: bool = False) -> KernelOp:
+    """Declare torch.ops.lightcnn.<name>: looks its kernels up once and adds it to `OPS` and backend_info().
+    `auto(cfg)`: whether impl="auto" picks the kernel (default: always); `autocast`: the op contains a
+    convolution that autocast casts, so "auto" looks at the autocast dtype."""
+    op = KernelOp(name, dtypes, tuple(helpers), auto or (lambda cfg: True), auto_reason, autocast)
     op.compiled = {dt: all(_dispatcher_has_kernel(n, dt) for n in (name, *helpers)) for dt in DEVICE_TYPES}
     OPS[name] = op
     return op
@@ -169,14 +183,16 @@ def memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def config_of(x: torch.Tensor, autocast: bool = False) -> Config:
-    """The Config of an input; with `autocast`, the dtype is the autocast dtype when autocast is on for
-    the input's device and the input is float32 (as autocast would cast the op's convolution)."""
+    """The Config of an op's input; `autocast`: the op has a convolution that autocast would cast (then a
+    float32 input under autocast on its device gives the autocast dtype)."""
     device_type, dtype = x.device.type, x.dtype
+    autocast_dtype = None
     if autocast and dtype == torch.float32 and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
+        autocast_dtype = torch.get_autocast_dtype(device_type)
     channels_last = memory_format(x) != torch.contiguous_format
-    tf32 = device_type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-    return Config(device_type, dtype, channels_last, tf32)
+    tf32 = (device_type == "cuda" and dtype == torch.float32 and autocast_dtype is None
+            and torch.backends.cudnn.allow_tf32)
+    return Config(device_type, dtype, autocast_dtype, channels_last, tf32)
 
 
 def auto_uses_kernel(op: KernelOp | str, cfg: Config) -> bool:
@@ -185,15 +201,21 @@ def auto_uses_kernel(op: KernelOp | str, cfg: Config) -> bool:
     return cfg.dtype in op.dtypes.get(cfg.device_type, ()) and op.auto(cfg)
 
 
-def auto_table(op: KernelOp | str) -> dict[str, str]:
-    """impl="auto"'s choice ("kernel" or "reference") for every configuration of the op's kernel dtypes."""
+def auto_table(op: KernelOp | str, autocast_dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)) -> dict[str, str]:
+    """impl="auto"'s choice ("kernel" or "reference") for the op's kernel dtypes, both layouts, TF32 on and
+    off (CUDA float32), and, for ops autocast casts, float32 inputs under autocast to `autocast_dtypes`."""
     op = _get(op)
     table = {}
     for device_type, dtypes in op.dtypes.items():
         for dtype in dtypes:
+            variants = [dict()]
+            if device_type == "cuda" and dtype == torch.float32:
+                variants += [dict(tf32=True)]
+            if op.autocast and dtype == torch.float32:
+                variants += [dict(autocast_dtype=a) for a in autocast_dtypes]
             for channels_last in (False, True):
-                for tf32 in ((False, True) if device_type == "cuda" and dtype == torch.float32 else (False,)):
-                    cfg = Config(device_type, dtype, channels_last, tf32)
+                for extra in variants:
+                    cfg = Config(device_type, dtype, channels_last=channels_last, **extra)
                     table[str(cfg)] = "kernel" if op.auto(cfg) else "reference"
     return table
 

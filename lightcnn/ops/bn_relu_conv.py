@@ -43,7 +43,7 @@ def _auto(cfg: _library.Config) -> bool:
     # dtype), until a GPU measurement says otherwise. CPU: the kernel (same time, half the memory).
     if cfg.device_type != "cuda":
         return True
-    return cfg.dtype in (torch.float32, torch.float64) and not cfg.tf32 and not cfg.channels_last
+    return cfg.compute_dtype in (torch.float32, torch.float64) and not cfg.tf32 and not cfg.channels_last
 
 
 # dtypes: of the input (the BN part); under autocast the convolution runs in the autocast dtype.
@@ -51,7 +51,7 @@ OP = _library.register(
     "bn_relu_conv2d", helpers=("bn_relu_conv2d_backward",),
     dtypes={"cpu": (torch.float32, torch.float64),
             "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)},
-    auto=_auto, auto_reason="CUDA: kernel only in float32 with TF32 off and float64, NCHW (measured slower "
+    autocast=True, auto=_auto, auto_reason="CUDA: kernel only in float32 with TF32 off and float64, NCHW (measured slower "
     "with bf16 autocast + channels-last 2.34x and TF32 1.27x); CPU: kernel")
 
 
