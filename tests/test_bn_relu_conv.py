@@ -640,3 +640,16 @@ def test_cuda_aten_reductions_variant_half_matches_reference(monkeypatch, dtype)
     layer, ref = _pair(cin=20, cout=8, config="k3", device="cuda", dtype=dtype)
     x = torch.randn(4, 20, 16, 16, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
     _assert_same(layer, ref, x, dtype, training=True, steps=2)
+
+
+def test_layers_backend_info_names_each_layer_types_implementation():
+    from lightcnn import layers
+    info = layers.backend_info()
+    assert info["default_impl"] == layers.get_default_impl() == "auto"
+    assert {name: v["op"] for name, v in info["layers"].items()} == {"PreActConv2d": "bn_relu_conv2d",
+                                                                      "LocalResponseNorm": "lrn"}
+    for v in info["layers"].values():
+        assert v["auto"] == ops.backend_info()["ops"][v["op"]]["auto"]
+        assert v["compiled"]["cpu"] is True
+    with layers.default_impl("reference"):
+        assert layers.backend_info()["default_impl"] == "reference"

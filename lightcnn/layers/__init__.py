@@ -1,5 +1,6 @@
 """nn.Module faces of lightcnn's kernels, each with `impl="auto" | "kernel" | "reference"` (see _impl.py)."""
 from lightcnn.layers._impl import (
+    backend_info,
     default_impl,
     get_default_impl,
     resolve_impl,
@@ -8,4 +9,5 @@ from lightcnn.layers._impl import (
 from lightcnn.layers.lrn import LocalResponseNorm
 from lightcnn.layers.preact import PreActConv2d
 
-__all__ = ["LocalResponseNorm", "PreActConv2d", "default_impl", "get_default_impl", "resolve_impl", "set_default_impl"]
+__all__ = ["LocalResponseNorm", "PreActConv2d", "backend_info", "default_impl", "get_default_impl", "resolve_impl",
+           "set_default_impl"]

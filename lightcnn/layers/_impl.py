@@ -57,3 +57,19 @@ def runs_kernel(impl: str | None, op: _library.KernelOp, x: torch.Tensor) -> boo
     if impl == "auto":
         return _library.auto_uses_kernel(op, _library.config_of(x, op.autocast))
     return impl == "kernel"
+
+
+# Layer type -> the op it runs (each layer module adds itself), for backend_info().
+LAYER_OPS: dict[str, _library.KernelOp] = {}
+
+
+def backend_info() -> dict:
+    """Which implementation each kernel-backed layer type uses: {'default_impl': 'auto'|'kernel'|'reference',
+    'layers': {layer: {'op': name, 'compiled': {device type: bool}, 'auto': {configuration: 'kernel' |
+    'reference'}}}}. Under "auto" a configuration marked "kernel" runs the kernel where it is compiled
+    (elsewhere the reference, with one warning); "kernel" forces it; "reference" never uses it."""
+    return {
+        "default_impl": _default,
+        "layers": {name: {"op": op.name, "compiled": dict(op.compiled), "auto": _library.auto_table(op)}
+                   for name, op in LAYER_OPS.items()},
+    }

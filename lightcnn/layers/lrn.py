@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightcnn.layers._impl import resolve_impl, runs_kernel
+from lightcnn.layers._impl import LAYER_OPS, resolve_impl, runs_kernel
 from lightcnn.ops import local_response_norm, lrn, reference
 
 
@@ -26,3 +26,6 @@ class LocalResponseNorm(nn.LocalResponseNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", impl={self.impl}" if self.impl else "")
+
+
+LAYER_OPS["LocalResponseNorm"] = lrn.OP

@@ -6,7 +6,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from lightcnn.layers._impl import resolve_impl, runs_kernel
+from lightcnn.layers._impl import LAYER_OPS, resolve_impl, runs_kernel
 from lightcnn.ops import bn_relu_conv, bn_relu_conv2d, reference
 
 
@@ -85,3 +85,6 @@ class PreActConv2d(nn.Sequential):
     def extra_repr(self) -> str:
         extra = [f"drop_rate={self.drop_rate}"] if self.drop_rate else []
         return ", ".join(extra + ([f"impl={self.impl}"] if self.impl else []))
+
+
+LAYER_OPS["PreActConv2d"] = bn_relu_conv.OP
