@@ -82,7 +82,7 @@ main() {
     build
     export LIGHTCNN_REQUIRE_KERNELS=1
   fi
-  python -c "import json, lightcnn.ops as o; print(json.dumps(o.backend_info(), indent=1))"
+  python -c "import json, lightcnn.ops as o, lightcnn.layers as l; print(json.dumps([o.backend_info(), l.backend_info()], indent=1))"
   SECONDS=0
   if [ "$quick" = 1 ]; then benches=("${QUICK_BENCHMARKS[@]}"); else benches=("${BENCHMARKS[@]}"); fi
   for cmd in "${benches[@]}"; do
