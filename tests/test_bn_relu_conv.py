@@ -653,3 +653,25 @@ def test_layers_backend_info_names_each_layer_types_implementation():
         assert v["compiled"]["cpu"] is True
     with layers.default_impl("reference"):
         assert layers.backend_info()["default_impl"] == "reference"
+
+
+@pytest.mark.slow
+def test_dropout_under_inductor_matches_eager_with_the_same_seed(monkeypatch):
+    """torch.compile (inductor, fullgraph) of the unit with dropout: with inductor's fallback_random (torch's
+    own generator), the same seed gives the eager output and gradients."""
+    import torch._inductor.config as inductor_config
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    torch._dynamo.reset()
+    layer, _ = _pair(cin=8, cout=8, config="k3", dtype=torch.float32)
+    layer.drop_rate = 0.3
+    compiled = torch.compile(layer, fullgraph=True)
+    x = torch.randn(4, 8, 8, 8)
+    results = []
+    for fn in (compiled, layer):
+        torch.manual_seed(1)
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.square().sum().backward()
+        results.append((out, xi.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
