@@ -13,7 +13,7 @@ from lightcnn.data import (
     SyntheticDataModule,
 )
 from lightcnn.data.digits import load_digits_tensors
-from lightcnn.models.base import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
+from lightcnn.constants import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
 
 def _attach(dm, world_size: int):

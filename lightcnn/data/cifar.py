@@ -18,7 +18,7 @@ from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 from lightcnn.data.base import ClassificationDataModule
-from lightcnn.models.base import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
+from lightcnn.constants import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
 
 class _VerifiableMixin:

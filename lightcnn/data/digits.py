@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset, random_split
 
 from lightcnn.data.base import ClassificationDataModule
-from lightcnn.models.base import DIGITS_MEAN, DIGITS_STD
+from lightcnn.constants import DIGITS_MEAN, DIGITS_STD
 
 
 def load_digits_tensors(image_size: int = 32, digit_size: int = 24) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from lightcnn.data.base import ClassificationDataModule
-from lightcnn.models.base import IMAGENET_MEAN, IMAGENET_STD
+from lightcnn.constants import IMAGENET_MEAN, IMAGENET_STD
 
 
 def imagenet_transforms(
