@@ -37,7 +37,7 @@ def _meta(name: str, **kwargs) -> nn.Module:
         return create(name, **kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _meta_default(name: str) -> nn.Module:
     """One meta-device build per model in its default configuration, shared by the tests that only read it
     (each sets train/eval mode itself)."""

@@ -96,7 +96,8 @@ class AlexNet(Classifier):
                                                             spec.padding, groups=spec.groups))
             self.features.add_module(f"relu{n}", nn.ReLU(inplace=True))
             # 3.3: "applied this normalization after applying the ReLU nonlinearity"; 3.4: overlapping pooling
-            norm = [(f"norm{n}", LocalResponseNorm(lrn_size, lrn_alpha, lrn_beta, lrn_k, impl=impl))] if i in lrn_after else []
+            norm = ([(f"norm{n}", LocalResponseNorm(lrn_size, lrn_alpha, lrn_beta, lrn_k, impl=impl))]
+                    if i in lrn_after else [])
             pool = [(f"pool{n}", nn.MaxPool2d(3, 2, ceil_mode=ceil_mode))] if i in pool_after else []
             for name, module in (pool + norm if pool_before_lrn else norm + pool):
                 self.features.add_module(name, module)
