@@ -145,3 +145,19 @@ def test_importing_the_data_package_loads_no_model_and_no_kernel():
             "print(sorted(m for m in sys.modules if m.startswith(('lightcnn.models', 'lightcnn._C', 'lightcnn.ops'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_make_default_cfg_from_the_knobs():
+    from lightcnn.models.base import make_default_cfg
+
+    assert make_default_cfg("cifar", 100, 3)["dataset"] == "cifar100"
+    grey = make_default_cfg("cifar", 10, 1)
+    assert grey["mean"] == (0.5,) and grey["input_size"] == (1, 32, 32)
+    assert make_default_cfg("imagenet", 1000, 3, 227)["mean"] == DATASETS["imagenet"]["mean"]
+    cfg = make_default_cfg("imagenet", 5, 2, (240, 320), mean=(0.5,), std=(0.25,))
+    assert cfg["input_size"] == (2, 240, 320) and cfg["mean"] == (0.5, 0.5) and cfg["std"] == (0.25, 0.25)
+    with pytest.raises(ValueError, match="1 or 3 values"):
+        make_default_cfg("imagenet", 5, 3, mean=(0.5, 0.5), std=(0.5, 0.5))
+    with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
+        make_default_cfg("mnist", 10, 1)
+    assert create("resnet18", in_chans=1).default_cfg["input_size"] == (1, 224, 224)

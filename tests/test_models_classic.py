@@ -227,34 +227,24 @@ def test_lenet5_original_layers_follow_the_paper():
     assert create("lenet5_original", num_classes=26).output.centres.shape == (26, 84)
 
 
-@pytest.mark.parametrize("name", ["lenet5", "lenet5_original"])
-def test_lenet_default_cfg_declares_the_normalisation_the_digits_data_applies(name):
-    from lightcnn.data.digits import load_digits_tensors
+@pytest.mark.parametrize("name, background, ink", [("lenet5", -1.0, 1.0), ("lenet5_original", -0.1, 1.175)])
+def test_digits_data_applies_the_normalisation_the_lenet_cfg_declares(name, background, ink):
+    """lenet5_original's cfg carries the paper's input levels (section II-B: background -0.1, ink 1.175),
+    lenet5's the digits data set's 0.5/0.5; the data module, fed by the network, produces exactly them."""
+    from types import SimpleNamespace
 
-    cfg = create(name).default_cfg
-    x, _ = load_digits_tensors()
-    background = x[..., 0, 0]  # the padded border is background (0 before normalisation)
-    assert torch.all(background == (0.0 - cfg["mean"][0]) / cfg["std"][0])
-    assert x.max().item() <= (1.0 - cfg["mean"][0]) / cfg["std"][0] + 1e-6
+    from lightcnn.data import DigitsDataModule
 
-
-def test_lenet5_original_c1_absorbs_the_papers_input_levels_exactly():
-    """The paper's levels (background -0.1, ink 1.175) are an affine map a x + b of the data's: C1 (no
-    padding, before any nonlinearity) with weights a w and bias + b sum(w) gives the same network."""
-    torch.manual_seed(0)
-    model = create("lenet5_original").eval()
+    model = create(name)
     cfg = model.default_cfg
-    x01 = torch.rand(2, 1, 32, 32)
-    ours = (x01 - cfg["mean"][0]) / cfg["std"][0]
-    paper = -0.1 + 1.275 * x01
-    a = 1.275 * cfg["std"][0]  # paper = a * ours + b
-    b = paper[0, 0, 0, 0] - a * ours[0, 0, 0, 0]
-    y = model(ours)
-    with torch.no_grad():
-        c1 = model.features.c1
-        c1.bias += -b / a * c1.weight.sum((1, 2, 3))
-        c1.weight /= a
-    torch.testing.assert_close(model(paper), y, rtol=1e-4, atol=1e-4)
+    assert ((0.0 - cfg["mean"][0]) / cfg["std"][0], (1.0 - cfg["mean"][0]) / cfg["std"][0]) == pytest.approx(
+        (background, ink))
+    dm = DigitsDataModule(batch_size=8)
+    dm.trainer = SimpleNamespace(world_size=1, lightning_module=SimpleNamespace(net=model))
+    dm.setup("fit")
+    x = torch.stack([dm.train_set[i][0] for i in range(64)])
+    assert x[..., 0, 0].unique().tolist() == pytest.approx([background])  # the padded border
+    assert x.max().item() <= ink + 1e-5 and x.max().item() > background + 0.9 * (ink - background)
 
 
 def test_zfnet_filter_renormalisation_caps_the_rms_at_the_radius():

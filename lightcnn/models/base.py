@@ -10,21 +10,31 @@ from lightcnn.constants import DATASETS
 
 
 def make_default_cfg(dataset: str, num_classes: int, in_chans: int, input_size: int | tuple[int, int] | None = None,
-                     **extra) -> dict:
+                     mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, **extra) -> dict:
     """The one way a model states what it expects: `{input_size: (C, H, W), mean, std, dataset, num_classes}`
-    built from the model's real knobs. `dataset` names the paper's data set (a key of
-    `lightcnn.constants.DATASETS`), or "cifar" for the CIFAR nets, which take CIFAR-100 for 100 classes and
-    CIFAR-10 otherwise; its mean/std are used when they have `in_chans` entries, and 0.5/0.5 per channel
-    otherwise. `input_size` is the side (or (H, W)) the model is built for, the data set's native side by
-    default. `extra` adds model-specific entries (e.g. crop_pct)."""
+    built from the model's real knobs; the data modules apply it unless a recipe says otherwise.
+
+    `dataset` names the paper's data set (a key of `lightcnn.constants.DATASETS`), or "cifar" for the
+    CIFAR nets, which take CIFAR-100 for 100 classes and CIFAR-10 otherwise. `input_size` is the side (or
+    (H, W)) the model is built for, the data set's native side by default. `mean`/`std` are the data set's
+    when they have `in_chans` entries, 0.5/0.5 per channel otherwise; a paper that prescribes its own
+    input normalisation passes it (one value, repeated over the channels, or one per channel). `extra`
+    adds model-specific entries (e.g. crop_pct)."""
     if dataset == "cifar":
         dataset = "cifar100" if num_classes == 100 else "cifar10"
     if dataset not in DATASETS:
         raise ValueError(f"make_default_cfg: unknown dataset {dataset!r}; known: cifar, {', '.join(DATASETS)}")
     facts = DATASETS[dataset]
-    mean, std = facts["mean"], facts["std"]
-    if len(mean) != in_chans:
-        mean, std = (0.5,) * in_chans, (0.5,) * in_chans
+    if (mean is None) != (std is None):
+        raise ValueError("make_default_cfg: give both mean and std, or neither")
+    if mean is None:
+        mean, std = facts["mean"], facts["std"]
+        if len(mean) != in_chans:
+            mean, std = (0.5,) * in_chans, (0.5,) * in_chans
+    else:
+        mean, std = (tuple(v) * in_chans if len(v) == 1 else tuple(v) for v in (mean, std))
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(f"make_default_cfg: mean {mean} / std {std} need 1 or {in_chans} values")
     side = facts["input_side"] if input_size is None else input_size
     hw = (side, side) if isinstance(side, int) else tuple(side)
     return dict(input_size=(in_chans, *hw), mean=tuple(mean), std=tuple(std), dataset=dataset,

@@ -9,12 +9,10 @@ f(a) = 1.7159 tanh(2a/3) (Appendix A) after every layer up to F6, and an output 
 units whose centres are fixed +-1 codes (section II-B). Its 60,000 trainable parameters are the paper's:
 C1 156, S2 12, C3 1,516, S4 32, C5 48,120, F6 10,164.
 
-Input normalisation: both networks declare the digits data set's own (`lightcnn.constants.DIGITS_MEAN/STD`,
-what `lightcnn.data.DigitsDataModule` applies), not the paper's levels (background -0.1, ink 1.175,
-section II-B). The two differ by a per-pixel affine map x -> a x + b, and C1 (a linear convolution
-without padding, before any nonlinearity) absorbs it exactly (weights a w, bias + b sum(w)): the same
-networks can be learnt, only the scale of the initialisation differs. A cfg that declared the paper's
-levels would describe an input that no data module here produces.
+Input normalisation (`default_cfg`, which `lightcnn.data.DigitsDataModule` applies unless a recipe sets
+mean/std): `lenet5` takes the digits data set's 0.5/0.5; `lenet5_original` the paper's levels (section
+II-B: background -0.1, ink 1.175, so that the inputs have mean ~0 and variance ~1, which its scaled tanh
+and +-2.4/F_i initialisation assume).
 """
 from __future__ import annotations
 
@@ -26,6 +24,10 @@ from torch import nn
 
 from lightcnn.models.base import Classifier, make_default_cfg
 from lightcnn.models.registry import register_model
+
+# Section II-B: inputs are normalised so that the background (0) is -0.1 and the ink (1) is 1.175:
+# (x - mean) / std with std = 1 / 1.275, mean = 0.1 std.
+PAPER_MEAN, PAPER_STD = (0.1 / 1.275,), (1 / 1.275,)
 
 # Table I: which S2 maps (rows) each C3 map (column) reads. Maps 0-5 take 3 contiguous S2 maps, 6-11 take 4
 # contiguous ones, 12-14 take 4 discontinuous ones, and 15 takes all six ("breaks the symmetry", II-B).
@@ -178,7 +180,7 @@ class LeNet5Original(Classifier):
 
     Args:
         num_classes: RBF output units (10 digits in the paper).
-        in_chans: input channels (1: grey images).
+        in_chans: input channels (1: grey images, normalised to background -0.1, ink 1.175).
         connections: Table I, the S2 maps each C3 map reads (16 tuples).
         rbf_centres: "bitmap" (the 10 digits drawn on 7x12 bitmaps, +-1), "random" (seeded +-1 codes,
             any class count), or None: "bitmap" for 10 classes, "random" otherwise.
@@ -212,7 +214,7 @@ class LeNet5Original(Classifier):
         if rbf_centres is None:
             rbf_centres = "bitmap" if num_classes == 10 else "random"
         self.output = EuclideanRBF(make_rbf_centres(num_classes, 84, rbf_centres))
-        self.default_cfg = make_default_cfg("digits", num_classes, in_chans)
+        self.default_cfg = make_default_cfg("digits", num_classes, in_chans, mean=PAPER_MEAN, std=PAPER_STD)
         if init == "paper":
             self._init_paper()
 
