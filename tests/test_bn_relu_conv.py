@@ -675,3 +675,13 @@ def test_dropout_under_inductor_matches_eager_with_the_same_seed(monkeypatch):
         results.append((out, xi.grad))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
+
+
+@pytest.mark.parametrize("impl", ["auto", "kernel", "reference"])
+def test_layers_run_on_the_meta_device(impl):
+    """Shape-only runs (model summaries, FLOP counts on meta): no kernel, no autocast state to ask about."""
+    with torch.device("meta"):
+        model = nn.Sequential(PreActConv2d(4, 8, 3, padding=1, drop_rate=0.3, impl=impl),
+                              LocalResponseNorm(3, impl=impl))
+        out = model(torch.randn(2, 4, 6, 6))
+    assert out.shape == (2, 8, 6, 6) and out.device.type == "meta"

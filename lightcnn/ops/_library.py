@@ -187,7 +187,8 @@ def config_of(x: torch.Tensor, autocast: bool = False) -> Config:
     float32 input under autocast on its device gives the autocast dtype)."""
     device_type, dtype = x.device.type, x.dtype
     autocast_dtype = None
-    if autocast and dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+    # (autocast knows real devices only: a "meta" tensor has no autocast state to ask about)
+    if autocast and dtype == torch.float32 and device_type in DEVICE_TYPES and torch.is_autocast_enabled(device_type):
         autocast_dtype = torch.get_autocast_dtype(device_type)
     channels_last = memory_format(x) != torch.contiguous_format
     tf32 = (device_type == "cuda" and dtype == torch.float32 and autocast_dtype is None

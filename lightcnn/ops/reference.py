@@ -2,6 +2,8 @@
 missing. Each has exactly the semantics of its compiled twin."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -11,7 +13,9 @@ def local_response_norm(input: torch.Tensor, size: int, alpha: float = 1e-4, bet
     """`torch.nn.functional.local_response_norm`: b_c = a_c / (k + alpha/n * sum_{window} a^2)^beta with
     the window [c - n//2, c + (n-1)//2] and division by n also at the channel edges. In the input's dtype
     whatever autocast says (the kernel's autocast policy, lightcnn/ops/lrn.py)."""
-    with torch.autocast(input.device.type, enabled=False):
+    device_type = input.device.type
+    # autocast exists for real devices only (not "meta"): nothing to turn off elsewhere
+    with torch.autocast(device_type, enabled=False) if device_type in ("cpu", "cuda") else contextlib.nullcontext():
         if input.device.type == "cpu" and input.dtype in (torch.float16, torch.bfloat16):
             # PyTorch's CPU pooling has no half-precision kernels for 4-D/5-D input: compute in float32.
             return F.local_response_norm(input.float(), size, alpha=alpha, beta=beta, k=k).to(input.dtype)
