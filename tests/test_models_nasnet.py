@@ -7,6 +7,7 @@ the heavy twins: Large at 331 on real tensors, inductor compile).
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import lightning as L
@@ -32,9 +33,6 @@ from lightcnn.training import ClassifierModule
 from lightcnn.training.drop_path import ScheduledDropPath
 
 NASNETS = ["nasnet_a_cifar", "nasnet_a_large", "nasnet_a_mobile"]
-# published.py counts nasnet_a_cifar with the stem output mapped to F by ReLU-1x1-BN before the first cell;
-# the released code (our default) passes it on untouched: test_cifar_first_cell_... accounts for the gap.
-PUBLISHED_WIRING = {"nasnet_a_cifar": dict(first_cell_prev="relu_conv_bn")}
 # (N, F, stem filters, keep prob) of the released configs: cifar_config, mobile/large_imagenet_config.
 RELEASED = {"nasnet_a_cifar": (6, 32, 96, 0.6), "nasnet_a_mobile": (4, 44, 32, 1.0), "nasnet_a_large": (6, 168, 96, 0.7)}
 TINY = dict(num_normal_cells=1, penultimate_filters=96)  # F = 4: a 5-cell CIFAR net for the slow machinery
@@ -76,10 +74,9 @@ def test_the_three_nasnets_are_registered_with_their_papers_input():
 @pytest.mark.parametrize("name", NASNETS)
 def test_params_exact_and_macs_within_1pct_of_published(name):
     ref = published(name)
-    kw = PUBLISHED_WIRING.get(name, {})
-    without_aux = build_meta(name, aux_head=False, **kw)
+    without_aux = build_meta(name, aux_head=False)
     assert n_params(without_aux) == ref.params
-    assert n_params(build_meta(name, **kw)) - ref.params == ref.aux_params
+    assert n_params(build_meta(name)) - ref.params == ref.aux_params
     assert macs(without_aux, ref.input_side) / 1e9 == pytest.approx(ref.gmacs, rel=0.01)
 
 
@@ -97,10 +94,10 @@ def test_cifar_first_cell_reads_the_stem_output_untouched_as_released():
     variant += sep(F_, 3) + sep(F_, 5) + sep(F_, 3)  # ... after which the ops read F channels and need no 1x1
     bn = 2 * F_
     param_gap = released - variant + 4 * bn - bn
-    default, wired = build_meta("nasnet_a_cifar", aux_head=False), build_meta("nasnet_a_cifar", aux_head=False,
-                                                                               **PUBLISHED_WIRING["nasnet_a_cifar"])
-    assert n_params(default) - n_params(wired) == param_gap == 18_304
-    assert macs(default, side) - macs(wired, side) == (released - variant) * side * side
+    as_released = build_meta("nasnet_a_cifar", aux_head=False, first_cell_prev="released")
+    wired = build_meta("nasnet_a_cifar", aux_head=False, first_cell_prev="relu_conv_bn")
+    assert n_params(as_released) - n_params(wired) == param_gap == 18_304
+    assert macs(as_released, side) - macs(wired, side) == (released - variant) * side * side
     assert sum(NORMAL_CELL.hiddenstate_indices[i] == 1 for i in range(10)) == 6  # the six ops on h-1 counted above
 
 
@@ -302,6 +299,30 @@ def test_callback_on_a_network_without_drop_path_is_a_clear_error():
         ScheduledDropPath(interval="batch")
 
 
+def test_cifar_recipe_is_the_released_setup(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from lightcnn.training.cli import LightCNNCLI
+
+    monkeypatch.setattr("sys.argv", ["lightcnn.fit"])
+    path = Path(__file__).resolve().parents[1] / "experiments" / "nasnet_a_cifar10.yaml"
+    cli = LightCNNCLI(["--config", str(path), "--run_root", str(tmp_path), "--trainer.logger", "false"],
+                      stage="fit", experiment_name=path.stem)
+    module, data, trainer = cli.model, cli.datamodule, cli.trainer
+    assert module.hparams.model == "nasnet_a_cifar" and module.hparams.aux_loss_weights == 0.4
+    assert data.batch_size == 32 and data.cutout == 0  # the 3.41% figure is without cutout
+    cfg = module.configure_optimizers()
+    group, sched = cfg["optimizer"].param_groups[0], cfg["lr_scheduler"]["scheduler"]
+    assert (group["lr"], group["weight_decay"]) == (0.025, 5e-4)
+    assert isinstance(sched, torch.optim.lr_scheduler.CosineAnnealingLR) and cfg["lr_scheduler"]["interval"] == "step"
+    assert sched.T_max == trainer.max_steps == 937_500 == 600 * 50_000 // 32  # cifar_config's total_training_steps
+    assert (trainer.gradient_clip_val, trainer.gradient_clip_algorithm) == (5.0, "norm")
+    (schedule,) = [cb for cb in trainer.callbacks if isinstance(cb, ScheduledDropPath)]
+    assert schedule.interval == "step" and schedule.total_steps is None  # rises over the whole run
+    assert module.net.aux is not None
+    assert {round(p.max_drop_prob, 6) for p in drop_paths(list(module.net.cells.values())[-1])} == {0.4}
+
+
 # ------------------------------------------------------------------------------------- SAME padding
 
 def _tf_pool(x: torch.Tensor, kind: str, k: int, s: int) -> torch.Tensor:
@@ -377,19 +398,25 @@ def test_timm_state_dict_maps_key_for_key_and_bad_input_is_an_error():
 
 # ------------------------------------------------------------------------------- compile and autocast
 
-def _compiled_matches_eager(backend: str) -> None:
+def _compiled_matches_float64(backend: str) -> None:
+    """Compiled float32 logits and gradients against the eager network in float64. Gradients are compared
+    norm-wise per parameter: after ~40 train-mode BNs on a batch of 2, float32 (eager or compiled) differs
+    from float64 by ~1e-4 relative, and single elements of the large stem gradients by more than any
+    elementwise tolerance that would still catch a wrong graph."""
     model = create("nasnet_a_cifar", **TINY).train()
     model.set_drop_path_progress(0.0)  # nothing dropped: compiled and eager see the same randomness-free net
     x = torch.randn(2, 3, 32, 32)
+    reference = copy.deepcopy(model).double()
+    out_r = reference(x.double())
     compiled = torch.compile(model, backend=backend, fullgraph=True)
-    out_c, out_e = compiled(x), model(x)
+    out_c = compiled(x)
     assert type(out_c) is NASNetOutputs
-    torch.testing.assert_close(torch.stack(list(out_c)), torch.stack(list(out_e)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.stack(list(out_c)).double(), torch.stack(list(out_r)), rtol=1e-4, atol=1e-4)
     loss = lambda out: out.logits.logsumexp(-1).sum() + 0.4 * out.aux_logits.logsumexp(-1).sum()
-    grads_e = torch.autograd.grad(loss(out_e), list(model.parameters()))
+    grads_r = torch.autograd.grad(loss(out_r), list(reference.parameters()))
     grads_c = torch.autograd.grad(loss(out_c), list(model.parameters()))
-    for ge, gc in zip(grads_e, grads_c):
-        torch.testing.assert_close(gc, ge, rtol=1e-3, atol=1e-4)
+    for (name, _), gc, gr in zip(model.named_parameters(), grads_c, grads_r):
+        assert ((gc.double() - gr).norm() / gr.norm()).item() < 2e-3, name
     # The schedule lives in buffers: moving it neither breaks the graph nor recompiles.
     with torch._dynamo.config.patch(error_on_recompile=True):
         for fraction in (0.3, 1.0):
@@ -412,8 +439,8 @@ def test_torch_compile_traces_one_graph_without_recompiling_as_the_schedule_move
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_torch_compile_matches_eager_with_gradients(backend):
-    _compiled_matches_eager(backend)
+def test_torch_compile_matches_float64_eager_with_gradients(backend):
+    _compiled_matches_float64(backend)
 
 
 @pytest.mark.parametrize("name", ["nasnet_a_cifar", "nasnet_a_mobile"])

@@ -472,8 +472,8 @@ class NASNet(Classifier):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(penultimate_filters, num_classes)
-        dataset = "imagenet" if stem == "imagenet" else "cifar100" if num_classes == 100 else "cifar10"
-        self.default_cfg = make_default_cfg(dataset, num_classes, in_chans, image_size)
+        self.default_cfg = make_default_cfg("imagenet" if stem == "imagenet" else "cifar", num_classes, in_chans,
+                                            image_size)
         self._init_released()
 
     @torch.no_grad()
@@ -617,5 +617,7 @@ def nasnet_from_timm(timm_model_or_state_dict: nn.Module | Mapping[str, torch.Te
                 m.reset_parameters()
         model._init_released(model.aux)
     model.set_drop_path_progress(0.0)  # the schedule's buffers are not in any state_dict
-    model.default_cfg = {**model.default_cfg, "mean": (0.5,) * model.in_chans, "std": (0.5,) * model.in_chans}
+    # TF-slim's inception preprocessing scales the images to [-1, 1]
+    model.default_cfg = make_default_cfg("imagenet", model.num_classes, model.in_chans, model.default_cfg["input_size"][1:],
+                                         mean=(0.5,), std=(0.5,))
     return model
