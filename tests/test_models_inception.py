@@ -2,7 +2,7 @@
 widths, residual scaling, timm weight import, compile and autocast.
 
 Counts and shapes are taken on the meta device; forward passes run on the CPU at 75x75 (the smallest
-input the valid-padded stems and reductions take) except the slow native-size twins at 299x299.
+input the valid-padded stems and reductions take), and forward + backward also at the native 299x299.
 """
 from __future__ import annotations
 
@@ -166,9 +166,8 @@ def test_forward_backward_small_input(name):
     _forward_backward(name, 224 if name == "zfnet_large" else SMALL)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("name", INCEPTION)
-def test_forward_backward_at_native_size(name):
+def test_forward_backward_at_native_size(name):  # 5-11 s each on 2 shared CPU cores
     _forward_backward(name, 299)
 
 

@@ -24,6 +24,7 @@ from lightcnn.models.registry import create
 from lightcnn.models.weights import _describe, _layers
 
 StateDict = Mapping[str, torch.Tensor]
+Converter = Callable[[nn.Module, StateDict], Mapping[str, torch.Tensor]]
 
 
 def convert_in_order(model: nn.Module, state_dict: StateDict) -> "OrderedDict[str, torch.Tensor]":
@@ -37,8 +38,9 @@ def convert_in_order(model: nn.Module, state_dict: StateDict) -> "OrderedDict[st
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for (our_prefix, our_layer), (their_prefix, their_layer) in zip(ours.items(), theirs.items()):
         if set(our_layer) != set(their_layer):
-            raise ValueError(f"timm's {their_prefix} ({_describe(their_layer)}: {sorted(their_layer)}) does not match "
-                             f"our {our_prefix} ({_describe(our_layer)}: {sorted(our_layer)}): the architectures differ")
+            raise ValueError(f"timm's {their_prefix} ({_describe(their_layer)}: {sorted(their_layer)}) does not "
+                             f"match our {our_prefix} ({_describe(our_layer)}: {sorted(our_layer)}): the architectures "
+                             f"differ")
         for leaf, t in our_layer.items():
             theirs_t = their_layer[leaf]
             if tuple(t.shape) != tuple(theirs_t.shape):
@@ -54,15 +56,14 @@ class TimmTwin(NamedTuple):
     """A lightcnn model with timm's architecture: the timm model's name and how its state_dict maps onto ours."""
 
     timm_name: str
-    convert: Callable[[nn.Module, StateDict], Mapping[str, torch.Tensor]] = convert_in_order
+    convert: Converter = convert_in_order
 
 
 # lightcnn name -> its timm twin; families add theirs with `register_timm_twin`.
 TIMM_TWINS: dict[str, TimmTwin] = {}
 
 
-def register_timm_twin(name: str, timm_name: str,
-                       convert: Callable[[nn.Module, StateDict], Mapping[str, torch.Tensor]] = convert_in_order) -> None:
+def register_timm_twin(name: str, timm_name: str, convert: Converter = convert_in_order) -> None:
     """Declare that lightcnn model `name` has the architecture of timm's `timm_name`; `convert(model,
     timm_state_dict)` returns the state_dict to load into `model` (default: `convert_in_order`)."""
     if name in TIMM_TWINS:
