@@ -231,13 +231,20 @@ def test_fractalnet20_runs_under_torch_compile():
     _compiled_matches_eager(model.train(), 32)
 
 
-def test_bfloat16_autocast():
-    model = create("fractalnet20").eval()
-    x = torch.randn(2, 3, 32, 32)
+def bf16_autocast_error(model: nn.Module, x: torch.Tensor) -> float:
+    """The relative error of the eval-mode logits under CPU bf16 autocast (checking that the features come out
+    in bf16 and are finite), against float32; logits centred per sample."""
+    model.eval()
     with torch.no_grad():
         expected = model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert model.forward_head(model.forward_features(x), pre_logits=True).dtype == torch.bfloat16
-            y = model(x)
+            y = model(x).float()
     assert torch.isfinite(y).all()
-    assert (y.float() - expected).norm() / expected.norm() < 0.03
+    centred = lambda t: t - t.mean(1, keepdim=True)  # noqa: E731
+    return ((centred(y) - centred(expected)).norm() / centred(expected).norm()).item()
+
+
+def test_bfloat16_autocast():
+    # bfloat16 keeps 8 bits (~0.4% per rounding); measured 0.5-0.7% here, the classic models' bound is 3%
+    assert bf16_autocast_error(create("fractalnet20"), torch.randn(2, 3, 32, 32)) < 0.03

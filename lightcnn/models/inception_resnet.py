@@ -30,15 +30,8 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from lightcnn.models.base import Classifier
 from lightcnn.models.inception_v4 import (
-    BN_EPS,
-    Mixed,
-    block_reduction_a,
-    branch,
-    inception_cfg,
-    max_pool_branch,
-    stem_v4,
+    BN_EPS, InceptionClassifier, Mixed, block_reduction_a, branch, max_pool_branch, stem_v4,
 )
 from lightcnn.models.registry import register_model
 
@@ -128,7 +121,7 @@ def stem_resnet_v2_released(in_chans: int, bn_eps: float = BN_EPS) -> tuple[list
 STEMS = {"inception_v4": stem_v4, "inception_resnet_v1": stem_resnet_v1, "tf_slim_v2": stem_resnet_v2_released}
 
 
-class InceptionResNet(Classifier):
+class InceptionResNet(InceptionClassifier):
     """Inception-ResNet: stem, A modules at 35x35, Reduction-A, B modules at 17x17, Reduction-B, C modules at
     8x8, average pooling, dropout, classifier. The defaults are Inception-ResNet-v2 as drawn in the paper.
 
@@ -170,10 +163,10 @@ class InceptionResNet(Classifier):
                      reduction_b=reduction_b, residual_scales=residual_scales)
         for key, n in expected.items():
             if len(given[key]) != n:
-                raise ValueError(f"{key} needs {n} numbers (see the InceptionResNet docstring), got {tuple(given[key])}")
+                raise ValueError(f"{key} needs {n} numbers (see the InceptionResNet docstring), got "
+                                 f"{tuple(given[key])}")
         if last_block_linear and num_blocks[2] < 1:
             raise ValueError("last_block_linear needs at least one Inception-ResNet-C module")
-        self.num_classes, self.in_chans = num_classes, in_chans
         layers, c = STEMS[stem](in_chans, bn_eps)
         scale_a, scale_b, scale_c = residual_scales
         layers.append(("Repeat", nn.Sequential(OrderedDict(
@@ -192,19 +185,7 @@ class InceptionResNet(Classifier):
         if final_conv is not None:
             layers.append(("Conv2d_7b_1x1", _unit(c, "Conv2d_7b_1x1", final_conv, bn_eps=bn_eps)))
             c = final_conv
-        self.features = nn.Sequential(OrderedDict(layers))
-        self.num_features = c
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(drop_rate)
-        self.Logits = nn.Linear(c, num_classes)
-        self.default_cfg = inception_cfg(num_classes, in_chans, input_size)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.dropout(torch.flatten(self.global_pool(x), 1))
-        return x if pre_logits else self.Logits(x)
+        self._build(layers, c, num_classes, in_chans, drop_rate, input_size)
 
 
 @register_model

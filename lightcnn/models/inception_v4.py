@@ -184,7 +184,28 @@ def mixed_names(first: str, count: int) -> list[str]:
     return [first[:-1] + chr(ord(first[-1]) + i) for i in range(count)]
 
 
-class InceptionV4(Classifier):
+class InceptionClassifier(Classifier):
+    """What Inception-v4 and Inception-ResNet share: `features` (the TF-slim-named modules), then global
+    average pooling, dropout and the `Logits` layer (Figs. 9 and 15)."""
+
+    def _build(self, layers: list[tuple[str, nn.Module]], width: int, num_classes: int, in_chans: int,
+               drop_rate: float, input_size: int) -> None:
+        self.num_classes, self.in_chans, self.num_features = num_classes, in_chans, width
+        self.features = nn.Sequential(OrderedDict(layers))
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(drop_rate)
+        self.Logits = nn.Linear(width, num_classes)
+        self.default_cfg = inception_cfg(num_classes, in_chans, input_size)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.dropout(torch.flatten(self.global_pool(x), 1))
+        return x if pre_logits else self.Logits(x)
+
+
+class InceptionV4(InceptionClassifier):
     """Inception-v4 of Fig. 9, in TF-slim's layout and names; `forward_features` gives N x 1536 x 8 x 8.
 
     Args:
@@ -204,7 +225,6 @@ class InceptionV4(Classifier):
         if len(num_blocks) != 3 or len(reduction_a) != 4:
             raise ValueError(f"num_blocks needs 3 counts (Inception-A, B, C) and reduction_a 4 widths (k, l, m, n); "
                              f"got {tuple(num_blocks)} and {tuple(reduction_a)}")
-        self.num_classes, self.in_chans = num_classes, in_chans
         layers, c = stem_v4(in_chans, bn_eps)
         for name in mixed_names("Mixed_5b", num_blocks[0]):
             layers.append((name, block_inception_a(c, bn_eps)))  # 35 x 35 x 384
@@ -218,19 +238,7 @@ class InceptionV4(Classifier):
         for name in mixed_names("Mixed_7b", num_blocks[2]):
             layers.append((name, block := block_inception_c(c, bn_eps)))
             c = block.out_channels
-        self.features = nn.Sequential(OrderedDict(layers))
-        self.num_features = c
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(drop_rate)
-        self.Logits = nn.Linear(c, num_classes)
-        self.default_cfg = inception_cfg(num_classes, in_chans, input_size)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.dropout(torch.flatten(self.global_pool(x), 1))
-        return x if pre_logits else self.Logits(x)
+        self._build(layers, c, num_classes, in_chans, drop_rate, input_size)
 
 
 @register_model
