@@ -231,12 +231,14 @@ def test_runs_under_torch_compile(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", INCEPTION)
 def test_runs_under_torch_compile_inductor(name):
-    _compiled_matches_eager(name, backend="inductor")
+    # float64: at 75x75 the 8x8 stage is 1x1, so training-mode BN normalises over 2 values per channel, and
+    # inductor's float32 reassociation moves some gradients by ~5e-4 through that ill-conditioned step
+    _compiled_matches_eager(name, backend="inductor", dtype=torch.float64)
 
 
-def _compiled_matches_eager(name: str, backend: str, **kw) -> None:
-    model = create(name, drop_rate=0.0, **kw).train()
-    x = torch.randn(2, 3, SMALL, SMALL)
+def _compiled_matches_eager(name: str, backend: str, dtype: torch.dtype = torch.float32, **kw) -> None:
+    model = create(name, drop_rate=0.0, **kw).to(dtype).train()
+    x = torch.randn(2, 3, SMALL, SMALL, dtype=dtype)
     compiled = torch.compile(model, backend=backend)
     out_c, out_e = compiled(x), model(x)
     torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
