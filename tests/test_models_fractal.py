@@ -248,3 +248,20 @@ def bf16_autocast_error(model: nn.Module, x: torch.Tensor) -> float:
 def test_bfloat16_autocast():
     # bfloat16 keeps 8 bits (~0.4% per rounding); measured 0.5-0.7% here, the classic models' bound is 3%
     assert bf16_autocast_error(create("fractalnet20"), torch.randn(2, 3, 32, 32)) < 0.03
+
+
+def test_recipe_is_the_papers(tmp_path, monkeypatch):
+    from tests.test_fit_experiments import _build
+
+    monkeypatch.setattr("sys.argv", ["lightcnn.fit"])
+    cli = _build("fractalnet20_cifar10", tmp_path)
+    cfg = cli.model.configure_optimizers()
+    group, sched = cfg["optimizer"].param_groups[0], cfg["lr_scheduler"]["scheduler"]
+    assert (group["lr"], group["momentum"]) == (0.02, 0.9) and cli.datamodule.batch_size == 100
+    # lr / 10 each time the remaining epochs halve: 200, 300, 350, 375 of 400
+    assert sorted(sched.milestones) == [200, 300, 350, 375] and sched.gamma == 0.1
+    assert cli.trainer.max_epochs == 400
+    net = cli.model.net
+    assert [b.columns[0][0].dropout.p for b in net.blocks] == [0.0, 0.1, 0.2, 0.3, 0.4]
+    assert {j.drop_path_rate for b in net.blocks for j in b.joins.values()} == {0.15}
+    assert net.global_drop_ratio == 0.5

@@ -253,3 +253,22 @@ def test_bfloat16_autocast(name):
     side = 224 if name == "zfnet_large" else SMALL
     # bfloat16 keeps 8 bits (~0.4% per rounding); measured 0.2-0.7% here, the classic models' bound is 3%
     assert bf16_autocast_error(create(name), torch.randn(2, 3, side, side)) < 0.03
+
+
+@pytest.mark.parametrize("recipe", ["inception_v4_imagenet", "inception_resnet_v2_imagenet"])
+def test_recipe_is_the_papers(recipe, tmp_path, monkeypatch):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from tests.test_fit_experiments import _build
+
+    monkeypatch.setattr("sys.argv", ["lightcnn.fit"])
+    cli = _build(recipe, tmp_path)
+    cfg = cli.model.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    # Sec. 4: RMSProp with decay 0.9 and epsilon 1.0, lr 0.045 decayed by 0.94 every two epochs
+    assert isinstance(opt, torch.optim.RMSprop)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["alpha"], group["eps"]) == (0.045, 0.9, 1.0)
+    assert (sched.step_size, sched.gamma) == (2, 0.94) and cfg["lr_scheduler"].get("interval", "epoch") == "epoch"
+    assert cli.datamodule.image_size == 299
+    assert any(isinstance(cb, EMAWeightAveraging) for cb in cli.trainer.callbacks)  # "running average"

@@ -10,9 +10,9 @@ depth 4 x 5 = 20).
 The layout is that of the authors' generator (gustavla/fractalnet, `generation/fractalnet.py` and
 `globals.crox`): each convolution is a 3x3 conv with bias -> dropout (the block's rate) -> BatchNorm ->
 ReLU, the pool is applied to every column before the block's last join, the classifier reads the
-flattened 512 x 1 x 1 map, and weights start from Caffe's "xavier" filler. Their Caffe BatchNorm has
-no scale and shift; here BN is affine, which gives the 33,734,922 parameters published for the
-generator (the paper's 38.6M is not reproduced by its own code).
+flattened 512 x 1 x 1 map (average-pooled to 1 x 1 for larger inputs), and weights start from Caffe's
+"xavier" filler. Their Caffe BatchNorm has no scale and shift; here BN is affine, which gives the
+33,734,922 parameters published for the generator (the paper's 38.6M is not reproduced by its own code).
 
 Drop-path (Sec. 3.1), training mode only, drawn once per mini-batch:
 * local: each join drops each of its inputs with probability `drop_path_rate` (0.15) and averages the
@@ -146,7 +146,7 @@ class FractalNet(Classifier):
             raise ValueError(f"input_size {input_size} must be divisible by 2^{len(channels)} (one 2x2 pool per "
                              f"block)")
         self.num_classes, self.in_chans, self.num_columns = num_classes, in_chans, num_columns
-        self.drop_path_rate, self.global_drop_ratio = drop_path_rate, global_drop_ratio
+        self.global_drop_ratio = global_drop_ratio  # local drop-path's rate lives on each FractalJoin
         self.column: int | None = None
         self.set_column(column)
         self.blocks = nn.ModuleList()
@@ -155,8 +155,7 @@ class FractalNet(Classifier):
             self.blocks.append(FractalBlock(c_in, c_out, num_columns, p, drop_path_rate))
             c_in = c_out
         self.num_features = c_in
-        side = input_size // 2 ** len(channels)  # 1 on CIFAR: the classifier reads a 512 x 1 x 1 map
-        self.head_pool = nn.AdaptiveAvgPool2d(1) if side > 1 else nn.Identity()
+        self.head_pool = nn.AdaptiveAvgPool2d(1)  # the identity on CIFAR, where the last map is 512 x 1 x 1
         self.fc = nn.Linear(c_in, num_classes)
         self.default_cfg = make_default_cfg("cifar100" if num_classes == 100 else "cifar10", num_classes, in_chans,
                                             input_size)
