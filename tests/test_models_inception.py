@@ -13,7 +13,8 @@ from torch import nn
 
 from lightcnn.models import create, list_models
 from lightcnn.models.inception_resnet import InceptionResNet, InceptionResNetBlock
-from lightcnn.models.weights_timm import TIMM_TWINS, convert_in_order, from_timm, register_timm_twin
+from lightcnn.models.weights import map_layers_in_order, register_twin, twins
+from lightcnn.models.weights_timm import from_timm
 from lightcnn.published import published
 from tests.test_models_classic import _randomise_bn, build_meta, feature_sides, macs, n_params
 from tests.test_models_fractal import bf16_autocast_error
@@ -203,20 +204,30 @@ def test_timm_weights_give_equal_outputs(name):
     assert from_timm(name, reference.state_dict()).num_classes == 10
 
 
+def test_timm_weights_with_a_fresh_classifier_for_fine_tuning():
+    reference = timm.create_model("inception_resnet_v2", pretrained=False).eval()
+    _randomise_bn(reference)
+    ours = from_timm("inception_resnet_v2", reference, num_classes=7, load_classifier=False).eval()
+    assert ours.Logits.out_features == 7
+    x = torch.randn(1, 3, SMALL, SMALL)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.forward_features(x), reference.forward_features(x), rtol=1e-5, atol=1e-5)
+
+
 def test_timm_import_refuses_what_does_not_fit():
+    assert {"inception_v4", "inception_resnet_v2"} <= set(twins("timm"))
     with torch.device("meta"):
-        v4 = timm.create_model("inception_v4", pretrained=False)
-    with pytest.raises(ValueError, match="no timm twin.*inception_resnet_v2, inception_v4"):
+        v4 = timm.create_model("inception_v4", pretrained=False).state_dict()
+    with pytest.raises(ValueError, match="no timm twin.*inception_resnet_v2"):
         from_timm("inception_resnet_v1", v4)
-    with pytest.raises(ValueError, match="num_classes=1000"):
-        convert_in_order(build_meta("inception_v4", num_classes=10), v4.state_dict())
-    with pytest.raises(ValueError, match="architectures differ"):
-        convert_in_order(build_meta("inception_v4", num_blocks=(3, 7, 3)), v4.state_dict())
-    with pytest.raises(TypeError, match="timm nn.Module or its state_dict"):
+    with pytest.raises(ValueError, match="parametrised layers"):
+        map_layers_in_order(build_meta("inception_v4", num_blocks=(3, 7, 3)), v4)
+    with pytest.raises(ValueError, match="num_classes=1000 or pass load_classifier=False"):
+        from_timm("inception_v4", v4, num_classes=10)
+    with pytest.raises(TypeError, match="nn.Module or its state_dict"):
         from_timm("inception_v4", 3)
-    with pytest.raises(ValueError, match="already has a timm twin"):
-        register_timm_twin("inception_v4", "inception_v4")
-    assert TIMM_TWINS["inception_resnet_v2"].timm_name == "inception_resnet_v2"
+    with pytest.raises(ValueError, match="registered twice"):
+        register_twin("timm", "inception_v4", map_layers_in_order)
 
 
 # ------------------------------------------------------------------------------------ compile and autocast

@@ -157,8 +157,7 @@ class FractalNet(Classifier):
         self.num_features = c_in
         self.head_pool = nn.AdaptiveAvgPool2d(1)  # the identity on CIFAR, where the last map is 512 x 1 x 1
         self.fc = nn.Linear(c_in, num_classes)
-        self.default_cfg = make_default_cfg("cifar100" if num_classes == 100 else "cifar10", num_classes, in_chans,
-                                            input_size)
+        self.default_cfg = make_default_cfg("cifar", num_classes, in_chans, input_size)
         if init == "caffe":
             self._init_caffe()
 

@@ -34,6 +34,7 @@ from lightcnn.models.inception_v4 import (
     BN_EPS, InceptionClassifier, Mixed, block_reduction_a, branch, max_pool_branch, stem_v4,
 )
 from lightcnn.models.registry import register_model
+from lightcnn.models.weights import map_layers_in_order, register_twin
 
 
 class InceptionResNetBlock(nn.Module):
@@ -216,3 +217,7 @@ def inception_resnet_v1(**kwargs) -> InceptionResNet:
                       block_b=(128, 128, 128, 128), block_c=(192, 192, 192, 192), reduction_a=(192, 192, 256, 384),
                       reduction_b=(256, 384, 256, 256, 256, 256, 256))
     return InceptionResNet(**dict(model_args, **kwargs))
+
+
+# timm's inception_resnet_v2 (TF-slim's layout) lists the same layers in the same order under its own names
+register_twin("timm", "inception_resnet_v2", map_layers_in_order, classifier="Logits")

@@ -23,6 +23,7 @@ from torch import nn
 
 from lightcnn.models.base import Classifier, make_default_cfg
 from lightcnn.models.registry import register_model
+from lightcnn.models.weights import map_layers_in_order, register_twin
 
 BN_EPS = 1e-3  # TF-slim's inception arg scope (batch_norm_epsilon=0.001)
 
@@ -175,8 +176,7 @@ def block_inception_c(c: int, bn_eps: float = BN_EPS) -> Mixed:
 
 def inception_cfg(num_classes: int, in_chans: int, input_size: int) -> dict:
     """ImageNet at 299x299, scaled to [-1, 1] as TF-slim's Inception preprocessing does, 87.5% central crop."""
-    cfg = make_default_cfg("imagenet", num_classes, in_chans, input_size, crop_pct=0.875)
-    return dict(cfg, mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
+    return make_default_cfg("imagenet", num_classes, in_chans, input_size, mean=(0.5,), std=(0.5,), crop_pct=0.875)
 
 
 def mixed_names(first: str, count: int) -> list[str]:
@@ -246,3 +246,7 @@ def inception_v4(**kwargs) -> InceptionV4:
     """Inception-v4 (Fig. 9) as released in TF-slim (= timm's): 4/7/3 Inception-A/B/C; 42,679,816 parameters."""
     model_args = dict(num_blocks=(4, 7, 3), reduction_a=(192, 224, 256, 384))
     return InceptionV4(**dict(model_args, **kwargs))
+
+
+# timm's inception_v4 (TF-slim's layout) lists the same layers in the same order under numbered names
+register_twin("timm", "inception_v4", map_layers_in_order, classifier="Logits")
