@@ -69,8 +69,11 @@ def test_zfnet_large_counts_by_formula():
     convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs] == [96, 256, 512, 1024, 512]
     assert feature_sides(model, 224) == [110, 55, 26, 13, 13, 13, 13, 6]  # Fig. 3's maps
-    assert [c.out_channels for c in build_meta("zfnet").features if isinstance(c, nn.Conv2d)] == [96, 256, 384, 384,
-                                                                                                   256]
+    # otherwise Fig. 3's network: the same layers in the same order (pool, then normalise, in layers 1-2)
+    zfnet = build_meta("zfnet")
+    assert [c.out_channels for c in zfnet.features if isinstance(c, nn.Conv2d)] == [96, 256, 384, 384, 256]
+    assert [(n, type(m)) for n, m in model.features.named_children()] == [
+        (n, type(m)) for n, m in zfnet.features.named_children()]
 
 
 # ----------------------------------------------------------------------------------------------- layout

@@ -55,6 +55,4 @@ def zfnet_large(**kwargs) -> AlexNet:
     conv1 3*7*7*96 + 96 = 14,208; conv2 96*5*5*256 + 256 = 614,656; conv3 256*3*3*512 + 512 = 1,180,160;
     conv4 512*3*3*1024 + 1024 = 4,719,616; conv5 1024*3*3*512 + 512 = 4,719,104;
     fc6 512*6*6*4096 + 4096 = 75,501,568; fc7 4096*4096 + 4096 = 16,781,312; fc8 4096*1000 + 1000 = 4,097,000."""
-    defaults = dict(convs=ZFNET_LARGE_CONVS, pool_after=(0, 1, 4), ceil_mode=True, lrn_after=(0, 1), init="zfnet",
-                    input_size=224)
-    return AlexNet(**{**defaults, **kwargs})
+    return zfnet(**{"convs": ZFNET_LARGE_CONVS, **kwargs})
