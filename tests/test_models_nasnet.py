@@ -28,6 +28,8 @@ from lightcnn.models.nasnet import (
     convert_timm_nasnet_state_dict,
     nasnet_from_timm,
 )
+from lightcnn.models.weights import twins
+from lightcnn.models.weights_timm import from_timm
 from lightcnn.published import published
 from lightcnn.training import ClassifierModule
 from lightcnn.training.drop_path import ScheduledDropPath
@@ -371,29 +373,29 @@ def _timm_with_tf_average_pools(num_classes: int = 7):
 
 def test_timm_nasnetalarge_weights_give_the_same_outputs():
     timm_model = _timm_with_tf_average_pools()
-    ours = nasnet_from_timm(timm_model).eval()
-    assert ours.num_classes == 7 and ours.default_cfg["mean"] == (0.5, 0.5, 0.5)
-    # the auxiliary head, which timm lacks, is freshly initialised (not left as uninitialised memory)
-    assert all(torch.isfinite(p).all() for p in ours.aux.parameters())
-    assert torch.equal(ours.aux.aux_bn1.running_var, torch.ones(768)) and ours.aux.aux_bn1.weight.eq(1).all()
+    ours = from_timm("nasnet_a_large", timm_model).eval()
+    assert ours.num_classes == 7 and ours.aux is None  # timm's class count; timm has no auxiliary head
+    assert ours.default_cfg["mean"] == ours.default_cfg["std"] == (0.5, 0.5, 0.5)  # inception preprocessing
     # 131 -> 65 -> 33 -> 17 -> 9 -> 5: every stride-2 map is odd, where SAME padding is symmetric.
     x = torch.randn(2, 3, 131, 131)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), timm_model(x), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(nasnet_from_timm(timm_model.state_dict()).eval()(x), ours(x), rtol=0, atol=0)
 
 
 def test_timm_state_dict_maps_key_for_key_and_bad_input_is_an_error():
     timm = pytest.importorskip("timm")
     with torch.device("meta"):
         sd = timm.create_model("nasnetalarge", pretrained=False).state_dict()
-        ours = create("nasnet_a_large", aux_head=False).state_dict()
-    converted = convert_timm_nasnet_state_dict(sd)
-    assert converted.keys() == ours.keys()
-    assert all(converted[k].shape == ours[k].shape for k in ours)
-    with pytest.raises(ValueError, match="nasnet_a_large"):
-        nasnet_from_timm(sd, name="nasnet_a_mobile")
+        ours = create("nasnet_a_large", aux_head=False)
+    converted = convert_timm_nasnet_state_dict(ours, sd)
+    assert converted.keys() == ours.state_dict().keys()
+    assert all(converted[k].shape == v.shape for k, v in ours.state_dict().items())
+    assert "nasnet_a_large" in twins("timm")
+    with pytest.raises(ValueError, match="no timm twin"):
+        from_timm("nasnet_a_mobile", sd)
     with pytest.raises(ValueError, match="does not fit"):
-        nasnet_from_timm({k: v for k, v in sd.items() if "cell_17" not in k}, aux_head=False)
+        from_timm("nasnet_a_large", {k: v for k, v in sd.items() if "cell_17" not in k})
 
 
 # ------------------------------------------------------------------------------- compile and autocast

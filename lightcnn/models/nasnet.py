@@ -30,7 +30,7 @@ and kept outputs are divided by the keep probability. `set_drop_path_progress(fr
 sets it; `lightcnn.training.drop_path.ScheduledDropPath` calls it every batch. Eval never drops.
 
     model = lightcnn.models.create("nasnet_a_cifar")        # 6 @ 768, 3,346,538 (+1,631,498 aux) params
-    model = nasnet_from_timm(timm.create_model("nasnetalarge", pretrained=True))  # TF-slim's weights
+    model = from_timm("nasnet_a_large", timm.create_model("nasnetalarge", pretrained=True))  # TF-slim's weights
 """
 from __future__ import annotations
 
@@ -46,6 +46,7 @@ from torch import nn
 
 from lightcnn.models.base import Classifier, make_default_cfg
 from lightcnn.models.registry import register_model
+from lightcnn.models.weights import load_twin, register_twin
 
 
 class NASNetOutputs(NamedTuple):
@@ -472,15 +473,17 @@ class NASNet(Classifier):
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(penultimate_filters, num_classes)
+        # TF-slim's ImageNet pipeline (inception preprocessing) scales the images to [-1, 1].
+        norm_stats = dict(mean=(0.5,), std=(0.5,)) if stem == "imagenet" else {}
         self.default_cfg = make_default_cfg("imagenet" if stem == "imagenet" else "cifar", num_classes, in_chans,
-                                            image_size)
+                                            image_size, **norm_stats)
         self._init_released()
 
     @torch.no_grad()
-    def _init_released(self, module: nn.Module | None = None) -> None:
+    def _init_released(self) -> None:
         """The released initialiser: variance scaling on fan-out (factor 2, truncated normal with std
         sqrt(1.3 * 2 / fan_out), cut at 2 std) for convolutions and the linear layers; BN at 1 and 0."""
-        for m in (module or self).modules():
+        for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 fan_out = m.out_features if isinstance(m, nn.Linear) else (
                     m.out_channels // m.groups * m.kernel_size[0] * m.kernel_size[1])
@@ -550,7 +553,7 @@ def nasnet_a_mobile(**kwargs) -> NASNet:
 def nasnet_a_large(**kwargs) -> NASNet:
     """NASNet-A 6 @ 4032 on ImageNet at 331 (Table 2: 88.9M parameters, 23.8B mult-adds, 17.3/3.8% error);
     88,753,150 parameters (+4,567,784 auxiliary), 23.78 GMACs; timm's `nasnetalarge` weights load with
-    `nasnet_from_timm`."""
+    `from_timm("nasnet_a_large", timm_model)`."""
     model_args = dict(num_classes=1000, num_normal_cells=6, penultimate_filters=4032, stem="imagenet",
                       stem_multiplier=3.0, skip_reduction_layer_input=True, drop_path_keep_prob=0.7, drop_rate=0.5,
                       image_size=331, bn_eps=1e-3, bn_momentum=3e-4)
@@ -572,8 +575,9 @@ _TIMM_RENAMES = (
 )
 
 
-def convert_timm_nasnet_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """timm's `nasnetalarge` state_dict under our keys (the layers are the same; only names differ)."""
+def convert_timm_nasnet_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """timm's `nasnetalarge` state_dict under our keys: the layers are the same, only the names differ
+    (`load_twin` checks that every key and shape fits `model`)."""
     out = {}
     for key, value in state_dict.items():
         for pattern, repl in _TIMM_RENAMES:
@@ -582,42 +586,15 @@ def convert_timm_nasnet_state_dict(state_dict: Mapping[str, torch.Tensor]) -> di
     return out
 
 
-def nasnet_from_timm(timm_model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], name: str = "nasnet_a_large",
+# timm has no auxiliary head, so its twin is built without one. The result computes what the TF-slim
+# checkpoint computes; it equals timm's outputs except at the borders of the stride-2 average pools, where
+# timm counts the zero padding and TensorFlow (and this model) average over the real pixels only.
+register_twin("timm", "nasnet_a_large", convert_timm_nasnet_state_dict, classifier="fc", aux_head=False)
+
+
+def nasnet_from_timm(timm_model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], load_classifier: bool = True,
                      **overrides) -> NASNet:
-    """Build `name` (only `nasnet_a_large` has a timm twin) and load timm's `nasnetalarge` weights into it.
-
-    The auxiliary head, which timm lacks, keeps its fresh initialisation (`aux_head=False` leaves it out).
-    Every one of our parameters and buffers (other than the auxiliary head's) must be matched by a timm
-    entry of the same shape, and every timm entry used, or a ValueError names the mismatches.
-
-    The result computes what the TF-slim checkpoint computes. It equals timm's outputs wherever SAME padding
-    is symmetric; timm's stride-2 average pools count the padded zeros on even maps (the 42x42 map of
-    `reduction_cell_0` at 331), where TensorFlow, and this model, average over the real pixels only. The
-    weights expect inputs scaled to [-1, 1] (mean = std = 0.5), which `default_cfg` then says."""
-    if name != "nasnet_a_large":
-        raise ValueError(f"timm has NASNet-A weights for nasnet_a_large (timm's nasnetalarge) only, not {name!r}")
-    state_dict = (timm_model_or_state_dict.state_dict() if isinstance(timm_model_or_state_dict, nn.Module)
-                  else timm_model_or_state_dict)
-    num_classes = state_dict["last_linear.weight"].shape[0] if "last_linear.weight" in state_dict else 1000
-    with torch.device("meta"):  # no time spent initialising weights that are overwritten
-        model = nasnet_a_large(**{"num_classes": num_classes, **overrides})
-    converted = convert_timm_nasnet_state_dict(state_dict)
-    ours = {k: v for k, v in model.state_dict().items() if not k.startswith("aux.")}
-    missing = sorted(set(ours) - set(converted))
-    unexpected = sorted(set(converted) - set(ours))
-    shapes = sorted(k for k in set(ours) & set(converted) if ours[k].shape != converted[k].shape)
-    if missing or unexpected or shapes:
-        raise ValueError(f"timm's state_dict does not fit {name}: missing {missing[:5]} ({len(missing)}), "
-                         f"unexpected {unexpected[:5]} ({len(unexpected)}), shape mismatches {shapes[:5]}")
-    model.to_empty(device=next(iter(converted.values())).device)
-    model.load_state_dict(converted, strict=False)
-    if model.aux is not None:  # not in timm: a fresh head, initialised as the released code does
-        for m in model.aux.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear, nn.BatchNorm2d)):
-                m.reset_parameters()
-        model._init_released(model.aux)
-    model.set_drop_path_progress(0.0)  # the schedule's buffers are not in any state_dict
-    # TF-slim's inception preprocessing scales the images to [-1, 1]
-    model.default_cfg = make_default_cfg("imagenet", model.num_classes, model.in_chans, model.default_cfg["input_size"][1:],
-                                         mean=(0.5,), std=(0.5,))
-    return model
+    """`nasnet_a_large` (without the auxiliary head) with the weights of timm's `nasnetalarge`:
+    `lightcnn.models.weights_timm.from_timm("nasnet_a_large", ...)`. The weights expect inputs scaled to
+    [-1, 1] (mean = std = 0.5), as `default_cfg` says."""
+    return load_twin("timm", "nasnet_a_large", timm_model_or_state_dict, load_classifier, **overrides)
