@@ -438,6 +438,18 @@ def test_dropout_unit_equals_bn_relu_dropout_conv_given_the_same_mask(device, dt
     torch.testing.assert_close(layer.bn.running_var, ref.bn.running_var, atol=atol, rtol=rtol)
 
 
+def _same_seed_runs(fns, x, seed=5):
+    """(output, input gradient) of each fn on x, each run from the same seed (so the same dropout mask)."""
+    runs = []
+    for fn in fns:
+        torch.manual_seed(seed)
+        xi = x.clone().requires_grad_()
+        out = fn(xi)
+        out.square().sum().backward()
+        runs.append((out, xi.grad))
+    return runs
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_layer_kernel_equals_reference_from_the_same_seed(device):
     """PreActConv2d draws one mask per call for either impl: the same seed gives the same training step."""
@@ -446,14 +458,9 @@ def test_dropout_layer_kernel_equals_reference_from_the_same_seed(device):
     ref = copy.deepcopy(layer)
     ref.impl = "reference"
     x = torch.randn(2, 8, 6, 6, device=device, dtype=torch.float64)
-    outs = []
-    for module in (layer, ref):
-        torch.manual_seed(5)
-        xi = x.clone().requires_grad_()
-        out = module(xi)
-        out.square().sum().backward()
-        outs.append((out, xi.grad, module.conv.weight.grad, module.bn.weight.grad))
-    for a, b in zip(*outs):
+    (out_k, grad_k), (out_r, grad_r) = _same_seed_runs((layer, ref), x)
+    for a, b in ((out_k, out_r), (grad_k, grad_r), (layer.conv.weight.grad, ref.conv.weight.grad),
+                 (layer.bn.weight.grad, ref.bn.weight.grad)):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
 
 
@@ -666,14 +673,7 @@ def test_dropout_under_inductor_matches_eager_with_the_same_seed(monkeypatch):
     layer.drop_rate = 0.3
     compiled = torch.compile(layer, fullgraph=True)
     x = torch.randn(4, 8, 8, 8)
-    results = []
-    for fn in (compiled, layer):
-        torch.manual_seed(1)
-        xi = x.clone().requires_grad_()
-        out = fn(xi)
-        out.square().sum().backward()
-        results.append((out, xi.grad))
-    for a, b in zip(*results):
+    for a, b in zip(*_same_seed_runs((compiled, layer), x)):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-4)
 
 
