@@ -1,6 +1,7 @@
 """nn.Module faces of lightcnn's kernels, each with `impl="kernel" | "reference"`."""
 from lightcnn.layers._impl import default_impl, get_default_impl, resolve_impl, set_default_impl
+from lightcnn.layers.dense import DenseConv2d
 from lightcnn.layers.lrn import LocalResponseNorm
 from lightcnn.layers.preact import PreActConv2d
 
-__all__ = ["LocalResponseNorm", "PreActConv2d", "default_impl", "get_default_impl", "resolve_impl", "set_default_impl"]
+__all__ = ["DenseConv2d", "LocalResponseNorm", "PreActConv2d", "default_impl", "get_default_impl", "resolve_impl", "set_default_impl"]

@@ -156,11 +156,6 @@ def dense_bn_relu_conv2d(features: Sequence[torch.Tensor], running_mean: torch.T
     return out
 
 
-def _conv_out_shape(x_shape, w_shape, padding) -> list[int]:
-    return [x_shape[0], w_shape[0], x_shape[2] + 2 * padding[0] - w_shape[2] + 1,
-            x_shape[3] + 2 * padding[1] - w_shape[3] + 1]
-
-
 def _concat_shape(feature_shapes) -> list[int]:
     s = list(feature_shapes[0])
     s[1] = sum(f[1] for f in feature_shapes)
@@ -173,19 +168,24 @@ if _library.op_defined("dense_bn_relu_conv2d"):
         sdt = _stats_dtype(f0.dtype)
         return f0.new_empty((C,), dtype=sdt), f0.new_empty((C,), dtype=sdt)
 
+    def _fake_y(features, dtype):
+        shape = _concat_shape([f.shape for f in features])
+        return torch.empty(shape, dtype=dtype, device=features[0].device, memory_format=_common_format(features))
+
     @torch.library.register_fake("lightcnn::dense_bn_relu_conv2d")
     def _dense_fake(features, weight, bias, running_mean, running_var, conv_weight, padding, training, eps):
-        f0 = features[0]
-        shape = _conv_out_shape(_concat_shape([f.shape for f in features]), conv_weight.shape, padding)
-        out = torch.empty(shape, dtype=conv_weight.dtype, device=f0.device,
-                          memory_format=_common_format(features))
-        return (out, *_fake_stats(f0, conv_weight.shape[1]))
+        out = torch.ops.aten.convolution.default(_fake_y(features, conv_weight.dtype), conv_weight, None, [1, 1],
+                                                 padding, [1, 1], False, [0, 0], 1)
+        return (out, *_fake_stats(features[0], conv_weight.shape[1]))
 
     @torch.library.register_fake("lightcnn::dense_bn_relu_conv2d_backward")
     def _dense_backward_fake(grad_output, features, weight, bias, mean, var, conv_weight, padding, training, eps):
+        _, grad_w, _ = torch.ops.aten.convolution_backward.default(
+            grad_output.to(conv_weight.dtype), _fake_y(features, conv_weight.dtype), conv_weight, None, [1, 1],
+            padding, [1, 1], False, [0, 0], 1, [False, True, False])
         fmt = _common_format(features)
         grads = [torch.empty(f.shape, dtype=f.dtype, device=f.device, memory_format=fmt) for f in features]
-        return (grads, *_fake_stats(features[0], conv_weight.shape[1]), torch.empty_like(conv_weight))
+        return (grads, *_fake_stats(features[0], conv_weight.shape[1]), grad_w)
 
     def _setup_context(ctx, inputs, output):
         features, weight, bias, _, _, conv_weight, padding, training, eps = inputs
