@@ -38,6 +38,10 @@ main() {
   # WRN-28-10 training step, kernel vs reference vs compiled reference (inductor compile: 1-2 min).
   run timeout 240 python benchmarks/bench_preact.py --device cuda --batch-size 128 --steps 10 --warmup 3 \
     ${out_dir:+--json $out_dir/bench_preact_cuda.json}
+  # DenseNet-121 (224x224) and DenseNet-BC-190 k=40 (32x32) training steps at batch 64, naive vs ours, in bf16
+  # autocast + channels-last, fp32 with TF32 and fp32 without (12 fresh processes, ~2 min).
+  run timeout 240 python benchmarks/bench_densenet.py --device cuda --variants naive,ours --rounds 1 --steps 5 \
+    --warmup 2 ${out_dir:+--json $out_dir/bench_densenet_cuda.json}
 }
 
 if [ -n "$log" ]; then main 2>&1 | tee "$log"; else main 2>&1; fi

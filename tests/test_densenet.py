@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn.models import create, is_model, list_models
@@ -55,6 +54,7 @@ def test_parameter_count_matches_published(name):
 
 
 def test_parameter_count_densenet161_equals_torchvision():
+    torchvision = pytest.importorskip("torchvision")
     assert _params(create("densenet161")) == _params(torchvision.models.densenet161(weights=None))
 
 
@@ -108,6 +108,7 @@ def test_uniform_api(name, kwargs, side, spatial):
 
 
 def test_torchvision_weights_give_equal_outputs():
+    torchvision = pytest.importorskip("torchvision")
     tv = torchvision.models.densenet121(weights=None, num_classes=10).eval()
     with torch.no_grad():  # non-trivial BN state, so that a swapped BN would show
         for mod in tv.modules():
