@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn.models import create, is_model, list_models
-from lightcnn.models.densenet import DenseNet, convert_torchvision_state_dict, from_torchvision
+from lightcnn.models.densenet import DenseNet, convert_torchvision_state_dict
+from lightcnn.models.weights import from_torchvision, twins
 from lightcnn.ops import _library
 from lightcnn.published import MODELS
 
@@ -121,7 +122,8 @@ def test_torchvision_weights_give_equal_outputs():
         with torch.no_grad():
             torch.testing.assert_close(ours(x), tv(x), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="not a torchvision DenseNet key"):
-        convert_torchvision_state_dict({"layer1.0.conv1.weight": torch.zeros(1)})
+        convert_torchvision_state_dict(ours, {"layer1.0.conv1.weight": torch.zeros(1)})
+    assert {"densenet121", "densenet161", "densenet169", "densenet201"} <= set(twins("torchvision"))
 
 
 def test_memory_efficient_false_is_the_naive_path_with_the_same_state_dict():

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import requires_cuda
 from lightcnn.models import is_model
 from lightcnn.training.cli import SaveRunConfig, main
+from tests.conftest import requires_cuda
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "lenet5_digits.yaml")
@@ -64,6 +64,25 @@ def test_test_command_evaluates_a_checkpoint_with_the_saved_config(tmp_path):
                 stage="test")
     # The fit's own test ran on the same final weights: the numbers must agree exactly.
     assert test.trainer.callback_metrics["test/acc1"].item() == fit.trainer.callback_metrics["test/acc1"].item()
+
+
+def test_test_weights_best_tests_the_checkpoint_with_the_best_validation_metric(tmp_path):
+    recipe = tmp_path / "best.yaml"
+    recipe.write_text(Path(DIGITS).read_text().replace(
+        "init_args: {save_last: true}", "init_args: {save_last: true, monitor: val/acc1, mode: max}"))
+    cli = main([str(recipe), "--run_root", str(tmp_path), "--test_weights", "best", "--trainer.max_epochs", "3",
+                "--trainer.limit_train_batches", "4", *QUIET])
+    best = cli.trainer.checkpoint_callback.best_model_path
+    assert best and Path(best).name != "last.ckpt"
+    assert cli.trainer.ckpt_path == best  # the test after fit loaded the best checkpoint, not the final weights
+    again = main([str(_run_dir(cli) / "config.yaml"), "--ckpt_path", best, *QUIET], stage="test")
+    assert again.trainer.callback_metrics["test/acc1"].item() == cli.trainer.callback_metrics["test/acc1"].item()
+
+
+def test_test_weights_best_without_a_monitored_checkpoint_is_an_error(capsys):
+    with pytest.raises(SystemExit):
+        main([DIGITS, "--test_weights", "best", *QUIET])
+    assert "needs a ModelCheckpoint callback that monitors" in capsys.readouterr().err
 
 
 def test_test_command_needs_a_checkpoint(capsys):

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lightcnn.training import cli as cli_mod
+from lightcnn.training import WandbLogger
 from lightcnn.training.cli import main
+from lightcnn.training.wandb_utils import default_wandb_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "lenet5_digits.yaml")
@@ -70,6 +71,7 @@ def _argv(monkeypatch):
 
 def test_offline_run_logs_the_metrics_to_its_run_files(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_SILENT", raising=False)  # W&B's own warnings must be silent by their cause
     cli = main([DIGITS, "--run_root", str(tmp_path / "runs"), "--trainer.logger.init_args.save_dir",
                 str(tmp_path / "wb"), *SHORT])
     (run_file,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
@@ -85,8 +87,10 @@ def test_offline_run_logs_the_metrics_to_its_run_files(tmp_path, monkeypatch, ca
     expected = [0.05] * 5 + [0.05 * (1 + math.cos(math.pi / 30)) / 2] * 5
     assert lrs == pytest.approx(expected, rel=1e-6)
     assert any("train/loss_step" in r for r in rows)
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert f"wandb sync {run_file.parent}" in out  # says how to upload the offline run
+    for warning in ("anonymous setting has no effect", "git root", "WARNING"):  # a first run is quiet
+        assert warning not in out + err, (out + err)[-3000:]
     import wandb
 
     assert wandb.run is None  # finished: nothing left to hang at exit
@@ -115,11 +119,19 @@ def test_wandb_is_finished_when_training_fails(tmp_path, monkeypatch):
     assert wandb.run is None
 
 
+def test_wandb_logger_leaves_out_anonymous_and_makes_its_folder(tmp_path):
+    save_dir = tmp_path / "not" / "yet"
+    logger = WandbLogger(project="p", save_dir=str(save_dir))
+    assert save_dir.is_dir()  # W&B looks for a git repository above it when the run starts
+    assert "anonymous" not in logger._wandb_init  # any value makes W&B warn that the setting is dead
+    assert WandbLogger(project="p", anonymous=True)._wandb_init["anonymous"] == "allow"  # a chosen one stays
+
+
 def test_without_credentials_wandb_goes_offline(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
-    cli_mod._default_wandb_mode()
+    default_wandb_mode()
     assert os.environ["WANDB_MODE"] == "offline"
 
 
@@ -135,5 +147,5 @@ def test_credentials_or_a_chosen_mode_are_respected(how, tmp_path, monkeypatch):
         monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
     else:
         monkeypatch.setenv("WANDB_MODE", "online")
-    cli_mod._default_wandb_mode()
+    default_wandb_mode()
     assert os.environ.get("WANDB_MODE") == ("online" if how == "mode" else None)

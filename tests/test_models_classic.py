@@ -15,26 +15,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from lightcnn.layers import LocalResponseNorm, default_impl
 from lightcnn.models import create, list_models
 from lightcnn.models.googlenet import GoogLeNetOutputs
-from lightcnn.models.weights import convert_torchvision_state_dict, from_torchvision, load_torchvision_state_dict
+from lightcnn.models.weights import TWINS, from_torchvision, map_layers_in_order
+from lightcnn.published import MODELS as PUBLISHED
 from tests.conftest import DEVICES
 
-# REFERENCE.md: name -> (trainable parameters, GMACs, input side). Exact counts; MACs within 1%.
-REFERENCE = {
-    "lenet5": (61_706, 0.000417, 32),
-    "alexnet": (60_965_224, 0.724, 227),
-    "alexnet_owt": (61_100_840, 0.714, 224),
-    "zfnet": (62_357_608, 1.168, 224),
-    "vgg11": (132_863_336, 7.609, 224),
-    "vgg13": (133_047_848, 11.308, 224),
-    "vgg16": (138_357_544, 15.470, 224),
-    "vgg19": (143_667_240, 19.632, 224),
-    "vgg11_bn": (132_868_840, 7.609, 224),
-    "vgg13_bn": (133_053_736, 11.308, 224),
-    "vgg16_bn": (138_365_992, 15.470, 224),
-    "vgg19_bn": (143_678_248, 19.632, 224),
-    "googlenet": (13_378_280, 1.583, 224),  # with both auxiliary heads; 6,998,552 without
-}
-CLASSIC = sorted([*REFERENCE, "lenet5_original", "googlenet_naive"])
+# lightcnn/published.py: name -> (trainable parameters with aux heads, GMACs, input side). Exact counts;
+# MACs within 1%.
+REFERENCE = {n: (p.params + p.aux_params, p.gmacs, p.input_side) for n, p in PUBLISHED.items()
+             if n.startswith(("lenet5", "alexnet", "zfnet", "vgg", "googlenet")) and p.gmacs is not None}
+CLASSIC = sorted({*REFERENCE, "lenet5_original", "googlenet_naive"})
 PAPER_CLASSES = {name: 10 if name.startswith("lenet") else 1000 for name in CLASSIC}
 NATIVE_SIDE = {name: 32 if name.startswith("lenet") else 227 if name == "alexnet" else 224 for name in CLASSIC}
 # Forward + backward at the native size, batch 2: the heavy ones (5-20 s each on 2 CPU cores) are slow.
@@ -117,18 +106,18 @@ def test_params_and_macs_match_reference(name):
     assert macs(model, side) / 1e9 == pytest.approx(gmacs, rel=0.01)
 
 
-def test_googlenet_without_aux_heads_has_reference_count():
-    assert n_params(build_meta("googlenet", aux_logits=False)) == 6_998_552
+def test_googlenet_without_aux_heads_has_published_count():
+    assert n_params(build_meta("googlenet", aux_logits=False)) == PUBLISHED["googlenet"].params
 
 
 def test_googlenet_naive_counts_match_formula():
-    # REFERENCE.md gives no numbers for the naive network: the expected ones come from the formula above.
+    # published.py gives no numbers for the naive network: the expected ones come from the formula above.
     params, aux, mac = naive_googlenet_counts()
     assert n_params(build_meta("googlenet_naive", aux_logits=False)) == params
     assert n_params(build_meta("googlenet_naive")) == params + aux
     assert macs(build_meta("googlenet_naive"), 224) == mac
     # what the 1x1 bottlenecks save: > 10x the parameters and > 7x the multiply-adds
-    assert params > 10 * 6_998_552 and mac > 7 * 1.583e9
+    assert params > 10 * PUBLISHED["googlenet"].params and mac > 7 * PUBLISHED["googlenet"].gmacs * 1e9
 
 
 def test_lenet5_original_has_the_papers_parameters_per_layer():
@@ -136,7 +125,7 @@ def test_lenet5_original_has_the_papers_parameters_per_layer():
     per_layer = {name: n_params(m) for name, m in model.features.named_children() if n_params(m)}
     assert per_layer == {"c1": 156, "s2": 12, "c3": 1_516, "s4": 32, "c5": 48_120}
     assert n_params(model.f6) == 10_164
-    assert n_params(model) == 60_000
+    assert n_params(model) == PUBLISHED["lenet5_original"].params
     # the RBF centres are fixed: a buffer of 10 x 84 +-1 values, not a parameter
     assert model.output.centres.shape == (10, 84) and not any(p is model.output.centres for p in model.parameters())
     # MACs by formula (the RBF's distances are not a matmul and are not counted):
@@ -238,10 +227,24 @@ def test_lenet5_original_layers_follow_the_paper():
     assert create("lenet5_original", num_classes=26).output.centres.shape == (26, 84)
 
 
-def test_lenet5_original_default_cfg_gives_the_papers_input_levels():
-    cfg = create("lenet5_original").default_cfg
-    background, ink = ((torch.tensor([0.0, 1.0]) - cfg["mean"][0]) / cfg["std"][0]).tolist()
-    assert background == pytest.approx(-0.1) and ink == pytest.approx(1.175)
+@pytest.mark.parametrize("name, background, ink", [("lenet5", -1.0, 1.0), ("lenet5_original", -0.1, 1.175)])
+def test_digits_data_applies_the_normalisation_the_lenet_cfg_declares(name, background, ink):
+    """lenet5_original's cfg carries the paper's input levels (section II-B: background -0.1, ink 1.175),
+    lenet5's the digits data set's 0.5/0.5; the data module, fed by the network, produces exactly them."""
+    from types import SimpleNamespace
+
+    from lightcnn.data import DigitsDataModule
+
+    model = create(name)
+    cfg = model.default_cfg
+    assert ((0.0 - cfg["mean"][0]) / cfg["std"][0], (1.0 - cfg["mean"][0]) / cfg["std"][0]) == pytest.approx(
+        (background, ink))
+    dm = DigitsDataModule(batch_size=8)
+    dm.trainer = SimpleNamespace(world_size=1, lightning_module=SimpleNamespace(net=model))
+    dm.setup("fit")
+    x = torch.stack([dm.train_set[i][0] for i in range(64)])
+    assert x[..., 0, 0].unique().tolist() == pytest.approx([background])  # the padded border
+    assert x.max().item() <= ink + 1e-5 and x.max().item() > background + 0.9 * (ink - background)
 
 
 def test_zfnet_filter_renormalisation_caps_the_rms_at_the_radius():
@@ -323,7 +326,6 @@ def test_googlenet_aux_heads_only_in_training():
     model.dropout.p = 0.0
     torch.testing.assert_close(model.train()(x).logits, y1)
     assert isinstance(create("googlenet", aux_logits=False).train()(x), torch.Tensor)
-    assert model.aux_loss_weight == 0.3  # section 5, read by the training module
 
 
 @pytest.mark.parametrize("name", ["lenet5", "lenet5_original", "alexnet", "alexnet_owt", "zfnet", "vgg11_bn"])
@@ -380,29 +382,58 @@ def test_torchvision_weights_give_equal_outputs(name):
 @pytest.mark.parametrize("name", ["vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn",
                                   "alexnet_owt"])
 def test_torchvision_state_dict_maps_key_for_key(name):
+    assert ("torchvision", name) in TWINS
     with torch.device("meta"):
         tv = getattr(torchvision.models, name.replace("_owt", ""))(weights=None)
         ours = create(name)
-    converted = convert_torchvision_state_dict(ours, tv.state_dict())
+    converted = map_layers_in_order(ours, tv.state_dict())
     assert list(converted) == list(ours.state_dict())
     assert [v.shape for v in converted.values()] == [v.shape for v in tv.state_dict().values()]
-    load_torchvision_state_dict(ours, tv.state_dict())
+    assert [v.shape for v in converted.values()] == [v.shape for v in ours.state_dict().values()]
 
 
 def test_torchvision_import_refuses_what_does_not_fit():
     with torch.device("meta"):
         tv_vgg11_bn, tv_alexnet = torchvision.models.vgg11_bn(), torchvision.models.alexnet()
-        vgg11, vgg11_10, alexnet = create("vgg11"), create("vgg11_bn", num_classes=10), create("alexnet")
     with pytest.raises(ValueError, match="BatchNorm"):
-        load_torchvision_state_dict(vgg11, tv_vgg11_bn.state_dict())
+        from_torchvision("vgg11", tv_vgg11_bn)
     with pytest.raises(ValueError, match="num_classes=1000"):
-        load_torchvision_state_dict(vgg11_10, tv_vgg11_bn.state_dict())
+        from_torchvision("vgg11_bn", tv_vgg11_bn, num_classes=10)
     with pytest.raises(ValueError, match="alexnet_owt"):
-        load_torchvision_state_dict(alexnet, tv_alexnet.state_dict())
-    with pytest.raises(TypeError, match="VGG and alexnet_owt only"):
-        load_torchvision_state_dict(build_meta("googlenet"), tv_alexnet.state_dict())
-    with pytest.raises(ValueError, match="no torchvision twin"):
+        from_torchvision("alexnet_owt", tv_alexnet, lrn_after=(0, 1))
+    with pytest.raises(ValueError, match="no torchvision twin.*alexnet_owt.*vgg16"):
         from_torchvision("zfnet", tv_alexnet)
+
+
+# ---------------------------------------------------------------------------- issue 9: paper fidelity
+
+def test_zfnet_pools_before_normalising_on_55_and_13_maps():
+    """ZFNet Sec. 2 / Fig. 3: layers 1-2 pool first, then normalise across feature maps (maps 55x55 and
+    13x13 at 224); AlexNet normalises before pooling (55x55 and 27x27 at 227)."""
+    def lrn_input_sides(model, side):
+        sides = []
+        hooks = [m.register_forward_pre_hook(lambda m, args: sides.append(args[0].shape[-1]))
+                 for m in model.modules() if isinstance(m, LocalResponseNorm)]
+        model.eval()(torch.zeros(1, 3, side, side, device="meta"))
+        for h in hooks:
+            h.remove()
+        return sides
+
+    assert lrn_input_sides(build_meta("zfnet"), 224) == [55, 13]
+    assert lrn_input_sides(build_meta("alexnet"), 227) == [55, 27]
+    order = [type(m).__name__ for m in build_meta("zfnet").features][:4]
+    assert order == ["Conv2d", "ReLU", "MaxPool2d", "LocalResponseNorm"]
+
+
+def test_googlenet_caffe_init_gives_aux_fc1024_bias_0_2():
+    """BVLC train_val.prototxt: bias 0.2 in every conv and in loss1/fc, loss2/fc; 0 in the classifiers."""
+    model = create("googlenet")
+    for aux in model.aux.values():
+        assert aux.fc1.bias.unique().tolist() == pytest.approx([0.2])
+        assert aux.fc2.bias.unique().tolist() == [0.0]
+        assert aux.conv.conv.bias.unique().tolist() == pytest.approx([0.2])
+    assert model.fc.bias.unique().tolist() == [0.0]
+    assert all(m.bias.unique().tolist() == pytest.approx([0.2]) for m in model.modules() if isinstance(m, nn.Conv2d))
 
 
 # --------------------------------------------------------------------------------- compile and autocast

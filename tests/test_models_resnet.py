@@ -1,6 +1,6 @@
 """ResNet, ResNeXt, stochastic-depth ResNet and the torchvision weight import.
 
-Parameter counts and MACs are exact/1% checks against REFERENCE.md, counted on the meta device (no
+Parameter counts and MACs are exact/1% checks against lightcnn/published.py, counted on the meta device (no
 memory, no compute), so every model is in the fast set. Forward/backward at the native input size runs
 on the CPU with batch 2; the big nets are marked slow.
 """
@@ -13,36 +13,16 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn.models import create, list_models
-from lightcnn.models.resnet import BasicBlock, Bottleneck, ResNet, ZeroPadShortcut, survival_probabilities
-from lightcnn.models.sd_resnet import StochasticDepthResNet
-from lightcnn.models.weights_resnet import (TORCHVISION_EQUIVALENTS, check_torchvision_layout,
-                                            convert_torchvision_state_dict, load_torchvision_state_dict,
-                                            resnet_from_torchvision)
+from lightcnn.models.base import init_he_
+from lightcnn.models.resnet import BasicBlock, ResNet, ZeroPadShortcut, survival_probabilities
+from lightcnn.models.weights import TWINS, from_torchvision
+from lightcnn.published import MODELS as PUBLISHED
 
-# REFERENCE.md. sd_resnet1202 is derived, not in REFERENCE: the sd_resnet110 design (authors' main.lua)
-# at n = 200 is ResNet-1202 (19,421,274) plus one bias per conv output channel:
-# 16 (stem) + 2 * 200 * (16 + 32 + 64) = 44,816, the same rule that gives 110's 1,727,962 + 4,048.
-PARAMS = {
-    "resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032, "resnet101": 44_549_160,
-    "resnet152": 60_192_808,
-    "resnet20": 269_722, "resnet32": 464_154, "resnet44": 658_586, "resnet56": 853_018,
-    "resnet110": 1_727_962, "resnet1202": 19_421_274,
-    "resnext29_8x64d": 34_426_698, "resnext29_16x64d": 68_155_210,
-    "resnext50_32x4d": 25_028_904, "resnext101_32x8d": 88_791_336,
-    "sd_resnet110": 1_732_010, "sd_resnet1202": 19_421_274 + 16 + 2 * 200 * (16 + 32 + 64),
-    "sd_resnet152": 60_192_808,  # ResNet-152's architecture; the gates have no parameters
-}
-
-# GMACs at the native input size. Derived for the stochastic-depth nets: FlopCounterMode counts only
-# convolutions and matmuls; conv biases, pools, the zero-pad shortcut and the eval-mode scaling by p_l
-# add none, so each has the MACs of the plain ResNet with its stride placement: sd_resnet110/1202 those
-# of resnet110/1202, sd_resnet152 (v1.5, fb.resnet.torch) those of torchvision's resnet152.
-GMACS = {
-    "resnet18": 1.814, "resnet34": 3.664, "resnet50": 3.858, "resnet101": 7.570, "resnet152": 11.282,
-    "resnet20": 0.0406, "resnet56": 0.1255, "resnet110": 0.2529, "resnet1202": 2.829,
-    "resnext29_8x64d": 5.387, "resnext29_16x64d": 10.689, "resnext50_32x4d": 4.230, "resnext101_32x8d": 16.414,
-    "sd_resnet110": 0.2529, "sd_resnet1202": 2.829, "sd_resnet152": 11.514,
-}
+FAMILY = ("resnet", "resnext", "sd_resnet")
+# lightcnn/published.py: params (exact) and GMACs at the native size (1%) of every model of the family.
+PARAMS = {n: p.params for n, p in PUBLISHED.items() if n.startswith(FAMILY)}
+GMACS = {n: p.gmacs for n, p in PUBLISHED.items() if n.startswith(FAMILY) and p.gmacs is not None}
+# torchvision's v1.5 layout of the bottleneck nets (published.py's notes give these MACs).
 GMACS_V15 = {"resnet50": 4.089, "resnet101": 7.801, "resnet152": 11.514}
 
 MODELS = sorted(PARAMS)
@@ -103,8 +83,8 @@ def test_param_count_matches_reference(name):
 
 
 def test_cifar100_adds_90_times_classifier_input_plus_one():
-    assert _num_params(_meta("resnet110", num_classes=100)) == 1_727_962 + 90 * 65
-    assert _num_params(_meta("resnext29_8x64d", num_classes=100)) == 34_426_698 + 90 * 1025
+    assert _num_params(_meta("resnet110", num_classes=100)) == PARAMS["resnet110"] + 90 * 65
+    assert _num_params(_meta("resnext29_8x64d", num_classes=100)) == PARAMS["resnext29_8x64d"] + 90 * 1025
     assert _meta("sd_resnet110", num_classes=100).default_cfg["dataset"] == "cifar100"
 
 
@@ -372,12 +352,13 @@ TV_IMPORT = [("resnet18", "resnet18"), ("resnet50", "resnet50"), ("resnext50_32x
 
 @pytest.mark.parametrize("name,tv_name", TV_IMPORT)
 def test_torchvision_import_gives_equal_outputs(name, tv_name):
-    assert TORCHVISION_EQUIVALENTS[name] == tv_name
+    assert ("torchvision", name) in TWINS
     torch.manual_seed(0)
     tv = getattr(torchvision.models, tv_name)(weights=None)
     _randomize_bn(tv, torch.Generator().manual_seed(0))
     tv.eval()
-    ours = resnet_from_torchvision(name, tv.state_dict()).eval()
+    ours = from_torchvision(name, tv.state_dict()).eval()
+    assert list(ours.state_dict()) == list(tv.state_dict())  # torchvision's keys, unrenamed
     x = torch.randn(2, 3, 64, 64)  # any size works for these nets; 64 keeps the test fast
     with torch.no_grad():
         torch.testing.assert_close(ours(x), tv(x), rtol=1e-4, atol=1e-5)
@@ -391,8 +372,8 @@ def test_torchvision_resnet152_loads_into_sd_resnet152_only_without_stochastic_d
     _randomize_bn(tv, torch.Generator().manual_seed(0))
     tv.eval()
     with pytest.raises(ValueError, match="survival probability.*p_L=1.0"):
-        load_torchvision_state_dict(create("sd_resnet152"), tv.state_dict())
-    ours = load_torchvision_state_dict(create("sd_resnet152", p_L=1.0), tv.state_dict()).eval()
+        from_torchvision("sd_resnet152", tv)
+    ours = from_torchvision("sd_resnet152", tv, p_L=1.0).eval()
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), tv(x), rtol=1e-4, atol=1e-5)
@@ -401,30 +382,76 @@ def test_torchvision_resnet152_loads_into_sd_resnet152_only_without_stochastic_d
 def test_torchvision_import_refuses_the_v1_layout_and_other_architectures():
     tv_sd = torchvision.models.resnet50(weights=None).state_dict()
     with pytest.raises(ValueError, match="stride_in_1x1 must be False"):
-        load_torchvision_state_dict(create("resnet50"), tv_sd)  # same shapes, different network
+        from_torchvision("resnet50", tv_sd, stride_in_1x1=True)  # same shapes, different network
     with pytest.raises(ValueError, match="stem must be 'imagenet'.*shortcut must be 'B'"):
-        check_torchvision_layout(create("resnet20"))
+        from_torchvision("resnet50", tv_sd, stem="cifar", shortcut="A")
     with pytest.raises(ValueError, match="missing .*unexpected"):
-        load_torchvision_state_dict(create("resnet101", stride_in_1x1=False), tv_sd)
-    with pytest.raises(ValueError, match="no torchvision equivalent"):
-        resnet_from_torchvision("resnet20", tv_sd)
+        from_torchvision("resnet101", tv_sd)
+    with pytest.raises(ValueError, match="no torchvision twin"):
+        from_torchvision("resnet20", tv_sd)
 
 
 def test_torchvision_import_for_another_class_count_keeps_our_classifier():
     torch.manual_seed(0)
     tv = torchvision.models.resnet18(weights=None).eval()
-    ours = create("resnet18", num_classes=10)
     with pytest.raises(ValueError, match="num_classes=1000 or pass load_classifier=False"):
-        load_torchvision_state_dict(ours, tv.state_dict())
-    fc_before = ours.fc.weight.clone()
-    load_torchvision_state_dict(ours, tv.state_dict(), load_classifier=False)
-    ours.eval()
+        from_torchvision("resnet18", tv, num_classes=10)
+    torch.manual_seed(1)
+    fc_fresh = create("resnet18", num_classes=10).fc.weight
+    torch.manual_seed(1)
+    ours = from_torchvision("resnet18", tv, num_classes=10, load_classifier=False).eval()
     x = torch.randn(2, 3, 64, 64)
     tv.fc = nn.Identity()
     torch.testing.assert_close(ours.forward_head(ours.forward_features(x), pre_logits=True), tv(x))
-    torch.testing.assert_close(ours.fc.weight, fc_before, rtol=0, atol=0)
+    torch.testing.assert_close(ours.fc.weight, fc_fresh, rtol=0, atol=0)
 
 
-def test_convert_strips_a_data_parallel_prefix():
-    sd = {"module.conv1.weight": torch.zeros(1), "fc.bias": torch.ones(1)}
-    assert sorted(convert_torchvision_state_dict(sd)) == ["conv1.weight", "fc.bias"]
+def test_torchvision_import_strips_a_data_parallel_prefix():
+    tv = torchvision.models.resnet18(weights=None, num_classes=3).eval()
+    ours = from_torchvision("resnet18", {"module." + k: v for k, v in tv.state_dict().items()}).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), tv(x), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- issue 9: paper fidelity
+def _he_std(conv: nn.Conv2d, mode: str) -> float:
+    k = conv.kernel_size[0] * conv.kernel_size[1]
+    fan = k * (conv.in_channels // conv.groups if mode == "fan_in" else conv.out_channels)
+    return (2.0 / fan) ** 0.5
+
+
+@pytest.mark.parametrize("name, mode", [("resnet50", "fan_out"), ("resnext29_8x64d", "fan_out"),
+                                        ("sd_resnet110", "fan_in"), ("sd_resnet152", "fan_out")])
+def test_he_init_uses_the_authors_fan(name, mode):
+    """fb.resnet.torch and the ResNeXt code divide by k*k*out; stochastic depth's CIFAR code (nninit.kaiming)
+    by k*k*in. Every conv with enough weights whose fans differ by 2x or more tells the two apart."""
+    torch.manual_seed(0)
+    m = create(name, layers=(1, 1, 1) if "29" in name or "110" in name else (1, 1, 1, 1))
+    convs = [c for c in m.modules() if isinstance(c, nn.Conv2d) and c.weight.numel() > 4_000
+             and abs(_he_std(c, "fan_in") / _he_std(c, "fan_out") - 1) > 0.4]
+    assert convs
+    for c in convs:
+        assert c.weight.std().item() == pytest.approx(_he_std(c, mode), rel=0.05)
+    assert all(c.bias is None or torch.count_nonzero(c.bias) == 0 for c in m.modules() if isinstance(c, nn.Conv2d))
+
+
+def test_init_he_fan_modes_differ_as_the_formula_says():
+    conv = nn.Conv2d(16, 256, 3)
+    for mode in ("fan_in", "fan_out"):
+        torch.manual_seed(0)
+        init_he_(conv, mode)
+        assert conv.weight.std().item() == pytest.approx(_he_std(conv, mode), rel=0.03)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet34"])
+def test_option_a_shortcuts_for_resnet18_34_as_in_table2(name):
+    """The paper's Table 2 ResNet-18/34: zero-padding shortcuts, so B's three projections (1x1 conv + BN at
+    the starts of stages 2-4) are missing from the count; same outputs' shape, same MACs up to the 1x1s."""
+    a, b = _meta(name, shortcut="A"), _meta(name)
+    projections = sum(c_in * c_out + 2 * c_out for c_in, c_out in ((64, 128), (128, 256), (256, 512)))
+    assert _num_params(b) == PARAMS[name]
+    assert _num_params(a) == PARAMS[name] - projections
+    assert all(isinstance(blk.downsample, (ZeroPadShortcut, type(None))) for blk in a.residual_blocks())
+    x = torch.randn(2, 3, 64, 64)
+    assert create(name, shortcut="A")(x).shape == (2, 1000)

@@ -173,3 +173,50 @@ def test_compile_keeps_the_state_dict_keys_and_the_logits():
 def test_num_classes_defaults_to_the_network_s():
     m = ClassifierModule("lenet5", _sgd())
     assert m.num_classes == m.net.num_classes == 10
+
+
+# --- callbacks -----------------------------------------------------------------------------------------------
+
+def _filter_rms(module):
+    return torch.cat([m.weight.detach().pow(2).mean(dim=(1, 2, 3)).sqrt()
+                      for m in module.modules() if isinstance(m, nn.Conv2d)])
+
+
+class _RecordRMS(L.Callback):
+    """The largest conv filter RMS seen by each training batch (i.e. after the previous optimiser step)."""
+
+    def __init__(self):
+        self.before_batch = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.before_batch.append(_filter_rms(pl_module).max().item())
+
+    def on_fit_end(self, trainer, pl_module):
+        self.before_batch.append(_filter_rms(pl_module).max().item())
+
+
+def test_renormalize_filters_bounds_every_filter_after_every_optimizer_step():
+    from lightcnn.training import RenormalizeFilters
+
+    radius, lr = 0.05, 2.0  # a large LR pushes filters past the radius on every step
+    free, rec = _RecordRMS(), _RecordRMS()
+    torch.manual_seed(0)
+    _fit(ClassifierModule("lenet5", _sgd(lr), num_classes=10, in_chans=1), 4, [free])
+    assert max(free.before_batch[1:]) > radius  # without the callback the filters do grow past it
+    renorm = RenormalizeFilters(radius=radius)
+    torch.manual_seed(0)
+    _fit(ClassifierModule("lenet5", _sgd(lr), num_classes=10, in_chans=1), 4, [renorm, rec])
+    assert all(r <= radius * (1 + 1e-5) for r in rec.before_batch[1:])  # after each of the 4 steps
+    assert renorm.rescaled > 0 and not renorm._handles  # it acted, and left no hook on the optimiser
+
+
+def test_renormalize_filters_runs_once_per_real_step_with_gradient_accumulation(monkeypatch):
+    from lightcnn.training import callbacks
+
+    calls = []
+    monkeypatch.setattr(callbacks, "renormalize_filters_", lambda model, radius: calls.append(radius) or 0)
+    _fit(ClassifierModule("lenet5", _sgd(), num_classes=10, in_chans=1), 3,
+         [callbacks.RenormalizeFilters(0.1)], accumulate_grad_batches=2)
+    assert calls == [0.1] * 3  # 3 optimiser steps over 6 batches
+    with pytest.raises(ValueError, match="radius"):
+        callbacks.RenormalizeFilters(0.0)

@@ -1,13 +1,20 @@
-"""The base of every lightcnn datamodule: a *global* batch size split over the processes, and loaders.
+"""The base of every lightcnn datamodule: a *global* batch size split over the processes, loaders, and
+the input size and normalisation taken from the model where the recipe leaves them out.
 
 `batch_size` in every config is the global batch size (the papers' number: all GPUs and nodes
 together). Each process loads `batch_size // world_size` samples; a batch size that does not divide by
 the world size is an error, so that a recipe never silently trains with another batch size.
+
+Input size and normalisation (timm's `resolve_data_config`): a data module's `image_size`, `mean` and
+`std` default to None, meaning "as the network expects": at `setup` they are read from the
+`default_cfg` of the network being trained (`input_size` (C, H, W), `mean`, `std`), which the data
+module reaches through its trainer; without a network (a data module used alone) the data set's own
+values apply. A value the recipe sets always wins.
 """
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import lightning as L
 import torch
@@ -77,6 +84,36 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         self.batch_size_per_device  # fail at setup, before any data is read, if the batch does not divide
+
+    def model_default_cfg(self) -> dict[str, Any]:
+        """The `default_cfg` of the network this data feeds (via the trainer's LightningModule), or {}."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        net = getattr(module, "net", module)
+        return dict(getattr(net, "default_cfg", None) or {})
+
+    def resolve_data_config(self, fallback: dict[str, Any], **recipe: Any) -> dict[str, Any]:
+        """For each key of `fallback` (`image_size`, `mean`, `std`, `crop_pct`): the recipe's value if it is
+        not None, else the network's `default_cfg` value, else `fallback`'s. Checks that mean/std have
+        one value per channel of this data."""
+        model = self.model_default_cfg()
+        if "input_size" in model:
+            _, h, w = model["input_size"]
+            if h == w:
+                model["image_size"] = h
+            elif "image_size" in fallback and recipe.get("image_size") is None:
+                raise ValueError(f"the network expects {h}x{w} inputs but {type(self).__name__} makes square "
+                                 f"images: set image_size in the recipe (--data.init_args.image_size)")
+        out = {}
+        for key, default in fallback.items():
+            for value in (recipe.get(key), model.get(key), default):
+                if value is not None:
+                    break
+            out[key] = value
+        for key in ("mean", "std"):
+            if key in out and len(out[key]) != self.in_chans:
+                raise ValueError(f"{key}={tuple(out[key])} has {len(out[key])} values but the data has {self.in_chans} "
+                                 f"channel(s): give one per channel (--data.init_args.{key})")
+        return out
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:

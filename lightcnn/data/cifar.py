@@ -1,8 +1,16 @@
 """CIFAR-10 and CIFAR-100 (Krizhevsky 2009) through torchvision, with the papers' augmentation.
 
 Augmentation is the one of ResNet (He et al. 2016, Sec. 4.2) used by every CIFAR paper after it:
-4 pixels of zero padding on each side, a random 32x32 crop, a random horizontal flip, then per-channel
-mean/std normalisation. Evaluation only normalises.
+per-channel mean/std normalisation, 4 pixels of padding on each side, a random 32x32 crop, a random
+horizontal flip. Evaluation only normalises. `padding_mode` says what the padding holds, and each
+recipe says which its paper used:
+- "zero": black pixels (torchvision's `RandomCrop(32, padding=4)` on the raw image, most PyTorch codes);
+- "mean": the data set's mean colour, i.e. zeros of the normalised image: the ResNet paper subtracts the
+  mean before padding (Sec. 4.2), and fb.resnet.torch with the codes built on it (pre-activation
+  ResNet, ResNeXt, DenseNet) and the stochastic-depth code normalise first, then zero-pad;
+- "reflect": a mirror image of the border (the WRN authors' `randomcrop_type=reflection`).
+`cutout=L` adds Cutout (DeVries & Taylor 2017): one LxL square, centred at a random pixel and clipped
+at the border, is zeroed after normalisation (so it holds the data set's mean).
 
 The data is read from `root/cifar-10-batches-py` (or `root/cifar-100-python`), the layout of the
 official python archives. Nothing is downloaded unless `download=True`.
@@ -10,15 +18,17 @@ official python archives. Nothing is downloaded unless `download=True`.
 from __future__ import annotations
 
 import os
+from typing import Literal
 
 import torch
+from torch import nn
 from torch.utils.data import Subset
 from torchvision import datasets
 from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
+from lightcnn.constants import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 from lightcnn.data.base import ClassificationDataModule
-from lightcnn.models.base import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
 
 
 class _VerifiableMixin:
@@ -50,10 +60,43 @@ class CIFAR100Dataset(_VerifiableMixin, datasets.CIFAR100):
         super().__init__(*args, **kwargs)
 
 
-def cifar_transforms(mean: tuple[float, ...], std: tuple[float, ...], augment: bool) -> v2.Compose:
-    """Pad-4 random crop + horizontal flip (training, `augment=True`), then to float and normalise."""
-    ops = [v2.RandomCrop(32, padding=4), v2.RandomHorizontalFlip()] if augment else []
-    return v2.Compose([*ops, v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+class Cutout(nn.Module):
+    """Cutout (DeVries & Taylor 2017, Sec. 3): zero one `length` x `length` square of a (C, H, W) tensor,
+    centred at a pixel drawn uniformly from the whole image, so that the square may cross the border
+    (then only its part inside the image is zeroed), as the authors' code does. Uses torch's global RNG."""
+
+    def __init__(self, length: int):
+        super().__init__()
+        if length < 1:
+            raise ValueError(f"cutout length must be a positive number of pixels, got {length}")
+        self.length = length
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        half = self.length // 2
+        x = x.clone()
+        x[..., max(cy - half, 0):min(cy - half + self.length, h), max(cx - half, 0):min(cx - half + self.length, w)] = 0
+        return x
+
+
+PaddingMode = Literal["zero", "mean", "reflect"]
+
+
+def cifar_transforms(mean: tuple[float, ...], std: tuple[float, ...], augment: bool,
+                     padding_mode: PaddingMode = "zero", cutout: int = 0) -> v2.Compose:
+    """To float and normalise; for training (`augment=True`) then a pad-4 random crop and a horizontal
+    flip, then Cutout of side `cutout` (0: none). Cropping after normalising lets "mean" padding be the
+    zeros of the normalised image, as in the Torch codes that normalised first."""
+    fills = {"zero": [-m / s for m, s in zip(mean, std)], "mean": 0.0}  # black, or the mean colour
+    if padding_mode not in ("zero", "mean", "reflect"):
+        raise ValueError(f"padding_mode must be 'zero', 'mean' or 'reflect', got {padding_mode!r}")
+    ops = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if augment:
+        pad = dict(padding_mode="reflect") if padding_mode == "reflect" else dict(fill=fills[padding_mode])
+        ops += [v2.RandomCrop(32, padding=4, **pad), v2.RandomHorizontalFlip()]
+        ops += [Cutout(cutout)] if cutout else []
+    return v2.Compose(ops)
 
 
 class CIFAR10DataModule(ClassificationDataModule):
@@ -68,8 +111,16 @@ class CIFAR10DataModule(ClassificationDataModule):
             validation curves are test curves.
         split_seed: seed of the train/val split.
         augment: the papers' pad-4 crop + flip on the training set.
+        padding_mode: what the pad-4 crop's padding holds: "zero" (black), "mean" (the mean colour) or
+            "reflect" (a mirror of the border); see the module docstring for which paper used which.
+        cutout: side of the Cutout square applied to training images (DeVries & Taylor 2017: 16 on
+            CIFAR-10, 8 on CIFAR-100); 0 turns it off. Needs `augment`.
+        mean: per-channel normalisation mean; None: the network's `default_cfg`, else the data set's.
+        std: per-channel normalisation std; None as `mean`.
         verify_md5: check the files' MD5 sums against the official archive's.
         num_workers: loader workers per process.
+
+    The images stay 32x32 whatever the network's `default_cfg` says (no paper resizes CIFAR).
     """
 
     num_classes = 10
@@ -86,14 +137,24 @@ class CIFAR10DataModule(ClassificationDataModule):
         val_size: int = 0,
         split_seed: int = 0,
         augment: bool = True,
+        padding_mode: PaddingMode = "zero",
+        cutout: int = 0,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
         verify_md5: bool = True,
         num_workers: int = 4,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {val_size}")
+        if cutout < 0:
+            raise ValueError(f"cutout must be >= 0 (0 turns it off), got {cutout}")
+        if cutout and not augment:
+            raise ValueError("cutout is a training augmentation: it needs augment=true")
+        cifar_transforms(self._mean, self._std, augment, padding_mode, cutout)  # check the knobs now
         self.root, self.download, self.val_size, self.split_seed = root, download, val_size, split_seed
-        self.augment, self.verify_md5 = augment, verify_md5
+        self.augment, self.padding_mode, self.cutout, self.verify_md5 = augment, padding_mode, cutout, verify_md5
+        self.mean, self.std = mean, std
 
     def _make(self, train: bool, transform, download: bool = False):
         cls = self._dataset
@@ -120,8 +181,9 @@ class CIFAR10DataModule(ClassificationDataModule):
         super().setup(stage)
         if self.test_set is not None:
             return
-        eval_tf = cifar_transforms(self._mean, self._std, augment=False)
-        train_tf = cifar_transforms(self._mean, self._std, augment=self.augment)
+        cfg = self.resolve_data_config(dict(mean=self._mean, std=self._std), mean=self.mean, std=self.std)
+        eval_tf = cifar_transforms(cfg["mean"], cfg["std"], augment=False)
+        train_tf = cifar_transforms(cfg["mean"], cfg["std"], self.augment, self.padding_mode, self.cutout)
         train_full = self._make(True, train_tf)
         self.test_set = self._make(False, eval_tf)
         if self.val_size == 0:

@@ -11,14 +11,21 @@ ILSVRC's test labels are not public, so, as in the papers, the validation set is
 Training augmentations (`augmentation`):
 - "alexnet": shorter side to `resize_size`, a random `image_size` crop, horizontal flip
   (Krizhevsky et al. 2012, Sec. 4.1; the PCA colour jitter is not applied). ZFNet trains the same way.
+  With `center_square=True` the crops are taken inside the central `resize_size` square only, as both
+  papers did (AlexNet Sec. 2: "cropped out the central 256x256 patch"; ZFNet Sec. 3.1); without it,
+  anywhere in the resized image (the common reproductions' choice).
 - "scale": shorter side drawn uniformly from `scale_range`, a random crop, flip: VGG's scale jittering
   (Simonyan & Zisserman 2015, Sec. 3.1, S in [256, 512]) and ResNet's (He et al. 2016, Sec. 3.4, [256, 480]).
 - "inception": a random crop of 8%-100% of the area with aspect ratio in [3/4, 4/3], resized to
   `image_size`, flip (Szegedy et al. 2015, Sec. 6).
 Evaluation: shorter side to `resize_size`, centre crop of `image_size` (single crop).
+
+`image_size`, `mean` and `std` default to the network's `default_cfg` (see `base.py`), and
+`resize_size` to `image_size / crop_pct` (the cfg's `crop_pct`, else 0.875: 256 for 224).
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Literal
 
@@ -26,8 +33,10 @@ import torch
 from torchvision import datasets
 from torchvision.transforms import v2
 
+from lightcnn.constants import DATASETS, IMAGENET_MEAN, IMAGENET_STD
 from lightcnn.data.base import ClassificationDataModule
-from lightcnn.models.base import IMAGENET_MEAN, IMAGENET_STD
+
+DEFAULT_CROP_PCT = 0.875  # 224 / 256: the evaluation crop of AlexNet, VGG and ResNet
 
 
 def imagenet_transforms(
@@ -37,10 +46,16 @@ def imagenet_transforms(
     scale_range: tuple[int, int] = (256, 480),
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    center_square: bool = False,
 ) -> v2.Compose:
     """The training (`augmentation` != "none") or evaluation ("none") transform of an ImageNet image."""
+    if resize_size < image_size:
+        raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
+    if center_square and augmentation not in ("alexnet", "none"):
+        raise ValueError(f"center_square is the AlexNet/ZFNet crop: it needs augmentation='alexnet', got {augmentation!r}")
     if augmentation == "alexnet":
-        ops = [v2.Resize(resize_size), v2.RandomCrop(image_size), v2.RandomHorizontalFlip()]
+        square = [v2.CenterCrop(resize_size)] if center_square else []
+        ops = [v2.Resize(resize_size), *square, v2.RandomCrop(image_size), v2.RandomHorizontalFlip()]
     elif augmentation == "scale":
         lo, hi = scale_range
         if not image_size <= lo <= hi:
@@ -62,9 +77,15 @@ class ImageNetDataModule(ClassificationDataModule):
         root: folder holding `train/` and `val/`, one subfolder per class in each.
         batch_size: global batch size (all processes together).
         augmentation: "alexnet", "scale" or "inception" (see the module docstring).
-        image_size: side of the crops fed to the network (227 for the original AlexNet, 224 otherwise).
-        resize_size: shorter side before the crop ("alexnet" training and evaluation).
+        image_size: side of the crops fed to the network (227 for the original AlexNet, 224 otherwise);
+            None: the network's input side.
+        resize_size: shorter side before the crop ("alexnet" training and evaluation); None:
+            `image_size / crop_pct` (the network's `crop_pct`, else 0.875).
         scale_range: range of the random shorter side for "scale".
+        center_square: "alexnet" only: crop inside the central `resize_size` square, as the AlexNet and
+            ZFNet papers did.
+        mean: per-channel normalisation mean; None: the network's `default_cfg`, else ImageNet's.
+        std: per-channel normalisation std; None as `mean`.
         num_classes: class count the tree must have (checked at setup).
         num_workers: loader workers per process.
     """
@@ -76,18 +97,36 @@ class ImageNetDataModule(ClassificationDataModule):
         root: str = "data/imagenet",
         batch_size: int = 256,
         augmentation: Literal["alexnet", "scale", "inception"] = "inception",
-        image_size: int = 224,
-        resize_size: int = 256,
+        image_size: int | None = None,
+        resize_size: int | None = None,
         scale_range: tuple[int, int] = (256, 480),
+        center_square: bool = False,
+        mean: tuple[float, ...] | None = None,
+        std: tuple[float, ...] | None = None,
         num_classes: int = 1000,
         num_workers: int = 8,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
-        if resize_size < image_size:
-            raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
         self.root, self.augmentation, self.image_size = root, augmentation, image_size
         self.resize_size, self.scale_range, self.num_classes = resize_size, tuple(scale_range), num_classes
-        imagenet_transforms(augmentation, image_size, resize_size, self.scale_range)  # validate the knobs now
+        self.center_square, self.mean, self.std = center_square, mean, std
+        # Check the knobs the recipe sets now (an unset size counts as 1 px, which passes every check);
+        # setup checks again once the sizes are resolved against the network.
+        imagenet_transforms(augmentation, image_size or 1, resize_size or image_size or 1, self.scale_range,
+                            center_square=center_square)
+
+    def _transforms(self) -> tuple[v2.Compose, v2.Compose]:
+        """(training, evaluation) transforms with the sizes and normalisation resolved against the network."""
+        facts = DATASETS["imagenet"]
+        cfg = self.resolve_data_config(
+            dict(image_size=facts["input_side"], mean=facts["mean"], std=facts["std"], crop_pct=DEFAULT_CROP_PCT),
+            image_size=self.image_size, mean=self.mean, std=self.std)
+        size = cfg["image_size"]
+        resize = self.resize_size or math.floor(size / cfg["crop_pct"])
+        norm = dict(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+        train = imagenet_transforms(self.augmentation, size, resize, self.scale_range, **norm,
+                                    center_square=self.center_square)
+        return train, imagenet_transforms("none", size, resize, **norm)
 
     def _folder(self, split: str, transform) -> datasets.ImageFolder:
         path = os.path.join(self.root, split)
@@ -110,8 +149,7 @@ class ImageNetDataModule(ClassificationDataModule):
         super().setup(stage)
         if self.test_set is not None:
             return
-        eval_tf = imagenet_transforms("none", self.image_size, self.resize_size)
-        train_tf = imagenet_transforms(self.augmentation, self.image_size, self.resize_size, self.scale_range)
+        train_tf, eval_tf = self._transforms()
         self.train_set = self._folder("train", train_tf)
         self.val_set = self.test_set = self._folder("val", eval_tf)
         if self.val_set.classes != self.train_set.classes:

@@ -9,21 +9,22 @@ paper's "224" does not give its 55x55 maps with an 11x11/4 convolution). 60,965,
 
 `alexnet_owt` is torchvision's `alexnet`: one tower with 64-192-384-256-256 maps (after Krizhevsky 2014,
 "One weird trick"), no LRN, 224x224 input. Same layers and order as torchvision, so its weights load
-with `lightcnn.models.weights.load_torchvision_state_dict`.
+with `lightcnn.models.weights.from_torchvision("alexnet_owt", tv_alexnet)`.
 
 The same `AlexNet` class builds ZFNet (lightcnn.models.zfnet).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Literal, NamedTuple, Sequence
+from typing import Literal, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 from lightcnn.layers import LocalResponseNorm
-from lightcnn.models.base import Classifier, imagenet_cfg
+from lightcnn.models.base import Classifier, make_default_cfg
 from lightcnn.models.registry import register_model
+from lightcnn.models.weights import map_layers_in_order, register_twin
 
 
 class ConvSpec(NamedTuple):
@@ -54,6 +55,8 @@ class AlexNet(Classifier):
         pool_after: indices of the convolutions followed by 3x3/2 max-pooling (after their ReLU/LRN).
         ceil_mode: round pooled sizes up (ZFNet's 110/55/26/13/6 maps need it).
         lrn_after: indices of the convolutions whose ReLU output is normalised by LRN (empty: no LRN).
+        pool_before_lrn: False: ReLU, LRN, pool (AlexNet, sections 3.3-3.4); True: ReLU, pool, LRN (ZFNet,
+            section 2 and Fig. 3: the normalised maps are the pooled ones).
         lrn_size, lrn_alpha, lrn_beta, lrn_k: the LRN's n, alpha, beta, k in PyTorch's convention, where
             alpha is divided by n: the paper's k=2, n=5, alpha=1e-4, beta=0.75 is lrn_alpha=5e-4.
         pooled_size: side of the adaptive average pool before the classifier (6 at the native input
@@ -72,6 +75,7 @@ class AlexNet(Classifier):
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, convs: Sequence[ConvSpec] = ALEXNET_CONVS,
                  pool_after: Sequence[int] = (0, 1, 4), ceil_mode: bool = False, lrn_after: Sequence[int] = (0, 1),
+                 pool_before_lrn: bool = False,
                  lrn_size: int = 5, lrn_alpha: float = 5e-4, lrn_beta: float = 0.75, lrn_k: float = 2.0,
                  pooled_size: int = 6, hidden_features: int = 4096, drop_rate: float = 0.5,
                  dropout_position: Literal["after_fc", "before_fc"] = "after_fc",
@@ -91,10 +95,12 @@ class AlexNet(Classifier):
             self.features.add_module(f"conv{n}", nn.Conv2d(c_in, spec.out_channels, spec.kernel_size, spec.stride,
                                                             spec.padding, groups=spec.groups))
             self.features.add_module(f"relu{n}", nn.ReLU(inplace=True))
-            if i in lrn_after:  # 3.3: "applied this normalization after applying the ReLU nonlinearity"
-                self.features.add_module(f"norm{n}", LocalResponseNorm(lrn_size, lrn_alpha, lrn_beta, lrn_k, impl=impl))
-            if i in pool_after:  # 3.4: overlapping pooling, s=2, z=3
-                self.features.add_module(f"pool{n}", nn.MaxPool2d(3, 2, ceil_mode=ceil_mode))
+            # 3.3: "applied this normalization after applying the ReLU nonlinearity"; 3.4: overlapping pooling
+            norm = ([(f"norm{n}", LocalResponseNorm(lrn_size, lrn_alpha, lrn_beta, lrn_k, impl=impl))]
+                    if i in lrn_after else [])
+            pool = [(f"pool{n}", nn.MaxPool2d(3, 2, ceil_mode=ceil_mode))] if i in pool_after else []
+            for name, module in (pool + norm if pool_before_lrn else norm + pool):
+                self.features.add_module(name, module)
             c_in = spec.out_channels
         self.avgpool = nn.AdaptiveAvgPool2d(pooled_size)
 
@@ -111,8 +117,7 @@ class AlexNet(Classifier):
         layers += drop("drop7") if after else []
         self.pre_logits = nn.Sequential(OrderedDict(layers))
         self.fc8 = nn.Linear(hidden_features, num_classes)
-        self.default_cfg = dict(imagenet_cfg(input_size), num_classes=num_classes,
-                                input_size=(in_chans, input_size, input_size))
+        self.default_cfg = make_default_cfg("imagenet", num_classes, in_chans, input_size)
         if init != "pytorch":
             self._init_normal(ones_bias=("conv2", "conv4", "conv5", "fc6", "fc7") if init == "paper" else ())
 
@@ -133,19 +138,30 @@ class AlexNet(Classifier):
         return x if pre_logits else self.fc8(x)
 
 
-def _create(defaults: dict, kwargs: dict) -> AlexNet:
-    return AlexNet(**{**defaults, **kwargs})
-
-
 @register_model
 def alexnet(**kwargs) -> AlexNet:
     """AlexNet as in the paper: two towers, LRN (k=2, n=5, alpha=1e-4 in the paper's convention), 227x227
-    input; 60,965,224 parameters."""
-    return _create(dict(convs=ALEXNET_CONVS, lrn_after=(0, 1), init="paper", input_size=227), kwargs)
+    input."""
+    model_args = dict(convs=ALEXNET_CONVS, lrn_after=(0, 1), init="paper", input_size=227)
+    return AlexNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def alexnet_owt(**kwargs) -> AlexNet:
-    """torchvision's single-tower AlexNet (64-192-384-256-256, no LRN, 224x224); 61,100,840 parameters."""
-    return _create(dict(convs=ALEXNET_OWT_CONVS, lrn_after=(), dropout_position="before_fc", init="pytorch",
-                        input_size=224), kwargs)
+    """torchvision's single-tower AlexNet (64-192-384-256-256, no LRN, 224x224)."""
+    model_args = dict(convs=ALEXNET_OWT_CONVS, lrn_after=(), dropout_position="before_fc", init="pytorch",
+                      input_size=224)
+    return AlexNet(**dict(model_args, **kwargs))
+
+
+def _torchvision_state_dict(model: AlexNet, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """torchvision's alexnet numbers the layers of its Sequentials where ours carry the paper's names: the
+    layers map in order, once the model is known to be single-tower and LRN-free like torchvision's."""
+    if any(isinstance(m, nn.Conv2d) and m.groups != 1 for m in model.features) or any(
+            isinstance(m, LocalResponseNorm) for m in model.modules()):
+        raise ValueError("this AlexNet has grouped convolutions (two towers) or LRN, which torchvision's "
+                         "single-tower alexnet lacks: import torchvision's weights into 'alexnet_owt' instead")
+    return map_layers_in_order(model, state_dict)
+
+
+register_twin("torchvision", "alexnet_owt", _torchvision_state_dict, classifier="fc8")

@@ -1,53 +1,57 @@
-"""The uniform API every lightcnn network has, and the default configurations of the papers' data sets."""
+"""What every lightcnn network shares: the `Classifier` API, `make_default_cfg` and the He initialiser."""
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import nn
 
-from lightcnn.constants import (  # noqa: F401  (re-exported until every caller imports lightcnn.constants)
-    CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD, DATASETS, DIGITS_MEAN, DIGITS_STD, IMAGENET_MEAN,
-    IMAGENET_STD,
-)
+from lightcnn.constants import DATASETS
 
 
 def make_default_cfg(dataset: str, num_classes: int, in_chans: int, input_size: int | tuple[int, int] | None = None,
-                     **extra) -> dict:
+                     mean: tuple[float, ...] | None = None, std: tuple[float, ...] | None = None, **extra) -> dict:
     """The one way a model states what it expects: `{input_size: (C, H, W), mean, std, dataset, num_classes}`
-    built from the model's real knobs. `dataset` names the paper's data set (a key of
-    `lightcnn.constants.DATASETS`); its mean/std are used for 3-channel input (or digits' 1-channel), and
-    0.5/0.5 per channel for any other channel count. `input_size` is the side (or (H, W)) the model is
-    built for, the data set's native side by default. `extra` adds model-specific entries (e.g. crop_pct)."""
+    built from the model's real knobs; the data modules apply it unless a recipe says otherwise.
+
+    `dataset` names the paper's data set (a key of `lightcnn.constants.DATASETS`), or "cifar" for the
+    CIFAR nets, which take CIFAR-100 for 100 classes and CIFAR-10 otherwise. `input_size` is the side (or
+    (H, W)) the model is built for, the data set's native side by default. `mean`/`std` are the data set's
+    when they have `in_chans` entries, 0.5/0.5 per channel otherwise; a paper that prescribes its own
+    input normalisation passes it (one value, repeated over the channels, or one per channel). `extra`
+    adds model-specific entries (e.g. crop_pct)."""
+    if dataset == "cifar":
+        dataset = "cifar100" if num_classes == 100 else "cifar10"
     if dataset not in DATASETS:
-        raise ValueError(f"make_default_cfg: unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+        raise ValueError(f"make_default_cfg: unknown dataset {dataset!r}; known: cifar, {', '.join(DATASETS)}")
     facts = DATASETS[dataset]
-    mean, std = facts["mean"], facts["std"]
-    if len(mean) != in_chans:
-        mean, std = (0.5,) * in_chans, (0.5,) * in_chans
+    if (mean is None) != (std is None):
+        raise ValueError("make_default_cfg: give both mean and std, or neither")
+    if mean is None:
+        mean, std = facts["mean"], facts["std"]
+        if len(mean) != in_chans:
+            mean, std = (0.5,) * in_chans, (0.5,) * in_chans
+    else:
+        mean, std = (tuple(v) * in_chans if len(v) == 1 else tuple(v) for v in (mean, std))
+        if len(mean) != in_chans or len(std) != in_chans:
+            raise ValueError(f"make_default_cfg: mean {mean} / std {std} need 1 or {in_chans} values")
     side = facts["input_side"] if input_size is None else input_size
     hw = (side, side) if isinstance(side, int) else tuple(side)
     return dict(input_size=(in_chans, *hw), mean=tuple(mean), std=tuple(std), dataset=dataset,
                 num_classes=num_classes, **extra)
 
 
-def imagenet_cfg(input_size: int = 224, **kw) -> dict:
-    return dict(input_size=(3, input_size, input_size), mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                dataset="imagenet", num_classes=1000, **kw)
-
-
-def cifar_cfg(num_classes: int = 10, in_chans: int = 3, **kw) -> dict:
-    """CIFAR-100's statistics for 100 classes, CIFAR-10's otherwise; mean/std 0.5 for non-RGB input."""
-    mean, std = (CIFAR100_MEAN, CIFAR100_STD) if num_classes == 100 else (CIFAR10_MEAN, CIFAR10_STD)
-    if in_chans != 3:
-        mean, std = (0.5,) * in_chans, (0.5,) * in_chans
-    return dict(input_size=(in_chans, 32, 32), mean=mean, std=std,
-                dataset="cifar100" if num_classes == 100 else "cifar10", num_classes=num_classes, **kw)
-
-
-def init_he_fan_out_(model: nn.Module) -> None:
-    """He-normal (fan_out) convolutions and identity BatchNorms, as the ResNet authors' code initialises."""
+@torch.no_grad()
+def init_he_(model: nn.Module, mode: Literal["fan_in", "fan_out"] = "fan_out") -> None:
+    """He et al. 2015 ("Delving deep into rectifiers") normal init of every convolution, std sqrt(2 / fan),
+    with zero conv biases and identity BatchNorms. `mode` is the fan the authors' code divides by: fan_out
+    (k*k*out) in fb.resnet.torch and the pre-activation ResNet code, fan_in (k*k*in) in WRN's `MSRinit`
+    and stochastic depth's `nninit.kaiming`."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.kaiming_normal_(m.weight, mode=mode, nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
@@ -57,9 +61,9 @@ class Classifier(nn.Module):
     """Base of every network: `forward(x) == forward_head(forward_features(x))`.
 
     Subclasses set `num_classes`, `in_chans`, `num_features` (the classifier's input width) and
-    `default_cfg`, and implement `forward_features` (the last feature map, before pooling) and
-    `forward_head` (pooling, dropout, classifier; `pre_logits=True` stops before the classifier).
-    Models with auxiliary heads override `forward` to return a named tuple while training.
+    `default_cfg` (with `make_default_cfg`), and implement `forward_features` (the last feature map, before
+    pooling) and `forward_head` (pooling, dropout, classifier; `pre_logits=True` stops before the
+    classifier). Models with auxiliary heads override `forward` to return a named tuple while training.
     """
 
     num_classes: int

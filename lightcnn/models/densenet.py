@@ -22,7 +22,8 @@ state_dict, the outputs, the gradients and the running statistics are the same e
   compression; `densenet_bc100_k12`, `densenet_bc250_k24`, `densenet_bc190_k40`: (L - 4) / 6 bottleneck
   layers per block, theta = 0.5.
 
-`convert_torchvision_state_dict` / `from_torchvision` load a torchvision DenseNet's weights.
+Torchvision twins (`lightcnn.models.weights.from_torchvision`): densenet121, densenet161, densenet169,
+densenet201.
 """
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightcnn.layers import DenseConv2d, PreActConv2d
-from lightcnn.models.base import Classifier, make_default_cfg
-from lightcnn.models.registry import create, register_model
+from lightcnn.models.base import Classifier, init_he_, make_default_cfg
+from lightcnn.models.registry import register_model
+from lightcnn.models.weights import register_twin
 
 
 class DenseLayer(nn.Module):
@@ -146,14 +148,8 @@ class DenseNet(Classifier):
 
         dataset = "imagenet" if stem == "imagenet" else ("cifar100" if num_classes == 100 else "cifar10")
         self.default_cfg = make_default_cfg(dataset, num_classes, in_chans)
-        for m in self.modules():  # torchvision's initialisation
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.zeros_(m.bias)
+        init_he_(self, "fan_out")  # the authors' code (built on fb.resnet.torch): std sqrt(2 / (k * k * out))
+        nn.init.zeros_(self.fc.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         features = [self.stem(x)]
@@ -185,34 +181,23 @@ _TV_RULES = [
 ]
 
 
-def convert_torchvision_state_dict(tv_state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-    """A torchvision DenseNet state_dict (any of densenet121/161/169/201, or torchvision.models.DenseNet)
-    renamed to this module's keys (torchvision's blocks and layers count from 1, ours from 0)."""
+def convert_torchvision_state_dict(model: DenseNet,
+                                   tv_state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """A torchvision DenseNet state_dict (densenet121/161/169/201, or any torchvision.models.DenseNet) renamed
+    to our keys (torchvision's blocks and layers count from 1, ours from 0); shapes are checked on loading."""
+    if not isinstance(model, DenseNet):
+        raise TypeError(f"convert_torchvision_state_dict: expected a lightcnn DenseNet, got {type(model).__name__}")
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in tv_state_dict.items():
         for pattern, target in _TV_RULES:
             m = re.match(pattern, key)
             if m:
-                new = target.format(*(int(g) - 1 for g in m.groups())) + key[m.end():]
-                out[new] = value
+                out[target.format(*(int(g) - 1 for g in m.groups())) + key[m.end():]] = value
                 break
         else:
             raise ValueError(f"convert_torchvision_state_dict: {key!r} is not a torchvision DenseNet key; "
                              "give the state_dict of a torchvision.models.densenet* model")
     return out
-
-
-def from_torchvision(name: str, tv_model: nn.Module, **kwargs) -> DenseNet:
-    """Our `name` (e.g. "densenet121") with the weights of a torchvision DenseNet (same outputs in eval).
-
-        tv = torchvision.models.densenet121(weights="IMAGENET1K_V1")
-        model = from_torchvision("densenet121", tv)
-    """
-    model = create(name, num_classes=tv_model.classifier.out_features, **kwargs)
-    if not isinstance(model, DenseNet):
-        raise TypeError(f"from_torchvision: {name!r} is not a DenseNet")
-    model.load_state_dict(convert_torchvision_state_dict(tv_model.state_dict()))
-    return model
 
 
 # --- ImageNet (Table 1) -------------------------------------------------------------------------------------
@@ -290,3 +275,7 @@ def densenet_bc250_k24(**kwargs) -> DenseNet:
 def densenet_bc190_k40(**kwargs) -> DenseNet:
     """DenseNet-BC (L=190, k=40), 31 bottleneck layers per block: 3.46% C10+ (17.18% C100+); 25.6M params."""
     return _cifar(190, 40, True, **kwargs)
+
+
+for _name in ("densenet121", "densenet161", "densenet169", "densenet201"):
+    register_twin("torchvision", _name, convert_torchvision_state_dict)

@@ -6,8 +6,8 @@ layer. Every convolution has a bias and a ReLU; there is no BatchNorm (torchvisi
 and puts a 3x3 convolution in the "5x5" branch, so its weights do not fit here). The max-pools are 3x3/2
 with rounding up, as in the reference Caffe model, which gives Table 1's 56/28/14/7 maps. Two auxiliary
 classifiers sit on 4a and 4d (section 5): 5x5/3 average pool, 1x1 convolution to 128, FC 1024, dropout
-0.7, FC; their losses are added with weight 0.3 during training. 6,998,552 parameters without the
-auxiliary heads, 13,378,280 with them.
+0.7, FC; the training module adds their losses with weight 0.3 (its `aux_loss_weights`). 6,998,552
+parameters without the auxiliary heads, 13,378,280 with them.
 
 In training mode (with `aux_logits=True`) `forward` returns `GoogLeNetOutputs(logits, aux_logits2,
 aux_logits1)`; in eval mode it returns the logits alone.
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lightcnn.layers import LocalResponseNorm
-from lightcnn.models.base import Classifier, imagenet_cfg
+from lightcnn.models.base import Classifier, make_default_cfg
 from lightcnn.models.registry import register_model
 
 
@@ -136,20 +136,19 @@ class GoogLeNet(Classifier):
         aux_logits: build the auxiliary classifiers on 4a and 4d (used in training mode only).
         drop_rate: dropout before the last linear layer (section 5: 0.4).
         aux_drop_rate: dropout in the auxiliary classifiers (section 5: 0.7).
-        aux_loss_weight: the weight of each auxiliary loss in the training loss (section 5: 0.3); kept on
-            the model (`model.aux_loss_weight`) for the training module to read.
         lrn: the two local response normalisations of the stem (Fig. 3).
         lrn_size, lrn_alpha, lrn_beta, lrn_k: their n, alpha (PyTorch's convention, divided by n), beta, k;
             the paper gives none, these are the reference Caffe model's (5, 1e-4, 0.75, 1).
-        init: "caffe" (the reference Caffe model: Xavier-uniform weights U(+-sqrt(3 / fan_in)), conv biases
-            0.2, FC biases 0) or "pytorch" (PyTorch's defaults).
+        init: "caffe" (the reference BVLC Caffe model: Xavier-uniform weights U(+-sqrt(3 / fan_in)), biases
+            0.2 in the convolutions and the auxiliary FC-1024 layers (loss1/fc, loss2/fc), 0 in the
+            classifiers) or "pytorch" (PyTorch's defaults).
         impl: "kernel", "reference", or None (the global default) for the LRN.
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3,
                  modules: Sequence[tuple[str, InceptionSpec | None]] = GOOGLENET_MODULES,
                  inception: Literal["bottleneck", "naive"] = "bottleneck", aux_logits: bool = True,
-                 drop_rate: float = 0.4, aux_drop_rate: float = 0.7, aux_loss_weight: float = 0.3,
+                 drop_rate: float = 0.4, aux_drop_rate: float = 0.7,
                  lrn: bool = True, lrn_size: int = 5,
                  lrn_alpha: float = 1e-4, lrn_beta: float = 0.75, lrn_k: float = 1.0,
                  init: Literal["caffe", "pytorch"] = "caffe", impl: str | None = None):
@@ -160,7 +159,6 @@ class GoogLeNet(Classifier):
         if init not in ("caffe", "pytorch"):
             raise ValueError(f"init must be 'caffe' or 'pytorch', got {init!r}")
         self.num_classes, self.in_chans, self.aux_logits = num_classes, in_chans, aux_logits
-        self.aux_loss_weight = aux_loss_weight
 
         def norm(name: str) -> list[tuple[str, nn.Module]]:
             return [(name, LocalResponseNorm(lrn_size, lrn_alpha, lrn_beta, lrn_k, impl=impl))] if lrn else []
@@ -190,17 +188,19 @@ class GoogLeNet(Classifier):
         self.avgpool = nn.AdaptiveAvgPool2d(1)  # the 7x7/1 average pool of Table 1
         self.dropout = nn.Dropout(drop_rate)
         self.fc = nn.Linear(channels, num_classes)
-        self.default_cfg = dict(imagenet_cfg(224), num_classes=num_classes, input_size=(in_chans, 224, 224))
+        self.default_cfg = make_default_cfg("imagenet", num_classes, in_chans, 224)
         if init == "caffe":
             self._init_caffe()
 
     @torch.no_grad()
     def _init_caffe(self) -> None:
+        # BVLC train_val.prototxt: bias_filler 0.2 everywhere but the three classifiers (0)
+        classifiers = {self.fc} | {aux.fc2 for aux in self.aux.values()}
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 bound = math.sqrt(3.0 / m.weight[0].numel())  # Caffe's "xavier" filler: variance 1 / fan_in
                 nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.constant_(m.bias, 0.2 if isinstance(m, nn.Conv2d) else 0.0)
+                nn.init.constant_(m.bias, 0.0 if m in classifiers else 0.2)
 
     def _features(self, x: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.stem(x)
@@ -231,11 +231,13 @@ class GoogLeNet(Classifier):
 def googlenet(**kwargs) -> GoogLeNet:
     """GoogLeNet as in the paper (true 5x5, LRN, biases, no BN, aux heads on 4a and 4d); 6,998,552
     parameters, 13,378,280 with the auxiliary classifiers."""
-    return GoogLeNet(**{**dict(inception="bottleneck"), **kwargs})
+    model_args = dict(inception="bottleneck")
+    return GoogLeNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def googlenet_naive(**kwargs) -> GoogLeNet:
     """GoogLeNet built from the naive Inception module of Fig. 2(a) (no 1x1 reductions, the pooled input
     passed through), to show what the bottlenecks save."""
-    return GoogLeNet(**{**dict(inception="naive"), **kwargs})
+    model_args = dict(inception="naive")
+    return GoogLeNet(**dict(model_args, **kwargs))

@@ -8,6 +8,11 @@ layers with one trainable coefficient and one trainable bias per map, the scaled
 f(a) = 1.7159 tanh(2a/3) (Appendix A) after every layer up to F6, and an output layer of Euclidean RBF
 units whose centres are fixed +-1 codes (section II-B). Its 60,000 trainable parameters are the paper's:
 C1 156, S2 12, C3 1,516, S4 32, C5 48,120, F6 10,164.
+
+Input normalisation (`default_cfg`, which `lightcnn.data.DigitsDataModule` applies unless a recipe sets
+mean/std): `lenet5` takes the digits data set's 0.5/0.5; `lenet5_original` the paper's levels (section
+II-B: background -0.1, ink 1.175, so that the inputs have mean ~0 and variance ~1, which its scaled tanh
+and +-2.4/F_i initialisation assume).
 """
 from __future__ import annotations
 
@@ -17,13 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightcnn.models.base import DIGITS_MEAN, DIGITS_STD, Classifier
+from lightcnn.models.base import Classifier, make_default_cfg
 from lightcnn.models.registry import register_model
 
-# Section II-B: inputs are normalised so that the background (0) is -0.1 and the ink (1) is 1.175, which
-# makes their mean roughly 0 and variance roughly 1: (x - mean) / std with std = 1 / 1.275, mean = 0.1 std.
-PAPER_STD = (1 / 1.275,)
-PAPER_MEAN = (0.1 / 1.275,)
+# Section II-B: inputs are normalised so that the background (0) is -0.1 and the ink (1) is 1.175:
+# (x - mean) / std with std = 1 / 1.275, mean = 0.1 std.
+PAPER_MEAN, PAPER_STD = (0.1 / 1.275,), (1 / 1.275,)
 
 # Table I: which S2 maps (rows) each C3 map (column) reads. Maps 0-5 take 3 contiguous S2 maps, 6-11 take 4
 # contiguous ones, 12-14 take 4 discontinuous ones, and 15 takes all six ("breaks the symmetry", II-B).
@@ -69,8 +73,7 @@ class LeNet5(Classifier):
         )
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(120, 84), nn.Tanh())  # F6
         self.classifier = nn.Linear(84, num_classes)
-        self.default_cfg = dict(input_size=(in_chans, 32, 32), mean=DIGITS_MEAN * in_chans,
-                                std=DIGITS_STD * in_chans, dataset="digits", num_classes=num_classes)
+        self.default_cfg = make_default_cfg("digits", num_classes, in_chans)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -211,8 +214,7 @@ class LeNet5Original(Classifier):
         if rbf_centres is None:
             rbf_centres = "bitmap" if num_classes == 10 else "random"
         self.output = EuclideanRBF(make_rbf_centres(num_classes, 84, rbf_centres))
-        self.default_cfg = dict(input_size=(in_chans, 32, 32), mean=PAPER_MEAN * in_chans, std=PAPER_STD * in_chans,
-                                dataset="digits", num_classes=num_classes)
+        self.default_cfg = make_default_cfg("digits", num_classes, in_chans, mean=PAPER_MEAN, std=PAPER_STD)
         if init == "paper":
             self._init_paper()
 
@@ -238,15 +240,16 @@ class LeNet5Original(Classifier):
         return x if pre_logits else self.output(x)
 
 
-
 @register_model
 def lenet5(**kwargs) -> LeNet5:
-    """LeNet-5 as trained today: dense C3, tanh, average pooling, linear output; 61,706 parameters."""
-    return LeNet5(**kwargs)
+    """LeNet-5 as trained today: dense C3, tanh, average pooling, linear output."""
+    model_args = dict(num_classes=10, in_chans=1)
+    return LeNet5(**dict(model_args, **kwargs))
 
 
 @register_model
 def lenet5_original(**kwargs) -> LeNet5Original:
     """LeNet-5 as in LeCun et al. 1998: sparse C3 (Table I), trainable subsampling, scaled tanh, RBF
     output with fixed centres; 60,000 trainable parameters."""
-    return LeNet5Original(**kwargs)
+    model_args = dict(num_classes=10, in_chans=1, init="paper")
+    return LeNet5Original(**dict(model_args, **kwargs))

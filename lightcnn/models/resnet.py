@@ -8,23 +8,31 @@ blocks (conv-BN-ReLU-conv-BN, add, ReLU):
   the 3x3, from fb.resnet.torch), which costs more MACs and is what torchvision's weights use.
 * CIFAR `resnet20/32/44/56/110/1202` (Section 4.2): a 3x3 stem, 6n+2 layers in three stages of
   16/32/64 channels, and option A shortcuts (parameter-free: subsample, append zero channels).
-* ResNeXt (`resnext.py`) is this class with grouped bottlenecks (`cardinality`, `base_width`).
+* ResNeXt (`resnext.py`) is this class with grouped bottlenecks (`cardinality`, `base_width`):
+  builders only, as timm's `resnext50_32x4d` and torchvision's `wide_resnet50_2`.
 * Stochastic depth (`sd_resnet.py`, Huang et al. 2016) is this class with `p_L < 1`: each block
   has a survival probability and, while training, one Bernoulli gate per block per mini-batch.
 
+Shortcuts of the ImageNet nets: the paper's Table 2 trains ResNet-18/34 with option A (zero-padding
+identity, no parameters) and ResNet-50/101/152 with option B (projection where shapes change). Every
+builder here defaults to B, torchvision's choice, whose weights import and whose parameter counts
+`lightcnn/published.py` lists; `create("resnet34", shortcut="A")` is the paper's Table 2 network.
+
 State-dict keys follow torchvision (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0`, `fc`),
-so `weights_resnet.py` can import torchvision's weights where the architectures are equal.
+so torchvision's weights load unrenamed where the architectures are equal (`lightcnn.models.weights.
+from_torchvision`; the layout check is `_torchvision_state_dict` at the end of this file).
 """
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightcnn.models.base import Classifier, cifar_cfg, imagenet_cfg
+from lightcnn.models.base import Classifier, init_he_, make_default_cfg
 from lightcnn.models.registry import register_model
+from lightcnn.models.weights import register_twin
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1, bias: bool = False) -> nn.Conv2d:
@@ -81,6 +89,9 @@ class _Residual(nn.Module):
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def zero_init_last(self) -> None:
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
         p = self.survival_prob
@@ -121,6 +132,10 @@ class BasicBlock(_Residual):
         self.stride = stride
         self.survival_prob = survival_prob
 
+    def zero_init_last(self) -> None:
+        """Goyal et al. 2017, Sec. 5.1: the last BN's gamma at 0, so the block starts as its shortcut."""
+        nn.init.zeros_(self.bn2.weight)
+
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         return self.bn2(self.conv2(out))
@@ -152,6 +167,10 @@ class Bottleneck(_Residual):
         self.downsample = downsample
         self.stride = stride
         self.survival_prob = survival_prob
+
+    def zero_init_last(self) -> None:
+        """Goyal et al. 2017, Sec. 5.1: the last BN's gamma at 0, so the block starts as its shortcut."""
+        nn.init.zeros_(self.bn3.weight)
 
     def residual(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -200,8 +219,10 @@ class ResNet(Classifier):
         conv_bias: give every conv a bias (stochastic depth's Torch code did; redundant before BN).
         p_L: stochastic depth's survival probability of the last block; 1.0 turns it off.
         survival_rule: "linear" decay from 1 to p_L over the blocks (the paper's default) or "uniform".
-        zero_init_residual: start each block's last BN at gamma = 0, so every block starts as identity
-            (Goyal et al. 2017); off in the paper.
+        zero_init_residual: start each block's last BN at gamma = 0 (the blocks' `zero_init_last`), so
+            every block starts as identity (Goyal et al. 2017); off in the paper.
+        he_fan_mode: the fan of the He-normal conv init: "fan_out" (fb.resnet.torch, the ResNeXt code) or
+            "fan_in" (stochastic depth's CIFAR code, `nninit.kaiming`).
 
     While training with `p_L < 1` a dropped block's parameters get no gradient: DDP then needs
     `find_unused_parameters=True`, and all ranks must share the CPU seed so they drop the same blocks.
@@ -225,6 +246,7 @@ class ResNet(Classifier):
         p_L: float = 1.0,
         survival_rule: Literal["linear", "uniform"] = "linear",
         zero_init_residual: bool = False,
+        he_fan_mode: Literal["fan_in", "fan_out"] = "fan_out",
     ):
         super().__init__()
         if block not in _BLOCKS:
@@ -280,22 +302,12 @@ class ResNet(Classifier):
         self.num_features = inplanes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes)
-        self.default_cfg = imagenet_cfg(224) if stem == "imagenet" else cifar_cfg(num_classes, in_chans)
-        self.default_cfg["num_classes"] = num_classes
+        self.default_cfg = make_default_cfg("imagenet" if stem == "imagenet" else "cifar", num_classes, in_chans)
 
-        # He et al. 2015 ("Delving deep into rectifiers") init, as both papers' code.
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_he_(self, he_fan_mode)
         if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
-                    nn.init.zeros_((m.bn3 if isinstance(m, Bottleneck) else m.bn2).weight)
+            for blk in self.residual_blocks():
+                blk.zero_init_last()
 
     def set_stochastic_depth(self, p_L: float, survival_rule: Literal["linear", "uniform"] = "linear") -> None:
         """Set every block's survival probability (e.g. p_L=1.0 to switch stochastic depth off)."""
@@ -323,79 +335,109 @@ class ResNet(Classifier):
         return x if pre_logits else self.fc(x)
 
 
-def _imagenet_resnet(block: str, layers: Sequence[int], **kwargs) -> ResNet:
-    return ResNet(**dict(dict(block=block, layers=layers, num_classes=1000), **kwargs))
-
-
-def _cifar_resnet(depth: int, **kwargs) -> ResNet:
-    # Section 4.2: 6n+2 layers, n basic blocks per stage on 32/16/8 maps of 16/32/64 channels.
-    n = (depth - 2) // 6
-    args = dict(block="basic", layers=(n, n, n), widths=(16, 32, 64), stem="cifar", stem_width=16,
-                shortcut="A", num_classes=10)
-    return ResNet(**dict(args, **kwargs))
+# The CIFAR nets of Section 4.2: 6n+2 layers, n basic blocks per stage on 32/16/8 maps of 16/32/64 channels.
+CIFAR_RESNET = dict(block="basic", widths=(16, 32, 64), stem="cifar", stem_width=16, shortcut="A", num_classes=10)
 
 
 @register_model
 def resnet18(**kwargs) -> ResNet:
-    """ResNet-18 (ImageNet, basic blocks 2-2-2-2): 11,689,512 parameters, 1.814 GMACs at 224."""
-    return _imagenet_resnet("basic", (2, 2, 2, 2), **kwargs)
+    """ResNet-18 (ImageNet, basic blocks 2-2-2-2, option B; shortcut="A" for the paper's Table 2)."""
+    model_args = dict(block="basic", layers=(2, 2, 2, 2))
+    return ResNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def resnet34(**kwargs) -> ResNet:
-    """ResNet-34 (ImageNet, basic blocks 3-4-6-3): 21,797,672 parameters, 3.664 GMACs at 224."""
-    return _imagenet_resnet("basic", (3, 4, 6, 3), **kwargs)
+    """ResNet-34 (ImageNet, basic blocks 3-4-6-3, option B; shortcut="A" for the paper's Table 2)."""
+    model_args = dict(block="basic", layers=(3, 4, 6, 3))
+    return ResNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def resnet50(**kwargs) -> ResNet:
-    """ResNet-50 (ImageNet, bottlenecks 3-4-6-3): 25,557,032 parameters; 3.858 GMACs (v1), 4.089 (v1.5)."""
-    return _imagenet_resnet("bottleneck", (3, 4, 6, 3), **kwargs)
+    """ResNet-50 (ImageNet, bottlenecks 3-4-6-3): the paper's v1; stride_in_1x1=False for v1.5."""
+    model_args = dict(block="bottleneck", layers=(3, 4, 6, 3))
+    return ResNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def resnet101(**kwargs) -> ResNet:
-    """ResNet-101 (ImageNet, bottlenecks 3-4-23-3): 44,549,160 parameters; 7.570 GMACs (v1), 7.801 (v1.5)."""
-    return _imagenet_resnet("bottleneck", (3, 4, 23, 3), **kwargs)
+    """ResNet-101 (ImageNet, bottlenecks 3-4-23-3): the paper's v1; stride_in_1x1=False for v1.5."""
+    model_args = dict(block="bottleneck", layers=(3, 4, 23, 3))
+    return ResNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def resnet152(**kwargs) -> ResNet:
-    """ResNet-152 (ImageNet, bottlenecks 3-8-36-3): 60,192,808 parameters; 11.282 GMACs (v1), 11.514 (v1.5)."""
-    return _imagenet_resnet("bottleneck", (3, 8, 36, 3), **kwargs)
+    """ResNet-152 (ImageNet, bottlenecks 3-8-36-3): the paper's v1; stride_in_1x1=False for v1.5."""
+    model_args = dict(block="bottleneck", layers=(3, 8, 36, 3))
+    return ResNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def resnet20(**kwargs) -> ResNet:
-    """ResNet-20 (CIFAR, n=3, option A): 269,722 parameters, 40.6 MMACs."""
-    return _cifar_resnet(20, **kwargs)
+    """ResNet-20 (CIFAR, n=3, option A)."""
+    model_args = dict(CIFAR_RESNET, layers=(3, 3, 3))
+    return ResNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def resnet32(**kwargs) -> ResNet:
-    """ResNet-32 (CIFAR, n=5, option A): 464,154 parameters."""
-    return _cifar_resnet(32, **kwargs)
+    """ResNet-32 (CIFAR, n=5, option A)."""
+    model_args = dict(CIFAR_RESNET, layers=(5, 5, 5))
+    return ResNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def resnet44(**kwargs) -> ResNet:
-    """ResNet-44 (CIFAR, n=7, option A): 658,586 parameters."""
-    return _cifar_resnet(44, **kwargs)
+    """ResNet-44 (CIFAR, n=7, option A)."""
+    model_args = dict(CIFAR_RESNET, layers=(7, 7, 7))
+    return ResNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def resnet56(**kwargs) -> ResNet:
-    """ResNet-56 (CIFAR, n=9, option A): 853,018 parameters, 125.5 MMACs."""
-    return _cifar_resnet(56, **kwargs)
+    """ResNet-56 (CIFAR, n=9, option A)."""
+    model_args = dict(CIFAR_RESNET, layers=(9, 9, 9))
+    return ResNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def resnet110(**kwargs) -> ResNet:
-    """ResNet-110 (CIFAR, n=18, option A): 1,727,962 parameters, 252.9 MMACs; paper error 6.43%."""
-    return _cifar_resnet(110, **kwargs)
+    """ResNet-110 (CIFAR, n=18, option A); paper error 6.43%."""
+    model_args = dict(CIFAR_RESNET, layers=(18, 18, 18))
+    return ResNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def resnet1202(**kwargs) -> ResNet:
-    """ResNet-1202 (CIFAR, n=200, option A): 19,421,274 parameters, 2.829 GMACs."""
-    return _cifar_resnet(1202, **kwargs)
+    """ResNet-1202 (CIFAR, n=200, option A)."""
+    model_args = dict(CIFAR_RESNET, layers=(200, 200, 200))
+    return ResNet(**dict(model_args, **kwargs))
+
+
+# --- torchvision's weights --------------------------------------------------------------------------------
+def _torchvision_state_dict(model: ResNet, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """Our keys are torchvision's, so nothing is renamed; what needs checking is the layout, because a v1
+    bottleneck has the same tensor shapes as torchvision's v1.5 and would load silently but compute
+    something else."""
+    problems = []
+    if model.stem != "imagenet":
+        problems.append("stem must be 'imagenet' (7x7/2 conv + max-pool)")
+    if model.shortcut != "B":
+        problems.append("shortcut must be 'B' (projection where shapes change)")
+    if model.conv_bias:
+        problems.append("conv_bias must be False")
+    if model.block == "bottleneck" and model.stride_in_1x1:
+        problems.append("stride_in_1x1 must be False: torchvision's bottleneck is v1.5 (stride in the 3x3)")
+    if any(b.survival_prob < 1.0 for b in model.residual_blocks()):
+        problems.append("every block's survival probability must be 1: stochastic depth scales the branches "
+                        "in eval, torchvision's network does not; build the model with p_L=1.0")
+    if problems:
+        raise ValueError("this model's architecture differs from torchvision's: " + "; ".join(problems))
+    return state_dict
+
+
+# stride_in_1x1=False: torchvision's bottleneck is v1.5 (the basic block ignores the knob).
+for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+    register_twin("torchvision", _name, _torchvision_state_dict, stride_in_1x1=False)

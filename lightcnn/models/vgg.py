@@ -5,7 +5,7 @@ with ReLU, five 2x2/2 max-pools, and three FC layers (4096, 4096, classes) with 
 two (section 3.1). The `_bn` variants add BatchNorm after every convolution (a later addition, not in the
 paper). Layers, order and parameter counts equal torchvision's, including its adaptive 7x7 average pool
 before fc6 (a no-op at 224x224), so torchvision's weights load with
-`lightcnn.models.weights.load_torchvision_state_dict`.
+`lightcnn.models.weights.from_torchvision("vgg16", tv_vgg16)` (the layers map in order).
 
 Layers carry the paper's names (conv1_1 ... conv5_3, relu4_3, pool5): `forward_features` returns pool5
 (N x 512 x 7 x 7, torchvision's `features`), and `forward_intermediates(x, ["relu1_2", "relu2_2", ...])`
@@ -19,8 +19,9 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from lightcnn.models.base import Classifier, imagenet_cfg
+from lightcnn.models.base import Classifier, init_he_, make_default_cfg
 from lightcnn.models.registry import register_model
+from lightcnn.models.weights import map_layers_in_order, register_twin
 
 # Table 1: the widths of the convolutions of each of the five stages.
 VGG_STAGES: dict[int, tuple[tuple[int, ...], ...]] = {
@@ -48,7 +49,9 @@ class VGG(Classifier):
         drop_rate: dropout probability after fc6 and fc7 (section 3.1: 0.5).
         init: "kaiming" (He normal, fan-out, for the convolutions; N(0, 0.01) for the FC layers; biases 0:
             torchvision's, which trains the deep configurations from scratch, unlike the paper's N(0, 0.01)
-            that needed initialising D and E from A) or "paper" (N(0, 0.01) everywhere, biases 0).
+            that needed initialising D and E from A) or "paper" (N(0, 0.01) everywhere, biases 0: section 3.1
+            says "zero mean and 10^-2 variance"; std 0.01 is the common reading, as in the authors' Caffe
+            models and torchvision's classifier init, and is what we use).
         input_size: the native input side, recorded in `default_cfg`.
     """
 
@@ -79,24 +82,15 @@ class VGG(Classifier):
             ("drop7", nn.Dropout(drop_rate)),
         ]))
         self.fc8 = nn.Linear(hidden_features, num_classes)
-        self.default_cfg = dict(imagenet_cfg(input_size), num_classes=num_classes,
-                                input_size=(in_chans, input_size, input_size))
+        self.default_cfg = make_default_cfg("imagenet", num_classes, in_chans, input_size)
         self._init(init)
 
     @torch.no_grad()
     def _init(self, init: str) -> None:
+        init_he_(self, "fan_out")  # convolutions (zero biases) and BatchNorms
         for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                if init == "kaiming":
-                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                else:
-                    nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear) or (init == "paper" and isinstance(m, nn.Conv2d)):
                 nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,53 +122,61 @@ class VGG(Classifier):
         return x if pre_logits else self.fc8(x)
 
 
-def _create(depth: int, batch_norm: bool, kwargs: dict) -> VGG:
-    return VGG(**{**dict(stages=VGG_STAGES[depth], batch_norm=batch_norm), **kwargs})
-
-
 @register_model
 def vgg11(**kwargs) -> VGG:
-    """VGG configuration A (11 weight layers); 132,863,336 parameters."""
-    return _create(11, False, kwargs)
+    """VGG configuration A (11 weight layers)."""
+    model_args = dict(stages=VGG_STAGES[11], batch_norm=False)
+    return VGG(**dict(model_args, **kwargs))
 
 
 @register_model
 def vgg13(**kwargs) -> VGG:
-    """VGG configuration B (13 weight layers); 133,047,848 parameters."""
-    return _create(13, False, kwargs)
+    """VGG configuration B (13 weight layers)."""
+    model_args = dict(stages=VGG_STAGES[13], batch_norm=False)
+    return VGG(**dict(model_args, **kwargs))
 
 
 @register_model
 def vgg16(**kwargs) -> VGG:
-    """VGG configuration D (16 weight layers); 138,357,544 parameters."""
-    return _create(16, False, kwargs)
+    """VGG configuration D (16 weight layers)."""
+    model_args = dict(stages=VGG_STAGES[16], batch_norm=False)
+    return VGG(**dict(model_args, **kwargs))
 
 
 @register_model
 def vgg19(**kwargs) -> VGG:
-    """VGG configuration E (19 weight layers); 143,667,240 parameters."""
-    return _create(19, False, kwargs)
+    """VGG configuration E (19 weight layers)."""
+    model_args = dict(stages=VGG_STAGES[19], batch_norm=False)
+    return VGG(**dict(model_args, **kwargs))
 
 
 @register_model
 def vgg11_bn(**kwargs) -> VGG:
-    """VGG-11 with BatchNorm after every convolution; 132,868,840 parameters."""
-    return _create(11, True, kwargs)
+    """VGG-11 with BatchNorm after every convolution."""
+    model_args = dict(stages=VGG_STAGES[11], batch_norm=True)
+    return VGG(**dict(model_args, **kwargs))
 
 
 @register_model
 def vgg13_bn(**kwargs) -> VGG:
-    """VGG-13 with BatchNorm after every convolution; 133,053,736 parameters."""
-    return _create(13, True, kwargs)
+    """VGG-13 with BatchNorm after every convolution."""
+    model_args = dict(stages=VGG_STAGES[13], batch_norm=True)
+    return VGG(**dict(model_args, **kwargs))
 
 
 @register_model
 def vgg16_bn(**kwargs) -> VGG:
-    """VGG-16 with BatchNorm after every convolution; 138,365,992 parameters."""
-    return _create(16, True, kwargs)
+    """VGG-16 with BatchNorm after every convolution."""
+    model_args = dict(stages=VGG_STAGES[16], batch_norm=True)
+    return VGG(**dict(model_args, **kwargs))
 
 
 @register_model
 def vgg19_bn(**kwargs) -> VGG:
-    """VGG-19 with BatchNorm after every convolution; 143,678,248 parameters."""
-    return _create(19, True, kwargs)
+    """VGG-19 with BatchNorm after every convolution."""
+    model_args = dict(stages=VGG_STAGES[19], batch_norm=True)
+    return VGG(**dict(model_args, **kwargs))
+
+
+for _name in ("vgg11", "vgg13", "vgg16", "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn"):
+    register_twin("torchvision", _name, map_layers_in_order, classifier="fc8")

@@ -3,8 +3,10 @@
 AlexNet as the deconvnet visualisations corrected it: a 7x7/2 first layer instead of 11x11/4 (its
 filters had aliasing and dead filters, section 4.1), a stride-2 conv2, and dense (one-tower) conv3-5 of
 384/384/256 maps. The maps of Fig. 3 (110, 55, 26, 13, 6 at 224x224) need padding 1 on conv1 and
-ceil-mode 3x3/2 pooling. Layers 1 and 2 are "contrast normalised across feature maps": here the LRN of
-AlexNet (k=2, n=5, paper alpha 1e-4, beta 0.75), as the paper gives no constants of its own.
+ceil-mode 3x3/2 pooling. Layers 1 and 2 pool first and then are "contrast normalised across feature
+maps" (section 2, Fig. 3: the normalised maps are 55x55 and 13x13 at 224x224), the reverse of AlexNet's
+LRN-then-pool; the normalisation is AlexNet's LRN (k=2, n=5, paper alpha 1e-4, beta 0.75), as the paper
+gives no constants of its own.
 62,357,608 parameters. Section 3.1's training trick, renormalising convolution filters whose RMS exceeds
 0.1, is `renormalize_filters_`, to be called after each optimiser step.
 """
@@ -23,9 +25,9 @@ ZFNET_CONVS = (ConvSpec(96, 7, 2, 1), ConvSpec(256, 5, 2, 0), ConvSpec(384, 3, 1
 @register_model
 def zfnet(**kwargs) -> AlexNet:
     """ZFNet of Fig. 3: 96@7x7/2, 256@5x5/2, 384, 384, 256 @3x3, maps 110/55/26/13/6; 62,357,608 parameters."""
-    defaults = dict(convs=ZFNET_CONVS, pool_after=(0, 1, 4), ceil_mode=True, lrn_after=(0, 1), init="zfnet",
-                    input_size=224)
-    return AlexNet(**{**defaults, **kwargs})
+    model_args = dict(convs=ZFNET_CONVS, pool_after=(0, 1, 4), ceil_mode=True, lrn_after=(0, 1),
+                      pool_before_lrn=True, init="zfnet", input_size=224)
+    return AlexNet(**dict(model_args, **kwargs))
 
 
 @torch.no_grad()

@@ -5,25 +5,23 @@
 - each fit gets a run folder `RUN_ROOT/NAME/TIMESTAMP/` (NAME defaults to the experiment file's name)
   holding the resolved `config.yaml` and `checkpoints/`; the folder is chosen on rank 0 and broadcast,
   so every DDP process agrees on it however it was launched (Lightning, torchrun, SLURM);
-- the data decides the classifier's `num_classes` and `in_chans` (linked arguments);
-- W&B: with no credentials the run logs offline and says how to sync it; `WANDB_MODE=disabled` turns
-  it off; `wandb.finish()` always runs, also after an error, so no process hangs at exit.
+- the data decides the classifier's `num_classes` and `in_chans` (linked arguments); the network's
+  `default_cfg` decides the data's input size and normalisation where the recipe does not
+  (`lightcnn/data/base.py`);
+- `--test_weights best` tests the best validation checkpoint after training instead of the final weights;
+- W&B (`wandb_utils.py`): with no credentials the run logs offline and says how to sync it;
+  `WANDB_MODE=disabled` turns it off; `wandb.finish()` always runs, also after an error;
+- a misspelt key is an error naming the closest accepted keys (`key_hints.py`).
 """
 from __future__ import annotations
 
-import difflib
-import importlib
-import inspect
 import json
-import netrc
-import re
-import warnings
 import os
 import sys
+import warnings
 from datetime import datetime
 from pathlib import Path
 from typing import Literal, NoReturn, Optional
-from urllib.parse import urlparse
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -32,7 +30,9 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 
 from lightcnn.data.base import ClassificationDataModule
+from lightcnn.training.key_hints import key_hint
 from lightcnn.training.module import ClassifierModule
+from lightcnn.training.wandb_utils import default_wandb_mode, finish_wandb
 
 
 def _run_dir_of(ckpt_path: str | None) -> Path | None:
@@ -89,40 +89,7 @@ class _Parser(LightningArgumentParser):
     """Adds to a wrong-key error the closest accepted keys and the list of the keys accepted there."""
 
     def error(self, message: str, ex: Exception | None = None):
-        return super().error(message + _key_hint(self, message), ex)
-
-
-def _key_hint(parser: LightningArgumentParser, message: str) -> str:
-    keys = [a.dest for a in parser._actions if a.dest and a.dest != "help" and not a.dest.endswith(".help")]
-
-    def children(group: str) -> list[str]:
-        return [k[len(group) + 1:] for k in keys if k.startswith(group + ".") and "." not in k[len(group) + 1:]]
-
-    def hint(bad: str, allowed: list[str], prefix: str = "") -> str:
-        close = difflib.get_close_matches(bad, allowed, n=3, cutoff=0.6)
-        text = f"\n  '{prefix}{bad}' is not a key."
-        if close:
-            text += " Did you mean: " + ", ".join(f"{prefix}{c}" for c in close) + "?"
-        return text + f"\n  Accepted{' under ' + prefix.rstrip('.') if prefix else ''}: " + ", ".join(allowed)
-
-    out = ""
-    for bad in re.findall(r"unrecognized arguments: (--[\w.\-]+)", message):
-        parts = bad.lstrip("-").split(".")
-        # The deepest known group on the key's path, e.g. "model" for --model.optimiser.lr.
-        i = next((i for i in range(len(parts) - 1, 0, -1) if children(".".join(parts[:i]))), 0)
-        group = ".".join(parts[:i])
-        allowed = children(group) if group else [k for k in keys if "." not in k]
-        out += hint(parts[i], allowed, group + "." if group else "")
-    for group, bad in re.findall(r"Group '([\w.]+)' does not accept option '([\w.]+)'", message):
-        out += hint(bad, children(group), group + ".")
-    for class_path, bad in re.findall(r"class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message):
-        try:
-            module, _, name = class_path.rpartition(".")
-            params = inspect.signature(getattr(importlib.import_module(module), name)).parameters
-        except (ImportError, AttributeError, ValueError, TypeError):
-            continue
-        out += hint(bad, [p for p in params if p not in ("self", "args", "kwargs")], "init_args.")
-    return out
+        return super().error(message + key_hint(self, message), ex)
 
 
 class LightCNNCLI(LightningCLI):
@@ -160,7 +127,12 @@ class LightCNNCLI(LightningCLI):
                             help="fit: resume from this checkpoint (e.g. RUN/checkpoints/last.ckpt); "
                                  "test: the checkpoint to evaluate (required)")
         parser.add_argument("--test_after_fit", type=bool, default=True,
-                            help="fit: after training, evaluate the final weights on the test split")
+                            help="fit: after training, evaluate the weights chosen by --test_weights on the test split")
+        parser.add_argument("--test_weights", type=Literal["final", "best"], default="final",
+                            help="fit: the weights the test after training evaluates: the final ones, or the "
+                                 "checkpoint with the best monitored validation metric (needs a ModelCheckpoint "
+                                 "callback with `monitor`; the protocol of papers that report the test error "
+                                 "at the best validation error)")
 
     def before_instantiate_classes(self) -> None:
         if self.stage == "test" and not self.config.ckpt_path:
@@ -171,6 +143,12 @@ class LightCNNCLI(LightningCLI):
                 cb for cb in self.config.trainer.callbacks or []
                 if not getattr(cb, "class_path", "").endswith("ModelCheckpoint")
             ]
+        if self.stage == "fit" and self.config.test_after_fit and self.config.test_weights == "best" and not any(
+            getattr(cb, "class_path", "").endswith("ModelCheckpoint") and cb.init_args.get("monitor")
+            for cb in self.config.trainer.callbacks or []
+        ):
+            self.parser.error("--test_weights best needs a ModelCheckpoint callback that monitors a validation "
+                              "metric, e.g. init_args: {monitor: val/acc1, mode: max}")
         if self.config.num_threads is not None:
             torch.set_num_threads(self.config.num_threads)
         # A W&B run without a name is named after the experiment.
@@ -184,42 +162,6 @@ _DESCRIPTIONS = {
     "fit": "Train a network with an experiment recipe: python -m lightcnn.fit experiments/NAME.yaml [--key value ...]",
     "test": "Evaluate a checkpoint on the test split: python -m lightcnn.test CONFIG.yaml --ckpt_path CKPT",
 }
-
-
-def _have_wandb_credentials() -> bool:
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    path = os.environ.get("NETRC", os.path.expanduser("~/.netrc"))
-    try:
-        return netrc.netrc(path).authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
-
-
-def _default_wandb_mode() -> None:
-    """Offline unless the user chose a mode or has credentials: a run must never wait for a login prompt."""
-    if "WANDB_MODE" not in os.environ and not _have_wandb_credentials():
-        os.environ["WANDB_MODE"] = "offline"
-        rank_zero_info("lightcnn: no W&B credentials (WANDB_API_KEY or `wandb login`): W&B logs offline")
-
-
-def _finish_wandb() -> None:
-    """Close the W&B run (if any) so no process hangs at exit, and say how to upload an offline run."""
-    if "wandb" not in sys.modules:
-        return
-    import wandb
-
-    run = wandb.run
-    offline = run is not None and run.settings.mode == "offline"
-    run_dir = str(Path(run.dir).parent) if offline else None
-    if run is not None:
-        wandb.finish()
-    # Stop W&B's service process too: it flushes the run files and forgets this process's settings, so
-    # that a later run in the same process reads WANDB_MODE afresh.
-    wandb.teardown()
-    if offline:
-        print(f"lightcnn: W&B run saved offline in {run_dir}\n  upload it with:  wandb sync {run_dir}")
 
 
 def _positional_config(args: list[str]) -> tuple[list[str], str]:
@@ -245,7 +187,7 @@ def _user_error(stage: str, error: Exception) -> NoReturn:
 
 def main(args: list[str] | None = None, stage: Literal["fit", "test"] = "fit") -> LightCNNCLI:
     args, name = _positional_config(list(sys.argv[1:] if args is None else args))
-    _default_wandb_mode()
+    default_wandb_mode()
     cli = None
     try:
         try:
@@ -256,11 +198,11 @@ def main(args: list[str] | None = None, stage: Literal["fit", "test"] = "fit") -
         if stage == "fit":
             trainer.fit(model, datamodule=data, ckpt_path=config.ckpt_path)
             if config.test_after_fit and not trainer.interrupted:
-                trainer.test(model, datamodule=data)
+                trainer.test(model, datamodule=data, ckpt_path="best" if config.test_weights == "best" else None)
         else:
             trainer.test(model, datamodule=data, ckpt_path=config.ckpt_path)
     except (FileNotFoundError, NotADirectoryError) as e:  # missing data: the message says how to get it
         _user_error(stage, e)
     finally:
-        _finish_wandb()
+        finish_wandb()
     return cli

@@ -1,0 +1,172 @@
+"""The insight tools as functions: `visualize` writes the pictures of one model and a few images;
+`feature_evolution` writes Fig. 4 from snapshots saved during training (`FeatureSnapshots`)."""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightcnn.visualize import analysis, plots
+from lightcnn.visualize.core import (
+    RECTIFIERS,
+    Chain,
+    denormalize,
+    load_model,
+    receptive_field_table,
+    receptive_fields,
+    require_chain_layer,
+    resolve_layer,
+    trace_chain,
+)
+from lightcnn.visualize.deconvnet import project_strongest
+
+WHAT = ("filters", "maps", "deconv", "occlusion", "rf", "invariance")
+CHAIN_ONLY = ("deconv", "rf")
+
+
+def default_layers(chain: Chain) -> list[str]:
+    """The non-linearity after each convolution of the chain (the paper's "layer 1 ... 5" features)."""
+    out, after_conv = [], False
+    for u in chain.chained:
+        if isinstance(u.module, (nn.Conv2d,)) or type(u.module).__name__ == "SparseConv2d":
+            after_conv = True
+        elif isinstance(u.module, RECTIFIERS) and after_conv and u.output.dim() == 4:
+            out.append(u.name)
+            after_conv = False
+    return out
+
+
+def _file(name: str) -> str:
+    return re.sub(r"[^\w.-]", "_", name)
+
+
+def visualize(model: nn.Module, x: torch.Tensor, out: str | Path, labels: Sequence[int | None] | None = None,
+              layers: Sequence[str] | None = None, what: Sequence[str] = WHAT, top: int = 9,
+              occlusion_size: int | None = None, occlusion_stride: int | None = None,
+              title: str = "", verbose: bool = True) -> dict[str, list[Path]]:
+    """Write the pictures `what` (a subset of WHAT) for `model` (eval mode) on the normalised images `x`
+    into the folder `out`; return {what: [paths]}.
+
+    `layers` are module names (`model.named_modules()`, or a unique suffix such as "conv5"); by default
+    the non-linearity after each convolution. `labels` are the images' classes (the predicted class where
+    None), used by the occlusion map and the invariance curves. `top` is the number of strongest units
+    projected per layer. The occlusion square defaults to 1/6 of the image side (stride: a quarter of it).
+    """
+    unknown = [w for w in what if w not in WHAT]
+    if unknown:
+        raise ValueError(f"unknown picture(s) {unknown}; choose from {', '.join(WHAT)}")
+    model.eval()
+    out = Path(out)
+    title = title or type(model).__name__
+    chain = trace_chain(model, x)
+    if layers:
+        layers = [resolve_layer(model, n) for n in layers]
+    else:
+        layers = default_layers(chain)
+        if not layers:
+            raise ValueError(f"{title}: no conv/non-linearity chain to take default layers from; give layers "
+                             f"(valid: {', '.join(n for n, _ in model.named_modules() if n)})")
+    preds = chain.logits.argmax(1).tolist()
+    targets = [p if lab is None else int(lab) for lab, p in zip(labels or [None] * len(x), preds)]
+    images = denormalize(x, model)
+    hw = tuple(x.shape[-2:])
+    written: dict[str, list[Path]] = {}
+    fields = None
+    if any(w in what for w in ("deconv", "rf")):
+        for n in layers if "deconv" in what else ():
+            require_chain_layer(model, chain, n)
+        fields = {f.name: f for f in receptive_fields(chain)}
+    if "filters" in what:
+        name, conv = analysis.first_conv(model)
+        written["filters"] = [plots.filters_grid(conv.weight.detach().cpu(),
+                                                 f"{title}: {name} filters {tuple(conv.weight.shape)}",
+                                                 out / "filters.png")]
+    if "maps" in what:
+        outputs, _ = analysis.layer_outputs(model, x[:1], layers)
+        written["maps"] = []
+        for n in layers:
+            if outputs[n].dim() != 4:
+                raise ValueError(f"layer {n!r} has no feature maps (output shape {tuple(outputs[n].shape)})")
+            written["maps"].append(plots.feature_maps(outputs[n][0], images[0], f"{title}: {n} on image 0",
+                                                      out / f"maps_{_file(n)}.png"))
+    if "deconv" in what:
+        written["deconv"] = []
+        for n in layers:
+            projs = project_strongest(chain, n, top)
+            written["deconv"].append(plots.projections(
+                projs, images, fields[n], f"{title}: deconvnet projections of the {len(projs)} strongest "
+                f"units of {n} (RF {fields[n].size[0]} px)", out / f"deconv_{_file(n)}.png"))
+    if "rf" in what:
+        table = receptive_field_table(list(fields.values()), hw)
+        (out / "receptive_fields.md").parent.mkdir(parents=True, exist_ok=True)
+        (out / "receptive_fields.md").write_text(table + "\n")
+        if verbose:
+            print(f"Receptive fields of {title} at {hw[0]}x{hw[1]}:\n{table}")
+        written["rf"] = [plots.receptive_fields(list(fields.values()), images[0], f"{title}: receptive fields",
+                                                out / "receptive_fields.png"), out / "receptive_fields.md"]
+    if "occlusion" in what:
+        size = occlusion_size or max(2, hw[0] // 6)
+        stride = occlusion_stride or max(1, size // 4)
+        written["occlusion"] = []
+        for i in range(len(x)):
+            prob = analysis.occlusion_map(model, x[i:i + 1], targets[i], size, stride)
+            written["occlusion"].append(plots.occlusion(images[i], prob, size, stride,
+                                                        f"{title}: occlusion, class {targets[i]}",
+                                                        out / f"occlusion_{i}.png"))
+    if "invariance" in what:
+        chosen = layers if len(layers) <= 2 else [layers[0], layers[-1]]
+        res = analysis.invariance(model, x, chosen, targets)
+        written["invariance"] = [plots.invariance(res, [f"image {i} (class {t})" for i, t in enumerate(targets)],
+                                                  f"{title}: invariance", out / "invariance.png")]
+    return written
+
+
+def _epoch_of(path: Path) -> str:
+    m = re.search(r"epoch=(\d+)", path.name)
+    return f"epoch {int(m.group(1))}" if m else path.stem
+
+
+def snapshot_files(snapshots: str | Path | Sequence[str | Path]) -> list[Path]:
+    """A folder of snapshots (`*.pt`/`*.ckpt`, in epoch order) or a list of files."""
+    if not isinstance(snapshots, (str, Path)) and len(snapshots) == 1:
+        snapshots = snapshots[0]
+    if isinstance(snapshots, (str, Path)) and Path(snapshots).is_dir():
+        files = sorted(list(Path(snapshots).glob("*.pt")) + list(Path(snapshots).glob("*.ckpt")),
+                       key=lambda p: (int(m.group(1)) if (m := re.search(r"epoch=(\d+)", p.name)) else 1 << 30, p.name))
+        if not files:
+            raise FileNotFoundError(f"no snapshots (*.pt, *.ckpt) in {str(snapshots)!r}")
+        return files
+    files = [Path(snapshots)] if isinstance(snapshots, (str, Path)) else [Path(s) for s in snapshots]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise FileNotFoundError(f"snapshot(s) {missing} do not exist (give a folder of FeatureSnapshots or checkpoint files)")
+    return files
+
+
+def feature_evolution(name: str | None, snapshots: str | Path | Sequence[str | Path], x: torch.Tensor,
+                      out: str | Path, layers: Sequence[str] | None = None, maps: int = 4,
+                      max_columns: int = 8, **overrides) -> Path:
+    """Fig. 4: for each layer, `maps` feature maps (the strongest ones of the last snapshot) at each of
+    (at most `max_columns`, evenly chosen) snapshots: the projection of the map's strongest activation
+    over the images `x`. Writes `out/evolution.png`."""
+    files = snapshot_files(snapshots)
+    if len(files) > max_columns:
+        idx = torch.linspace(0, len(files) - 1, max_columns).round().long().tolist()
+        files = [files[i] for i in sorted(set(idx))]
+    last = load_model(name, files[-1], **overrides)
+    chain = trace_chain(last, x)
+    layers = [require_chain_layer(last, chain, n) for n in layers] if layers else default_layers(chain)
+    chosen = {n: [p.channel for p in project_strongest(chain, n, maps)] for n in layers}
+    fields = {f.name: f for f in receptive_fields(chain)}
+    grid: dict[str, list] = {n: [] for n in layers}
+    for f in files:
+        model = last if f == files[-1] else load_model(name, f, **overrides)
+        ch = chain if model is last else trace_chain(model, x)
+        for n in layers:
+            grid[n].append(project_strongest(ch, n, channels=chosen[n]))
+    title = f"{name or type(last).__name__}: feature evolution during training"
+    return plots.evolution(grid, tuple(x.shape[-2:]), fields, [_epoch_of(f) for f in files], title,
+                           Path(out) / "evolution.png")
