@@ -40,7 +40,7 @@ main() {
     ${out_dir:+--json $out_dir/bench_preact_cuda.json}
   # DenseNet-121 (224x224) and DenseNet-BC-190 k=40 (32x32) training steps at batch 64, naive vs ours, in bf16
   # autocast + channels-last, fp32 with TF32 and fp32 without (12 fresh processes, ~2 min).
-  run timeout 240 python benchmarks/bench_densenet.py --device cuda --variants naive,ours --rounds 1 --steps 5 \
+  run timeout 240 python benchmarks/bench_densenet.py --device cuda --variants naive,ours --timing subprocess --rounds 1 --steps 5 \
     --warmup 2 ${out_dir:+--json $out_dir/bench_densenet_cuda.json}
 }
 
