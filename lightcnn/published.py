@@ -62,6 +62,7 @@ MODELS: dict[str, Published] = {
     "nasnet_a_large": P(88_753_150, 23.783, 331, 17.3, 3.8, aux_params=4_567_784,
                         note="timm (no aux head); paper 88.9M, 23.8B"),
     "nasnet_a_mobile": P(5_289_978, 0.5636, 224, aux_params=2_411_240, note="built; paper 5.3M, 564M"),
+    "zfnet_large": P(107_627_624, 2.477, 224, 37.5, 16.0, note="derived: zfnet with conv3-5 512/1024/512; Table 2 val"),
     # --- CIFAR (10 classes; CIFAR-100 adds 90 x (classifier input + 1)) ------------------------------
     "lenet5": P(61_706, 0.000417, 32, note="modern: dense C3, 10-way linear output; 32x32x1"),
     "lenet5_original": P(60_000, None, 32, note="paper: sparse C3 and fixed RBF output"),
@@ -89,7 +90,9 @@ MODELS: dict[str, Published] = {
     "densenet_bc190_k40": P(25_624_430, 9.302, 32, 3.46, c100_err=17.18),
     "fractalnet20": P(33_734_922, 0.845, 32, 4.60, c100_err=23.73,
                       note="with drop-path; paper says 38.6M, the authors' own generator gives 33.7M"),
-    "nasnet_a_cifar": P(3_328_234, 0.526, 32, 3.41, aux_params=1_631_498, note="6@768"),
+    "nasnet_a_cifar": P(3_328_234, 0.526, 32, 3.41, aux_params=1_631_498,
+                        note="6@768; the first cell's h-1 is the stem output through ReLU-1x1-BN; TF-slim's "
+                             "released path (first_cell_prev='released') passes it on untouched: 3,346,538 / 0.544"),
 }
 del P
 

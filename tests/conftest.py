@@ -17,3 +17,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_torch_flags():
+    """A test's Trainer(deterministic=True) switches torch's deterministic mode on for the whole process;
+    later tests must not inherit it (max_unpool2d, for one, refuses to run under it)."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)

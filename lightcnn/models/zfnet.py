@@ -43,3 +43,16 @@ def renormalize_filters_(model: nn.Module, radius: float = 0.1) -> int:
             m.weight.mul_(torch.where(too_big, radius / rms, torch.ones_like(rms)))
             rescaled += int(too_big.sum())
     return rescaled
+
+
+ZFNET_LARGE_CONVS = ZFNET_CONVS[:2] + (ConvSpec(512, 3, 1, 1), ConvSpec(1024, 3, 1, 1), ConvSpec(512, 3, 1, 1))
+
+
+@register_model
+def zfnet_large(**kwargs) -> AlexNet:
+    """ZFNet with conv3-5 of 512, 1024 and 512 maps (Table 2, the best single model: 37.5% / 16.0% val
+    top-1 / top-5 error); otherwise Fig. 3. 107,627,624 parameters (weights + biases):
+    conv1 3*7*7*96 + 96 = 14,208; conv2 96*5*5*256 + 256 = 614,656; conv3 256*3*3*512 + 512 = 1,180,160;
+    conv4 512*3*3*1024 + 1024 = 4,719,616; conv5 1024*3*3*512 + 512 = 4,719,104;
+    fc6 512*6*6*4096 + 4096 = 75,501,568; fc7 4096*4096 + 4096 = 16,781,312; fc8 4096*1000 + 1000 = 4,097,000."""
+    return zfnet(**{"convs": ZFNET_LARGE_CONVS, **kwargs})
