@@ -41,7 +41,12 @@ import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # bench_preact's helpers; lightcnn without installing it
-from bench_preact import _peak_allocated_cpu, _peak_rss_bytes, _reset_peak_rss, _rss_bytes  # noqa: E402
+from bench_preact import (
+    _peak_allocated_cpu,
+    _peak_rss_bytes,
+    _reset_peak_rss,
+    _rss_bytes,
+)
 
 VARIANTS = ("naive", "checkpointed", "reference", "ours")
 MODELS = ("densenet121", "densenet_bc190_k40")
@@ -141,7 +146,7 @@ def worker(args) -> dict:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, step = make_step(args, args.variant)
+    _, step = make_step(args, args.variant)
     side = args.image_size if args.model == "densenet121" else 32
 
     def sync():
@@ -185,7 +190,7 @@ def run_variant(args, model: str, variant: str, mode: str, batch_size: int, step
            "--steps", str(args.steps if steps is None else steps), "--warmup", str(args.warmup),
            "--rounds", str(args.rounds), "--variants", args.variants]
     cmd += ["--time-worker"] if variant == "*" else ["--worker", variant]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"{model} {variant} {mode} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
                 for v in variants:
                     runs[v].append(run_variant(args, model, v, mode, batch[model], 0 if interleaved else None))
                     print(f"{model} {mode} round {r + 1} {v}: steps "
-                          f"{['%.3f' % t for t in runs[v][-1]['step_times_s']]} s, "
+                          f"{[f'{t:.3f}' for t in runs[v][-1]['step_times_s']]} s, "
                           f"peak {_mib(runs[v][-1]['peak_bytes'])} MiB", file=sys.stderr)
             if interleaved:
                 timed = run_variant(args, model, "*", mode, batch[model])
@@ -259,7 +264,7 @@ def main(argv=None) -> int:
                   "| vs checkpointed | first-step RSS (MiB) |")
             print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
 
-            def ratio(v, key, base):
+            def ratio(v, key, base, s=s):
                 return s[v][key] / s[base][key] if base in s and s[base][key] else None
 
             for v in s:

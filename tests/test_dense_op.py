@@ -43,7 +43,10 @@ def _features(device, dtype, channels=CHANNELS, shape=(3, 5, 7), channels_last=F
     return [f.contiguous(memory_format=torch.channels_last) for f in fs] if channels_last else fs
 
 
-def _pair(cin=sum(CHANNELS), cout=6, kernel_size=1, device="cpu", dtype=torch.float64, momentum=0.1):
+CIN = sum(CHANNELS)
+
+
+def _pair(cin=CIN, cout=6, kernel_size=1, device="cpu", dtype=torch.float64, momentum=0.1):
     """A DenseConv2d on the kernel and its reference Sequential, with identical non-trivial parameters."""
     layer = DenseConv2d(cin, cout, kernel_size, padding=kernel_size // 2, momentum=momentum, impl="kernel")
     with torch.no_grad():
@@ -88,7 +91,7 @@ def test_dense_op_matches_naive_concatenation(device, dtype, kernel_size, traini
 @pytest.mark.parametrize("training", [True, False])
 def test_dense_op_channels_last_matches_and_keeps_layout(device, training):
     layer, ref = _pair(device=device, dtype=torch.float64)
-    out, fk = _assert_same(layer, ref, _features(device, torch.float64, channels_last=True), torch.float64, training)
+    _, fk = _assert_same(layer, ref, _features(device, torch.float64, channels_last=True), torch.float64, training)
     assert all(f.grad.is_contiguous(memory_format=torch.channels_last) for f in fk)
 
 

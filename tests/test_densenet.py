@@ -64,9 +64,7 @@ def test_parameter_count_cifar100_adds_classifier_rows():
 
 
 @needs_kernel
-@pytest.mark.parametrize("name", ["densenet121", "densenet40_k12", "densenet_bc100_k12"] + [
-    pytest.param(n, marks=pytest.mark.slow) for n in ("densenet169", "densenet201", "densenet264", "densenet100_k12",
-                                                      "densenet_bc250_k24", "densenet_bc190_k40")])
+@pytest.mark.parametrize("name", IMAGENET + CIFAR)
 def test_macs_match_published_on_both_paths(name):
     pub = MODELS[name]
     efficient, naive = (_gmacs(create(name, impl=impl), pub.input_side) for impl in ("kernel", "reference"))

@@ -1,7 +1,7 @@
 """nn.Module face of the memory-efficient DenseNet op (lightcnn.ops.dense_bn_relu_conv2d)."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -182,7 +182,7 @@ _TV_RULES = [
 
 
 def convert_torchvision_state_dict(model: DenseNet,
-                                   tv_state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+                                   tv_state_dict: Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
     """A torchvision DenseNet state_dict (densenet121/161/169/201, or any torchvision.models.DenseNet) renamed
     to our keys (torchvision's blocks and layers count from 1, ours from 0); shapes are checked on loading."""
     if not isinstance(model, DenseNet):

@@ -36,7 +36,7 @@ BN-ReLU in the features' dtype; the output has the convolution's dtype.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
