@@ -44,6 +44,9 @@ BENCHMARKS=(
   "python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype float32 --channels-last --json {out}_lrn_fp32_cl.json"
   "python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype bfloat16 --json {out}_lrn_bf16_nchw.json"
   "python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype bfloat16 --channels-last --json {out}_lrn_bf16_cl.json"
+  # DenseNet-121 (224x224) and DenseNet-BC-190 k=40 (32x32) training steps at batch 64, naive vs ours, in bf16
+  # autocast + channels-last, fp32 with TF32 and fp32 without (12 fresh processes, ~2 min).
+  "python benchmarks/bench_densenet.py --device cuda --variants naive,ours --timing subprocess --rounds 1 --steps 5 --warmup 2 --json {out}_densenet.json"
 )
 # The opt-in CUDA variants of issue 10 items 1-2 (not defaults until measured): run while the elapsed
 # time stays under EXTRA_UNTIL seconds, so that the whole check keeps to its 5-minute budget.

@@ -653,8 +653,8 @@ def test_layers_backend_info_names_each_layer_types_implementation():
     from lightcnn import layers
     info = layers.backend_info()
     assert info["default_impl"] == layers.get_default_impl() == "auto"
-    assert {name: v["op"] for name, v in info["layers"].items()} == {"PreActConv2d": "bn_relu_conv2d",
-                                                                      "LocalResponseNorm": "lrn"}
+    assert {name: v["op"] for name, v in info["layers"].items()} == {
+        "PreActConv2d": "bn_relu_conv2d", "LocalResponseNorm": "lrn", "DenseConv2d": "dense_bn_relu_conv2d"}
     for v in info["layers"].values():
         assert v["auto"] == ops.backend_info()["ops"][v["op"]]["auto"]
         assert v["compiled"]["cpu"] is True

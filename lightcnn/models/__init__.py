@@ -9,6 +9,7 @@ from lightcnn.models import lenet  # noqa: F401,E402
 from lightcnn.models import alexnet, googlenet, vgg, zfnet  # noqa: F401,E402
 from lightcnn.models import resnet, resnext, sd_resnet  # noqa: F401,E402
 from lightcnn.models import preact_resnet, wide_resnet  # noqa: F401,E402
+from lightcnn.models import densenet  # noqa: F401,E402
 from lightcnn.models import fractalnet, inception_resnet, inception_v4  # noqa: F401,E402
 from lightcnn.models import nasnet  # noqa: F401,E402
 

@@ -8,6 +8,7 @@ which device, the dtypes its kernels take and the "auto" table; ops/_library.py 
 """
 from lightcnn.ops._library import backend_info, has_kernel, library_loaded
 from lightcnn.ops.bn_relu_conv import bn_relu_conv2d
+from lightcnn.ops.dense import dense_bn_relu_conv2d
 from lightcnn.ops.lrn import local_response_norm
 
-__all__ = ["backend_info", "bn_relu_conv2d", "has_kernel", "library_loaded", "local_response_norm"]
+__all__ = ["backend_info", "bn_relu_conv2d", "dense_bn_relu_conv2d", "has_kernel", "library_loaded", "local_response_norm"]

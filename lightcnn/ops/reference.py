@@ -48,3 +48,14 @@ def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, runni
     if training and drop_rate > 0:
         y = dropout_with_mask(y, dropout_mask(input, drop_rate) if drop_mask is None else drop_mask, drop_rate)
     return F.conv2d(y, conv_weight, conv_bias, stride, padding, dilation, groups)
+
+
+def dense_bn_relu_conv2d(features, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+                         weight: torch.Tensor | None, bias: torch.Tensor | None, conv_weight: torch.Tensor,
+                         padding=0, training: bool = False, momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """The naive DenseNet layer `conv2d(relu(batch_norm(cat(features, 1))))` (stride 1, no conv bias); like
+    `F.batch_norm` it updates the running statistics in place in training. Autograd keeps the new
+    concatenation and the BN-ReLU output."""
+    y = F.relu(F.batch_norm(torch.cat(list(features), 1), running_mean, running_var, weight, bias, training,
+                            momentum, eps))
+    return F.conv2d(y, conv_weight, None, 1, padding)

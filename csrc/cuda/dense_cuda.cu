@@ -1,0 +1,265 @@
+// CUDA kernels of the memory-efficient DenseNet op (torch.ops.lightcnn.dense_bn_relu_conv2d). The logic is
+// shared with the CPU in ../dense.h (batch statistics: ATen's batch-norm statistics; convolution: cuDNN);
+// here are the three list-aware primitives. One launch serves up to kMaxPieces features: blockIdx.y is
+// the feature, and the grid-stride loops walk that feature's own elements, so a feature is read
+// coalesced in its layout and its slice of the (N, C, H, W) buffer is addressed as
+//   NCHW: (n * C + c0 + c) * S + s        NHWC: (n * S + s) * C + c0 + c        (S = H * W)
+//   bn_relu_into  y[slice] = max(fma(x, scale, shift), 0)
+//   reduce_from   per channel: sum dz and sum dz * (x - mean), dz = g[slice] * [fma(x, scale, shift) > 0];
+//                 a channel's M = N * S values are split over several blocks (atomicAdd of the partial
+//                 sums: the order of float additions, and so the last bits, may vary between runs)
+//   grad_inputs   grad_x = dz * alpha + x * beta + gamma, into a new tensor per feature
+// Arithmetic is in at::acc_type (float for half/bfloat16/float, double for double); the pre-activation
+// is computed with the same fma in every kernel, so that the backward's ReLU mask is the forward's.
+#include "../dense.h"
+
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+
+namespace lightcnn {
+namespace dense {
+namespace {
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+constexpr int kMaxPieces = 64;  // features per launch (kernel parameters stay under 4 KiB)
+constexpr int kThreads = 256;
+
+struct Pieces {
+  const void* x[kMaxPieces];  // the features
+  void* out[kMaxPieces];      // their gradients (grad_inputs only)
+  int64_t c0[kMaxPieces];     // first channel of each feature in the concatenation
+  int64_t k[kMaxPieces];      // its channels
+  int64_t N, C, S;
+  bool channels_last;
+};
+
+// The buffer offset of element i of feature j (i in the feature's own layout) and its channel in the concatenation.
+__device__ __forceinline__ int64_t buffer_offset(const Pieces& P, int j, int64_t i, int64_t& c) {
+  const int64_t k = P.k[j];
+  if (P.channels_last) {
+    const int64_t pixel = i / k, lc = i - pixel * k;
+    c = P.c0[j] + lc;
+    return pixel * P.C + c;
+  }
+  const int64_t row = i / P.S, s = i - row * P.S, n = row / k;
+  c = P.c0[j] + (row - n * k);
+  return (n * P.C + c) * P.S + s;
+}
+
+__device__ __forceinline__ float preact(float x, float s, float b) { return fmaf(x, s, b); }
+__device__ __forceinline__ double preact(double x, double s, double b) { return fma(x, s, b); }
+
+template <typename scalar_t, typename acc_t>
+__global__ void bn_relu_into_kernel(Pieces P, scalar_t* __restrict__ y, const acc_t* __restrict__ scale,
+                                    const acc_t* __restrict__ shift) {
+  const int j = blockIdx.y;
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[j]);
+  const int64_t numel = P.N * P.k[j] * P.S;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t c;
+    const int64_t o = buffer_offset(P, j, i, c);
+    const acc_t v = preact(static_cast<acc_t>(x[i]), scale[c], shift[c]);
+    y[o] = static_cast<scalar_t>(v > acc_t(0) ? v : (v != v ? v : acc_t(0)));  // NaN propagates as in F.relu
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void grad_inputs_kernel(Pieces P, const scalar_t* __restrict__ g, const acc_t* __restrict__ scale,
+                                   const acc_t* __restrict__ shift, const acc_t* __restrict__ alpha,
+                                   const acc_t* __restrict__ beta, const acc_t* __restrict__ gamma) {
+  const int j = blockIdx.y;
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[j]);
+  scalar_t* __restrict__ gx = static_cast<scalar_t*>(P.out[j]);
+  const int64_t numel = P.N * P.k[j] * P.S;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int64_t c;
+    const int64_t o = buffer_offset(P, j, i, c);
+    const acc_t xv = static_cast<acc_t>(x[i]);
+    const acc_t dz = preact(xv, scale[c], shift[c]) > acc_t(0) ? static_cast<acc_t>(g[o]) : acc_t(0);
+    gx[i] = static_cast<scalar_t>(dz * alpha[c] + (xv * beta[c] + gamma[c]));
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ T block_sum(T v, T* smem) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  __syncthreads();
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  v = threadIdx.x < (blockDim.x >> 5) ? smem[threadIdx.x] : T(0);
+  if (warp == 0)
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// blockIdx.y: feature; blockIdx.x: (local channel, split) pairs, splits consecutive; blocks past the
+// feature's channels return at once.
+template <typename scalar_t, typename acc_t>
+__global__ void reduce_from_kernel(Pieces P, const scalar_t* __restrict__ g, const acc_t* __restrict__ scale,
+                                   const acc_t* __restrict__ shift, const acc_t* __restrict__ mean,
+                                   acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dzx, int splits) {
+  __shared__ acc_t smem[32];
+  const int j = blockIdx.y;
+  const int64_t lc = blockIdx.x / splits, split = blockIdx.x % splits, k = P.k[j];
+  if (lc >= k) return;  // uniform per block: no thread reaches block_sum's barriers
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[j]);
+  const int64_t c = P.c0[j] + lc, M = P.N * P.S;
+  const int64_t per = (M + splits - 1) / splits, m0 = split * per, m1 = std::min<int64_t>(M, m0 + per);
+  const acc_t s = scale[c], b = shift[c], mu = mean[c];
+  acc_t a1 = 0, a2 = 0;
+  for (int64_t m = m0 + threadIdx.x; m < m1; m += blockDim.x) {
+    int64_t xi, gi;
+    if (P.channels_last) {
+      xi = m * k + lc;
+      gi = m * P.C + c;
+    } else {
+      const int64_t n = m / P.S, sp = m - n * P.S;
+      xi = (n * k + lc) * P.S + sp;
+      gi = (n * P.C + c) * P.S + sp;
+    }
+    const acc_t xv = static_cast<acc_t>(x[xi]);
+    const acc_t dz = preact(xv, s, b) > acc_t(0) ? static_cast<acc_t>(g[gi]) : acc_t(0);
+    a1 += dz;
+    a2 += dz * (xv - mu);
+  }
+  a1 = block_sum(a1, smem);
+  a2 = block_sum(a2, smem);
+  if (threadIdx.x == 0) {
+    atomicAdd(sum_dz + c, a1);
+    atomicAdd(sum_dzx + c, a2);
+  }
+}
+
+#define LIGHTCNN_DENSE_DISPATCH(t, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t, name, __VA_ARGS__)
+
+// Calls launch(Pieces, number of features in it, largest k) for consecutive chunks of at most kMaxPieces.
+template <typename F>
+void for_chunks(const std::vector<at::Tensor>& feats, const std::vector<at::Tensor>* outs, int64_t C,
+                const F& launch) {
+  const at::Tensor& f0 = feats[0];
+  int64_t c0 = 0;
+  for (size_t start = 0; start < feats.size(); start += kMaxPieces) {
+    Pieces P{};
+    P.N = f0.size(0);
+    P.C = C;
+    P.S = f0.size(2) * f0.size(3);
+    P.channels_last = common_format(feats) == at::MemoryFormat::ChannelsLast;
+    const int n = static_cast<int>(std::min<size_t>(kMaxPieces, feats.size() - start));
+    int64_t max_k = 0;
+    for (int j = 0; j < n; ++j) {
+      const at::Tensor& f = feats[start + j];
+      P.x[j] = f.const_data_ptr();
+      P.out[j] = outs ? (*outs)[start + j].mutable_data_ptr() : nullptr;
+      P.c0[j] = c0;
+      P.k[j] = f.size(1);
+      c0 += f.size(1);
+      max_k = std::max(max_k, f.size(1));
+    }
+    launch(P, n, max_k);
+  }
+}
+
+unsigned elementwise_blocks(int64_t numel) {
+  return static_cast<unsigned>(std::max<int64_t>(1, std::min<int64_t>((numel + kThreads - 1) / kThreads, 4096)));
+}
+
+void bn_relu_into_cuda(at::Tensor& y, const std::vector<at::Tensor>& feats, const at::Tensor& scale,
+                       const at::Tensor& shift) {
+  if (y.numel() == 0) return;
+  LIGHTCNN_DENSE_DISPATCH(y.scalar_type(), "dense_bn_relu_conv2d_bn_relu_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    for_chunks(feats, nullptr, y.size(1), [&](const Pieces& P, int n, int64_t max_k) {
+      const dim3 grid(elementwise_blocks(P.N * max_k * P.S), n);
+      bn_relu_into_kernel<scalar_t, acc_t><<<grid, kThreads, 0, current_stream()>>>(
+          P, y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> reduce_from_cuda(const at::Tensor& g, const std::vector<at::Tensor>& feats,
+                                                    const at::Tensor& scale, const at::Tensor& shift,
+                                                    const at::Tensor& mean) {
+  const int64_t C = g.size(1);
+  at::Tensor sum_dz = at::zeros({C}, scale.options()), sum_dzx = at::zeros({C}, scale.options());
+  const int64_t M = g.size(0) * g.size(2) * g.size(3);
+  // Enough blocks per channel to fill the GPU when a feature has few channels (k = 12 ... 48 in DenseNets).
+  const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(64, M / (kThreads * 16))));
+  LIGHTCNN_DENSE_DISPATCH(g.scalar_type(), "dense_bn_relu_conv2d_reduce_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    for_chunks(feats, nullptr, C, [&](const Pieces& P, int n, int64_t max_k) {
+      TORCH_CHECK(max_k * splits < (int64_t(1) << 31), "dense_bn_relu_conv2d: a feature has too many channels (",
+                  max_k, ") for the CUDA reduction's grid");
+      const dim3 grid(static_cast<unsigned>(max_k * splits), n);
+      reduce_from_kernel<scalar_t, acc_t><<<grid, kThreads, 0, current_stream()>>>(
+          P, g.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+          mean.const_data_ptr<acc_t>(), sum_dz.mutable_data_ptr<acc_t>(), sum_dzx.mutable_data_ptr<acc_t>(), splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {sum_dz, sum_dzx};
+}
+
+std::vector<at::Tensor> grad_inputs_cuda(const at::Tensor& g, const std::vector<at::Tensor>& feats,
+                                         const at::Tensor& scale, const at::Tensor& shift, const at::Tensor& alpha,
+                                         const at::Tensor& beta, const at::Tensor& gamma) {
+  std::vector<at::Tensor> grads;
+  for (const auto& f : feats) grads.push_back(at::empty_like(f, f.options(), common_format(feats)));
+  if (g.numel() == 0) return grads;
+  LIGHTCNN_DENSE_DISPATCH(g.scalar_type(), "dense_bn_relu_conv2d_grad_inputs_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    for_chunks(feats, &grads, g.size(1), [&](const Pieces& P, int n, int64_t max_k) {
+      const dim3 grid(elementwise_blocks(P.N * max_k * P.S), n);
+      grad_inputs_kernel<scalar_t, acc_t><<<grid, kThreads, 0, current_stream()>>>(
+          P, g.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+          alpha.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grads;
+}
+
+const DensePrims kCudaPrims{bn_relu_into_cuda, reduce_from_cuda, grad_inputs_cuda};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bn_relu_conv2d_cuda(
+    at::TensorList features, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var,
+    const at::Tensor& conv_weight, at::IntArrayRef padding, bool training, double eps) {
+  TORCH_CHECK(!features.empty(), "dense_bn_relu_conv2d: features is an empty list");
+  const c10::cuda::OptionalCUDAGuard guard(features[0].device());
+  return forward(kCudaPrims, "dense_bn_relu_conv2d", features, weight, bias, running_mean, running_var,
+                 conv_weight, padding, training, eps, c10::DeviceType::CUDA,
+                 {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
+}
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> dense_bn_relu_conv2d_backward_cuda(
+    const at::Tensor& grad_output, at::TensorList features, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& var,
+    const at::Tensor& conv_weight, at::IntArrayRef padding, bool training, double eps) {
+  const c10::cuda::OptionalCUDAGuard guard(grad_output.device());
+  return backward(kCudaPrims, "dense_bn_relu_conv2d_backward", grad_output, features, weight, bias, mean, var,
+                  conv_weight, padding, training, eps, c10::DeviceType::CUDA,
+                  {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16});
+}
+
+}  // namespace
+}  // namespace dense
+}  // namespace lightcnn
+
+TORCH_LIBRARY_IMPL(lightcnn, CUDA, m) {
+  m.impl("dense_bn_relu_conv2d", &lightcnn::dense::dense_bn_relu_conv2d_cuda);
+  m.impl("dense_bn_relu_conv2d_backward", &lightcnn::dense::dense_bn_relu_conv2d_backward_cuda);
+}
