@@ -59,8 +59,6 @@ def test_select_names_patterns_and_clear_errors(capsys):
     assert e.value.code == 0 and "--no-speed" in capsys.readouterr().out
 
 
-@pytest.mark.xfail(strict=True, reason="FlopCounterMode sees nothing inside torch.ops.lightcnn.* until the "
-                   "kernels' FLOP formulas (register_flop_formula, helper 'kern') are merged")
 def test_kernel_backed_model_reports_the_same_macs_as_its_reference():
     kernel = count_macs(build("wrn16_4", "cpu", impl="kernel"), (3, 32, 32))
     reference = count_macs(build("wrn16_4", "cpu", impl="reference"), (3, 32, 32))
