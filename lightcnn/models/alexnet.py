@@ -69,7 +69,7 @@ class AlexNet(Classifier):
         init: "paper" (weights N(0, 0.01); biases 1 in conv2, conv4, conv5 and the hidden FC layers, 0
             elsewhere; section 5), "zfnet" (weights N(0, 0.01), biases 0; Zeiler & Fergus section 3) or
             "pytorch" (PyTorch's defaults, as torchvision).
-        impl: "kernel", "reference", or None (the global default) for the LRN.
+        impl: "auto", "kernel", "reference", or None (the global default, "auto") for the LRN.
         input_size: the native input side, recorded in `default_cfg`.
     """
 

@@ -103,7 +103,8 @@ class DenseNet(Classifier):
         in_chans: input image channels.
         memory_efficient: True: the concatenations are never stored (DenseConv2d over the list of features);
             False: the naive per-layer `torch.cat` + BN + ReLU + conv, as `impl="reference"`.
-        impl: "kernel" (lightcnn's ops), "reference" (the unfused PyTorch sequence) or None (the global default).
+        impl: "auto" (lightcnn's ops where measured faster), "kernel", "reference" (the unfused PyTorch sequence),
+            or None (the global default, "auto").
     """
 
     def __init__(self, growth_rate: int = 32, block_config: tuple[int, ...] = (6, 12, 24, 16),

@@ -142,7 +142,7 @@ class GoogLeNet(Classifier):
         init: "caffe" (the reference BVLC Caffe model: Xavier-uniform weights U(+-sqrt(3 / fan_in)), biases
             0.2 in the convolutions and the auxiliary FC-1024 layers (loss1/fc, loss2/fc), 0 in the
             classifiers) or "pytorch" (PyTorch's defaults).
-        impl: "kernel", "reference", or None (the global default) for the LRN.
+        impl: "auto", "kernel", "reference", or None (the global default, "auto") for the LRN.
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3,

@@ -77,7 +77,8 @@ class PreActResNet(Classifier):
             feeds the projection shortcut, has none.
         he_fan_mode: the fan of the He-normal conv init: "fan_out" (the pre-act ResNet code) or "fan_in"
             (WRN's `MSRinit`).
-        impl: "kernel" (fused BN-ReLU-conv), "reference" (unfused PyTorch) or None (the global default).
+        impl: "auto" (fused where measured faster), "kernel" (fused BN-ReLU-conv), "reference" (unfused
+            PyTorch) or None (the global default, "auto").
     """
 
     def __init__(self, block: Literal["basic", "bottleneck"] = "bottleneck", layers: tuple[int, ...] = (18, 18, 18),
