@@ -8,9 +8,8 @@ import glob
 import os
 import platform
 
-from setuptools import setup
-
 import torch
+from setuptools import setup
 from torch.utils import cpp_extension
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -25,7 +24,8 @@ def _want_cuda() -> bool:
         print("lightcnn: this torch was built without CUDA: building the CPU kernels only")
         return False
     if cpp_extension.CUDA_HOME is None or not os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc")):
-        print("lightcnn: no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc): building the CPU kernels only")
+        print("lightcnn: no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc): "
+              "building the CPU kernels only")
         return False
     return True
 

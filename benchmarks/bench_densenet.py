@@ -41,7 +41,7 @@ import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # bench_preact's helpers; lightcnn without installing it
-from bench_preact import (
+from bench_preact import (  # noqa: E402  (after the sys.path line above)
     _peak_allocated_cpu,
     _peak_rss_bytes,
     _reset_peak_rss,

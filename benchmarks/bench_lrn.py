@@ -95,7 +95,9 @@ def main():
     dtype = getattr(torch, args.dtype)
     rounds = args.rounds or (15 if args.device == "cpu" else 50)
     print(f"LRN benchmark on {args.device} ({torch.cuda.get_device_name() if args.device == 'cuda' else 'CPU'}, "
-          f"{torch.get_num_threads()} threads), {args.dtype}{', channels-last' if args.channels_last else ''}, {LRN_ARGS}, median of {rounds} interleaved rounds")
+          f"{torch.get_num_threads()} threads), {args.dtype}{', channels-last' if args.channels_last else ''}, "
+          f"{LRN_ARGS}, "
+          f"median of {rounds} interleaved rounds")
     print(f"backend: {ops.backend_info()['library']}")
     variants = ("copy", "eager", "kernel") if args.no_compile else ("copy", "eager", "compiled", "kernel")
     results, lines = {}, []

@@ -229,7 +229,8 @@ def markdown(rows: Sequence[dict], device: str) -> str:
     lines = [head, "|" + "---|" * 4 + "---:|" * 8]
     lines += ["| " + " | ".join(_fmt(k, r[k]) for k in keys) + " |" for r in rows]
     timed = any(r["infer_img_s"] is not None for r in rows)
-    lines.append(f"\n{'Speed on ' + device + ', fp32' if timed else 'Speed not measured (--no-speed)'}. Errors: published (lightcnn.published): ImageNet top-1/top-5 for "
+    speed = 'Speed on ' + device + ', fp32' if timed else 'Speed not measured (--no-speed)'
+    lines.append(f"\n{speed}. Errors: published (lightcnn.published): ImageNet top-1/top-5 for "
                  "ImageNet models, CIFAR-10 test error for CIFAR models.")
     return "\n".join(lines) + "\n"
 

@@ -8,7 +8,8 @@ the published accuracy beside what it measures.
 
 Conventions: parameters are trainable ones, in the model's default configuration; `params` excludes
 the auxiliary classifier heads, `aux_params` counts them (so `create(name)` has params + aux_params and
-`create(name, aux_logits=False)`, or the family's equivalent knob, has params); MACs are `torch.utils.flop_counter.FlopCounterMode` FLOPs / 2
+`create(name, aux_logits=False)`, or the family's equivalent knob, has params); MACs are
+`torch.utils.flop_counter.FlopCounterMode` FLOPs / 2
 (convolutions and matmuls only), eval mode, batch 1, at `input_side`; `None` where no figure is known.
 """
 from __future__ import annotations

@@ -142,7 +142,8 @@ def _write_cifar(root, hundred: bool, n_train: int = 12, n_test: int = 6, seed: 
     for name, content in files.items():
         with open(d / name, "wb") as f:
             pickle.dump(content, f)
-    meta = {"fine_label_names": [f"c{i}" for i in range(100)]} if hundred else {"label_names": [f"c{i}" for i in range(10)]}
+    meta = ({"fine_label_names": [f"c{i}" for i in range(100)]} if hundred
+            else {"label_names": [f"c{i}" for i in range(10)]})
     with open(d / ("meta" if hundred else "batches.meta"), "wb") as f:
         pickle.dump(meta, f)
     return files

@@ -60,7 +60,8 @@ def test_parameter_count_densenet161_equals_torchvision():
 
 
 def test_parameter_count_cifar100_adds_classifier_rows():
-    assert _params(create("densenet_bc100_k12", num_classes=100)) == MODELS["densenet_bc100_k12"].params + 90 * (342 + 1)
+    expected = MODELS["densenet_bc100_k12"].params + 90 * (342 + 1)
+    assert _params(create("densenet_bc100_k12", num_classes=100)) == expected
 
 
 @needs_kernel

@@ -36,7 +36,8 @@ from lightcnn.training.drop_path import ScheduledDropPath
 
 NASNETS = ["nasnet_a_cifar", "nasnet_a_large", "nasnet_a_mobile"]
 # (N, F, stem filters, keep prob) of the released configs: cifar_config, mobile/large_imagenet_config.
-RELEASED = {"nasnet_a_cifar": (6, 32, 96, 0.6), "nasnet_a_mobile": (4, 44, 32, 1.0), "nasnet_a_large": (6, 168, 96, 0.7)}
+RELEASED = {"nasnet_a_cifar": (6, 32, 96, 0.6), "nasnet_a_mobile": (4, 44, 32, 1.0),
+            "nasnet_a_large": (6, 168, 96, 0.7)}
 TINY = dict(num_normal_cells=1, penultimate_filters=96)  # F = 4: a 5-cell CIFAR net for the slow machinery
 
 

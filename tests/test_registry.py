@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightcnn.models import create, is_model, list_models, register_model
-from lightcnn.models import registry
+from lightcnn.models import create, is_model, list_models, register_model, registry
 from lightcnn.models.alexnet import AlexNet
 from lightcnn.models.lenet import LeNet5
 

@@ -52,7 +52,8 @@ def imagenet_transforms(
     if resize_size < image_size:
         raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
     if center_square and augmentation not in ("alexnet", "none"):
-        raise ValueError(f"center_square is the AlexNet/ZFNet crop: it needs augmentation='alexnet', got {augmentation!r}")
+        raise ValueError(
+            f"center_square is the AlexNet/ZFNet crop: it needs augmentation='alexnet', got {augmentation!r}")
     if augmentation == "alexnet":
         square = [v2.CenterCrop(resize_size)] if center_square else []
         ops = [v2.Resize(resize_size), *square, v2.RandomCrop(image_size), v2.RandomHorizontalFlip()]

@@ -31,7 +31,13 @@ import torch
 from torch import nn
 
 from lightcnn.models.inception_v4 import (
-    BN_EPS, InceptionClassifier, Mixed, block_reduction_a, branch, max_pool_branch, stem_v4,
+    BN_EPS,
+    InceptionClassifier,
+    Mixed,
+    block_reduction_a,
+    branch,
+    max_pool_branch,
+    stem_v4,
 )
 from lightcnn.models.registry import register_model
 from lightcnn.models.weights import map_layers_in_order, register_twin

@@ -289,7 +289,8 @@ class NASNetACell(nn.Module):
                 state = spec.hiddenstate_indices[i]
                 op_stride = stride if state < 2 else 1  # only the cell's inputs are strided
                 self.add_module(f"comb_iter_{block}_{side}",
-                                _operation(spec.operations[i], channels[state], filters, op_stride, norm, max_drop_prob))
+                                _operation(spec.operations[i], channels[state], filters, op_stride, norm,
+                                           max_drop_prob))
                 levels.append(level[state] + (op_stride > 1))
             if levels[0] != levels[1]:
                 raise ValueError(f"block {block} adds maps of different resolutions")
@@ -406,7 +407,8 @@ class NASNet(Classifier):
 
         num_cells = (num_reduction_layers + 1) * num_normal_cells  # the released `num_cells` (18 for 6 @ P)
         # calc_reduction_layers: the normal-cell indices before which a reduction cell is inserted.
-        reduction_indices = [int(k / (num_reduction_layers + 1) * num_cells) for k in range(1, num_reduction_layers + 1)]
+        reduction_indices = [int(k / (num_reduction_layers + 1) * num_cells)
+                             for k in range(1, num_reduction_layers + 1)]
         total_cells = num_cells + num_reduction_layers + (2 if stem == "imagenet" else 0)
         cell_count = 0  # the released `true_cell_num`: depth for the drop-path scaling
 

@@ -11,4 +11,5 @@ from lightcnn.ops.bn_relu_conv import bn_relu_conv2d
 from lightcnn.ops.dense import dense_bn_relu_conv2d
 from lightcnn.ops.lrn import local_response_norm
 
-__all__ = ["backend_info", "bn_relu_conv2d", "dense_bn_relu_conv2d", "has_kernel", "library_loaded", "local_response_norm"]
+__all__ = ["backend_info", "bn_relu_conv2d", "dense_bn_relu_conv2d", "has_kernel", "library_loaded",
+           "local_response_norm"]

@@ -51,7 +51,8 @@ OP = _library.register(
     "bn_relu_conv2d", helpers=("bn_relu_conv2d_backward",),
     dtypes={"cpu": (torch.float32, torch.float64),
             "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)},
-    autocast=True, auto=_auto, auto_reason="CUDA: kernel only in float32 with TF32 off and float64, NCHW (measured slower "
+    autocast=True, auto=_auto,
+    auto_reason="CUDA: kernel only in float32 with TF32 off and float64, NCHW (measured slower "
     "with bf16 autocast + channels-last 2.34x and TF32 1.27x); CPU: kernel")
 
 

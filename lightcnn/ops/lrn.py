@@ -35,7 +35,8 @@ def _check_args(input: torch.Tensor, size: int) -> None:
         )
     if not input.is_floating_point():
         raise TypeError(
-            f"local_response_norm: input must be a floating-point tensor, got {input.dtype}; convert it with input.float()"
+            f"local_response_norm: input must be a floating-point tensor, got {input.dtype}; "
+            "convert it with input.float()"
         )
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"local_response_norm: size must be an int >= 1 (the number of channels summed), got {size!r}")

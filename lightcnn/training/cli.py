@@ -117,7 +117,8 @@ class LightCNNCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.in_chans", "model.in_chans", apply_on="instantiate")
         parser.add_argument("--name", type=str, default=self.experiment_name,
-                            help="experiment name: runs go to RUN_ROOT/NAME/TIMESTAMP (default: the config file's name)")
+                            help="experiment name: runs go to RUN_ROOT/NAME/TIMESTAMP "
+                                 "(default: the config file's name)")
         parser.add_argument("--run_root", type=str, default="runs", help="folder of all run folders")
         parser.add_argument("--num_threads", type=Optional[int], default=None,
                             help="CPU threads per process for intra-op parallelism (torch.set_num_threads); "

@@ -101,7 +101,8 @@ def _run(args) -> int:
         if not args.snapshots:
             raise ValueError("--what evolution needs --snapshots (a folder written by "
                              "lightcnn.visualize.FeatureSnapshots, or checkpoint files)")
-        written.append(feature_evolution(args.model, args.snapshots, x, args.out, args.layers, maps=args.maps, **overrides))
+        written.append(feature_evolution(args.model, args.snapshots, x, args.out, args.layers, maps=args.maps,
+                                         **overrides))
     for path in written:
         print(f"wrote {path}")
     return 0

@@ -14,7 +14,8 @@ from lightcnn.visualize.core import resolve_layer
 
 
 @torch.no_grad()
-def layer_outputs(model: nn.Module, x: torch.Tensor, layers: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+def layer_outputs(model: nn.Module, x: torch.Tensor,
+                  layers: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The outputs of the named modules (any module of `named_modules()`) and the logits."""
     names = [resolve_layer(model, n) for n in layers]
     mods = dict(model.named_modules())

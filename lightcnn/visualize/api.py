@@ -142,7 +142,8 @@ def snapshot_files(snapshots: str | Path | Sequence[str | Path]) -> list[Path]:
     files = [Path(snapshots)] if isinstance(snapshots, (str, Path)) else [Path(s) for s in snapshots]
     missing = [str(f) for f in files if not f.is_file()]
     if missing:
-        raise FileNotFoundError(f"snapshot(s) {missing} do not exist (give a folder of FeatureSnapshots or checkpoint files)")
+        raise FileNotFoundError(
+            f"snapshot(s) {missing} do not exist (give a folder of FeatureSnapshots or checkpoint files)")
     return files
 
 
