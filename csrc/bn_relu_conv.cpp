@@ -1,7 +1,8 @@
 // Fused pre-activation BN -> ReLU -> Conv2d: the schemas of torch.ops.lightcnn.bn_relu_conv2d{,_backward}
 // and their CPU kernels. The shared forward/backward logic is in bn_relu_conv.h; here are the four CPU
 // primitives (batch statistics, BN-ReLU, the backward's per-channel sums, the input gradient), for NCHW
-// rows (one channel of one image: vectorised with at::vec) and NHWC rows (all channels of one pixel).
+// rows (one channel of one image: vectorised with at::vec, the BN-ReLU ones shared with dense.cpp in
+// bn_relu_rows.h) and NHWC rows (all channels of one pixel).
 // Sums accumulate in double so that float32 statistics match ATen's to rounding.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -14,24 +15,18 @@
 #include <vector>
 
 #include "bn_relu_conv.h"
+#include "bn_relu_rows.h"
 
 namespace lightcnn {
 namespace bn_relu_conv {
 namespace {
 
-// v = x * scale + shift with one rounding (fma) in every path, so that the backward's ReLU mask
-// (v > 0) is bit-identical to the forward's, whichever path (vector or scalar tail) an element takes.
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
-
-template <typename T>
-inline double hsum(const Vec<T>& v) {
-  T tmp[Vec<T>::size()];
-  v.store(tmp);
-  double s = 0;
-  for (int k = 0; k < Vec<T>::size(); ++k) s += tmp[k];
-  return s;
-}
+using bn_relu_rows::hsum;
+using bn_relu_rows::relu_of;
+using bn_relu_rows::row_bn_relu;
+using bn_relu_rows::row_grad_input;
+using bn_relu_rows::row_reduce;
+using bn_relu_rows::Vec;
 
 // ---- NCHW: a row is the H*W values of one (n, c); scale/shift are per-row scalars ----
 
@@ -58,54 +53,6 @@ void row_stats_sqdev(const T* x, int64_t n, T m, double& sum) {
   sum += s;
 }
 
-template <typename T>
-void row_bn_relu(const T* x, T* y, int64_t n, T s, T b) {
-  const Vec<T> vs(s), vb(b), zero(T(0));
-  int64_t i = 0;
-  for (; i + Vec<T>::size() <= n; i += Vec<T>::size())
-    at::vec::maximum(at::vec::fmadd(Vec<T>::loadu(x + i), vs, vb), zero).store(y + i);
-  for (; i < n; ++i) {
-    const T v = std::fma(x[i], s, b);
-    y[i] = v > T(0) ? v : (std::isnan(v) ? v : T(0));
-  }
-}
-
-template <typename T>
-void row_reduce(const T* g, const T* x, int64_t n, T s, T b, T m, double& sum_dz, double& sum_dzx) {
-  const Vec<T> vs(s), vb(b), vm(m), zero(T(0));
-  Vec<T> a1(T(0)), a2(T(0));
-  int64_t i = 0;
-  for (; i + Vec<T>::size() <= n; i += Vec<T>::size()) {
-    const Vec<T> xv = Vec<T>::loadu(x + i);
-    const Vec<T> dz = Vec<T>::blendv(zero, Vec<T>::loadu(g + i), at::vec::fmadd(xv, vs, vb) > zero);
-    a1 += dz;
-    a2 = at::vec::fmadd(dz, xv - vm, a2);
-  }
-  double s1 = hsum(a1), s2 = hsum(a2);
-  for (; i < n; ++i) {
-    const T dz = std::fma(x[i], s, b) > T(0) ? g[i] : T(0);
-    s1 += dz;
-    s2 += double(dz) * double(x[i] - m);
-  }
-  sum_dz += s1;
-  sum_dzx += s2;
-}
-
-template <typename T>
-void row_grad_input(const T* g, const T* x, T* gx, int64_t n, T s, T b, T alpha, T beta, T gamma) {
-  const Vec<T> vs(s), vb(b), va(alpha), vbeta(beta), vg(gamma), zero(T(0));
-  int64_t i = 0;
-  for (; i + Vec<T>::size() <= n; i += Vec<T>::size()) {
-    const Vec<T> xv = Vec<T>::loadu(x + i);
-    const Vec<T> dz = Vec<T>::blendv(zero, Vec<T>::loadu(g + i), at::vec::fmadd(xv, vs, vb) > zero);
-    at::vec::fmadd(dz, va, at::vec::fmadd(xv, vbeta, vg)).store(gx + i);
-  }
-  for (; i < n; ++i) {
-    const T dz = std::fma(x[i], s, b) > T(0) ? g[i] : T(0);
-    gx[i] = dz * alpha + (x[i] * beta + gamma);
-  }
-}
-
 // ---- NHWC: a row is the C values of one pixel; scale/shift are per-element arrays ----
 
 template <typename T>
@@ -115,10 +62,7 @@ void pixel_bn_relu(const T* x, T* y, int64_t C, const T* s, const T* b) {
   for (; c + Vec<T>::size() <= C; c += Vec<T>::size())
     at::vec::maximum(at::vec::fmadd(Vec<T>::loadu(x + c), Vec<T>::loadu(s + c), Vec<T>::loadu(b + c)), zero)
         .store(y + c);
-  for (; c < C; ++c) {
-    const T v = std::fma(x[c], s[c], b[c]);
-    y[c] = v > T(0) ? v : (std::isnan(v) ? v : T(0));
-  }
+  for (; c < C; ++c) y[c] = relu_of(std::fma(x[c], s[c], b[c]));
 }
 
 // The mask of one pixel, in the same arithmetic as pixel_bn_relu.

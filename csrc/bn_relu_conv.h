@@ -142,6 +142,17 @@ inline std::tuple<at::Tensor, at::Tensor> affine(const at::Tensor& weight, const
   return {scale.contiguous(), shift.contiguous()};
 }
 
+// Eval mode (training=False): copies of the running statistics in the stats dtype, as (mean, var).
+// bn_relu_conv2d and dense_bn_relu_conv2d (dense.h) both use it.
+inline std::tuple<at::Tensor, at::Tensor> running_stats(const char* op, const at::Tensor& running_mean,
+                                                        const at::Tensor& running_var, c10::ScalarType sdt) {
+  TORCH_CHECK(running_mean.defined() && running_var.defined(), op,
+              ": eval mode (training=False) needs running_mean and running_var");
+  at::Tensor mean = running_mean.to(sdt, /*non_blocking=*/false, /*copy=*/true);
+  at::Tensor var = running_var.to(sdt, false, true);
+  return {mean, var};
+}
+
 // Autocast applies to the op as a whole (the Python side casts conv_weight as the reference sequence
 // would be cast); the ATen calls inside must not be cast a second time.
 struct NoAutocast {
@@ -174,10 +185,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
                 input.sizes(), " (batch statistics need at least 2 values)");
     std::tie(mean, var) = prims.stats(input);
   } else {
-    TORCH_CHECK(running_mean.defined() && running_var.defined(), op,
-                ": eval mode (training=False) needs running_mean and running_var");
-    mean = running_mean.to(sdt, /*non_blocking=*/false, /*copy=*/true);
-    var = running_var.to(sdt, false, true);
+    std::tie(mean, var) = running_stats(op, running_mean, running_var, sdt);
   }
   at::Tensor scale, shift;
   std::tie(scale, shift) = affine(weight, bias, mean, (var + eps).rsqrt());

@@ -1,16 +1,16 @@
 // BN -> ReLU -> Conv2d over a list of feature maps (a DenseNet layer's bottleneck, or a transition):
 // the schemas of torch.ops.lightcnn.dense_bn_relu_conv2d{,_backward} and their CPU kernels. The shared
 // logic is in dense.h; here are the three CPU primitives, for NCHW rows (one channel of one image: the
-// same H*W values in the feature and in its slice of the buffer; vectorised with at::vec) and NHWC
-// pixels (the feature's k channels of a pixel are a run of the buffer's C channels of that pixel).
-// The pre-activation v = fma(x, scale, shift) is rounded once in every path, so that the backward's
-// ReLU mask (v > 0) is the forward's bit for bit. Sums accumulate in double.
+// same H*W values in the feature and in its slice of the buffer; bn_relu_conv's row primitives, from
+// bn_relu_rows.h) and NHWC pixels (the feature's k channels of a pixel are a run of the buffer's C
+// channels of that pixel). The pre-activation v = fma(x, scale, shift) is rounded once in every path, so
+// that the backward's ReLU mask (v > 0) is the forward's bit for bit. Sums accumulate in double.
 #include "dense.h"
+
+#include "bn_relu_rows.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
@@ -21,22 +21,10 @@ namespace lightcnn {
 namespace dense {
 namespace {
 
-template <typename T>
-using Vec = at::vec::Vectorized<T>;
-
-template <typename T>
-inline double hsum(const Vec<T>& v) {
-  T tmp[Vec<T>::size()];
-  v.store(tmp);
-  double s = 0;
-  for (int k = 0; k < Vec<T>::size(); ++k) s += tmp[k];
-  return s;
-}
-
-template <typename T>
-inline T relu_of(T v) {
-  return v > T(0) ? v : (std::isnan(v) ? v : T(0));  // NaN propagates, as in F.relu
-}
+using bn_relu_rows::relu_of;
+using bn_relu_rows::row_bn_relu;
+using bn_relu_rows::row_grad_input;
+using bn_relu_rows::row_reduce;
 
 // Where each channel of the concatenation lives: feature j holds channels [c0[j], c0[j] + k[j]).
 struct Pieces {
@@ -59,53 +47,6 @@ std::vector<const T*> in_ptrs(const std::vector<at::Tensor>& feats) {
   std::vector<const T*> p;
   for (const auto& f : feats) p.push_back(f.const_data_ptr<T>());
   return p;
-}
-
-// ---- NCHW rows ----
-
-template <typename T>
-void row_bn_relu(const T* x, T* y, int64_t n, T s, T b) {
-  const Vec<T> vs(s), vb(b), zero(T(0));
-  int64_t i = 0;
-  for (; i + Vec<T>::size() <= n; i += Vec<T>::size())
-    at::vec::maximum(at::vec::fmadd(Vec<T>::loadu(x + i), vs, vb), zero).store(y + i);
-  for (; i < n; ++i) y[i] = relu_of(std::fma(x[i], s, b));
-}
-
-template <typename T>
-void row_reduce(const T* g, const T* x, int64_t n, T s, T b, T m, double& sum_dz, double& sum_dzx) {
-  const Vec<T> vs(s), vb(b), vm(m), zero(T(0));
-  Vec<T> a1(T(0)), a2(T(0));
-  int64_t i = 0;
-  for (; i + Vec<T>::size() <= n; i += Vec<T>::size()) {
-    const Vec<T> xv = Vec<T>::loadu(x + i);
-    const Vec<T> dz = Vec<T>::blendv(zero, Vec<T>::loadu(g + i), at::vec::fmadd(xv, vs, vb) > zero);
-    a1 += dz;
-    a2 = at::vec::fmadd(dz, xv - vm, a2);
-  }
-  double s1 = hsum(a1), s2 = hsum(a2);
-  for (; i < n; ++i) {
-    const T dz = std::fma(x[i], s, b) > T(0) ? g[i] : T(0);
-    s1 += dz;
-    s2 += double(dz) * double(x[i] - m);
-  }
-  sum_dz += s1;
-  sum_dzx += s2;
-}
-
-template <typename T>
-void row_grad_input(const T* g, const T* x, T* gx, int64_t n, T s, T b, T alpha, T beta, T gamma) {
-  const Vec<T> vs(s), vb(b), va(alpha), vbeta(beta), vg(gamma), zero(T(0));
-  int64_t i = 0;
-  for (; i + Vec<T>::size() <= n; i += Vec<T>::size()) {
-    const Vec<T> xv = Vec<T>::loadu(x + i);
-    const Vec<T> dz = Vec<T>::blendv(zero, Vec<T>::loadu(g + i), at::vec::fmadd(xv, vs, vb) > zero);
-    at::vec::fmadd(dz, va, at::vec::fmadd(xv, vbeta, vg)).store(gx + i);
-  }
-  for (; i < n; ++i) {
-    const T dz = std::fma(x[i], s, b) > T(0) ? g[i] : T(0);
-    gx[i] = dz * alpha + (x[i] * beta + gamma);
-  }
 }
 
 // Row r = n * C + c of the buffer is row n * k_j + (c - c0_j) of feature j.

@@ -28,6 +28,7 @@ namespace lightcnn {
 namespace dense {
 
 using bn_relu_conv::affine;
+using bn_relu_conv::running_stats;
 using bn_relu_conv::stats_dtype;
 
 // y[:, c0_j : c0_j + k_j] = relu(features[j] * scale + shift) for every j; y is (N, C, H, W) in `format`,
@@ -162,10 +163,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     mean = at::cat(means);
     var = at::cat(vars);
   } else {
-    TORCH_CHECK(running_mean.defined() && running_var.defined(), op,
-                ": eval mode (training=False) needs running_mean and running_var");
-    mean = running_mean.to(sdt, /*non_blocking=*/false, /*copy=*/true);
-    var = running_var.to(sdt, false, true);
+    std::tie(mean, var) = running_stats(op, running_mean, running_var, sdt);
   }
   at::Tensor scale, shift;
   std::tie(scale, shift) = affine(weight, bias, mean, (var + eps).rsqrt());
