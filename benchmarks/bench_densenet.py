@@ -42,6 +42,7 @@ import time
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # bench_preact's helpers; lightcnn without installing it
 from bench_preact import (  # noqa: E402  (after the sys.path line above)
+    _mib,
     _peak_allocated_cpu,
     _peak_rss_bytes,
     _reset_peak_rss,
@@ -194,10 +195,6 @@ def run_variant(args, model: str, variant: str, mode: str, batch_size: int, step
     if out.returncode != 0:
         raise RuntimeError(f"{model} {variant} {mode} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def _mib(b) -> str:
-    return "-" if b is None else f"{b / 2**20:,.0f}"
 
 
 def main(argv=None) -> int:
