@@ -1,0 +1,406 @@
+// cuda_emu: runs lightcnn's CUDA kernels on the CPU, so that CI, which has no GPU, executes them.
+//
+// tests/cuda_emu/build.py rewrites each csrc/cuda/*.cu a little (launches, shared memory, the CUDA
+// dispatch key) and compiles it with the host compiler against this header. The emulator keeps the CUDA
+// execution model, not its speed:
+//   - every thread of a block is a fiber (ucontext) on one OS thread; blocks run one after another;
+//   - __syncthreads() parks a fiber until every live thread of its block has arrived (threads that have
+//     returned count as arrived, as on the GPU);
+//   - warp shuffles exchange values among the lanes of a warp; the mask must name exactly the lanes that
+//     exist, every named lane must reach a shuffle with the same offset, and a lane at a shuffle while
+//     another is at __syncthreads() is reported as a divergent warp;
+//   - a block whose fibers all wait and none can go on is reported as a deadlock;
+//   - shared memory (static and dynamic) is fresh for every block and filled with 0xFF bytes (NaN for
+//     floats), so a read of shared memory no thread of the block wrote shows up in the results;
+//   - the scheduler always resumes the runnable fiber of highest priority, and the priorities are drawn
+//     anew (seeded, so a run is repeatable) at the block's start and at every __syncthreads(): so some
+//     threads run as far ahead as they can while others lag, and a read that a missing barrier leaves
+//     racing with another thread's write sees the wrong value in some blocks;
+//   - launch configurations the GPU would refuse (block > 1024 threads, grid.y/z > 65535, dynamic shared
+//     memory > 48 KiB, a zero-sized grid) raise errors.
+// Errors are C++ exceptions (c10::Error through TORCH_CHECK), so they reach Python as RuntimeError.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <random>
+#include <tuple>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+// ---- the CUDA language's keywords and types, for the host compiler ----
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __align__(n) alignas(n)
+
+struct uint3 {
+  unsigned x, y, z;
+};
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(8) float2 {
+  float x, y;
+};
+using cudaStream_t = struct CUstream_st*;
+
+namespace cuda_emu {
+
+enum class State { Runnable, AtBarrier, AtShuffle, Done };
+
+struct Fiber {
+  ucontext_t ctx;
+  uint3 tid;
+  unsigned linear = 0;
+  unsigned priority = 0;
+  State state = State::Runnable;
+};
+
+struct Warp {
+  unsigned arrived = 0, required = 0, generation = 0;
+  int delta = -1;               // the offset every lane of this shuffle passed
+  unsigned char slots[2][32][16];  // double-buffered by generation: lanes may still read the last one
+};
+
+struct Block {
+  uint3 idx;
+  dim3 dim, grid;
+  std::vector<Fiber> fibers;
+  std::vector<Warp> warps;
+  unsigned live = 0, arrived = 0;
+  std::map<long, std::vector<unsigned char>> shared;
+  std::vector<unsigned char> dynamic_shared;
+  ucontext_t scheduler;
+  Fiber* current = nullptr;
+  std::string error;
+};
+
+inline Block*& block() {
+  static Block* b = nullptr;
+  return b;
+}
+
+inline Fiber& fiber() { return *block()->current; }
+
+inline std::mt19937& rng() {
+  static std::mt19937 r(20261204u);
+  return r;
+}
+
+inline void yield_to_scheduler() {
+  Block& b = *block();
+  Fiber& f = *b.current;
+  swapcontext(&f.ctx, &b.scheduler);
+}
+
+// Reports a misuse of the execution model: the block stops (its fibers are abandoned) and the launch throws.
+[[noreturn]] inline void fail(const std::string& what) {
+  Block& b = *block();
+  if (b.error.empty()) b.error = what;
+  Fiber& f = *b.current;
+  f.state = State::Done;  // never resumed
+  setcontext(&b.scheduler);
+  std::abort();  // unreachable
+}
+
+inline void draw_priorities(Block& b) {
+  for (Fiber& f : b.fibers) f.priority = static_cast<unsigned>(rng()());
+}
+
+inline void release_barrier_if_complete() {
+  Block& b = *block();
+  if (b.arrived > 0 && b.arrived == b.live) {
+    for (Fiber& f : b.fibers)
+      if (f.state == State::AtBarrier) f.state = State::Runnable;
+    b.arrived = 0;
+    draw_priorities(b);
+  }
+}
+
+inline void syncthreads() {
+  Block& b = *block();
+  b.current->state = State::AtBarrier;
+  ++b.arrived;
+  release_barrier_if_complete();
+  yield_to_scheduler();
+}
+
+template <typename T>
+T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0 down, 1 xor, 2 idx, 3 up*/) {
+  static_assert(sizeof(T) <= 16, "cuda_emu: shuffle of a type wider than 16 bytes");
+  Block& b = *block();
+  Fiber& f = *b.current;
+  const unsigned threads = b.dim.x * b.dim.y * b.dim.z;
+  const unsigned warp_id = f.linear / 32, lane = f.linear % 32;
+  const unsigned lanes_here = std::min(32u, threads - warp_id * 32);
+  const unsigned existing = lanes_here == 32 ? 0xffffffffu : ((1u << lanes_here) - 1u);
+  if ((mask & ~existing) != 0)
+    fail("warp shuffle with mask 0x" + ([&] {
+           char buf[16];
+           std::snprintf(buf, sizeof buf, "%08x", mask);
+           return std::string(buf);
+         })() + " names lanes that do not exist in a block of " + std::to_string(threads) + " threads");
+  if (((mask >> lane) & 1u) == 0) fail("warp shuffle called by a lane its mask does not name");
+  Warp& w = b.warps[warp_id];
+  if (w.arrived == 0) {
+    w.required = static_cast<unsigned>(__builtin_popcount(mask));
+    w.delta = src_lane_or_delta;
+  } else if (w.delta != src_lane_or_delta) {
+    fail("lanes of one warp reached different shuffles (offsets " + std::to_string(w.delta) + " and " +
+         std::to_string(src_lane_or_delta) + "): divergent warp");
+  }
+  const unsigned gen = w.generation;
+  std::memcpy(w.slots[gen & 1][lane], &v, sizeof(T));
+  ++w.arrived;
+  f.state = State::AtShuffle;
+  if (w.arrived == w.required) {
+    for (Fiber& o : b.fibers)
+      if (o.state == State::AtShuffle && o.linear / 32 == warp_id) o.state = State::Runnable;
+    w.arrived = 0;
+    ++w.generation;
+  }
+  yield_to_scheduler();
+  const int seg = static_cast<int>(lane) / width * width, l = static_cast<int>(lane) - seg;
+  int src;
+  switch (kind) {
+    case 0: src = l + src_lane_or_delta < width ? static_cast<int>(lane) + src_lane_or_delta : static_cast<int>(lane); break;
+    case 1: src = seg + ((l ^ src_lane_or_delta) % width); break;
+    case 2: src = seg + (src_lane_or_delta % width); break;
+    default: src = l - src_lane_or_delta >= 0 ? static_cast<int>(lane) - src_lane_or_delta : static_cast<int>(lane);
+  }
+  if (((mask >> src) & 1u) == 0) return v;  // undefined on the GPU; the emulator keeps the lane's own value
+  T out;
+  std::memcpy(&out, w.slots[gen & 1][src], sizeof(T));
+  return out;
+}
+
+// Shared memory: one buffer per (declaration, block), poisoned with 0xFF bytes at the block's start.
+template <typename T>
+T& shared(long id) {
+  Block& b = *block();
+  auto it = b.shared.find(id);
+  if (it == b.shared.end()) it = b.shared.emplace(id, std::vector<unsigned char>(sizeof(T) + 16, 0xFF)).first;
+  void* p = it->second.data();
+  size_t space = it->second.size();
+  return *static_cast<T*>(std::align(alignof(T) < 16 ? alignof(T) : 16, sizeof(T), p, space));
+}
+
+inline unsigned char* dynamic_shared() { return block()->dynamic_shared.data(); }
+
+struct Launch {
+  dim3 grid, block;
+  size_t smem;
+  Launch(dim3 g, dim3 b, size_t s = 0) : grid(g), block(b), smem(s) {}
+  template <typename Stream>
+  Launch(dim3 g, dim3 b, size_t s, const Stream&) : grid(g), block(b), smem(s) {}
+  Launch(int g, int b, size_t s = 0) : Launch(dim3(static_cast<unsigned>(g)), dim3(static_cast<unsigned>(b)), s) {}
+  template <typename Stream>
+  Launch(int g, int b, size_t s, const Stream&) : Launch(g, b, s) {}
+};
+
+constexpr size_t kStackBytes = 256 * 1024;
+
+inline std::vector<std::unique_ptr<char[]>>& stacks() {
+  static std::vector<std::unique_ptr<char[]>> s;
+  return s;
+}
+
+// The body every fiber runs: the kernel with the launch's parameters (a copy per thread, as on the GPU).
+template <typename Call>
+struct Entry {
+  static Call*& call() {
+    static Call* c = nullptr;
+    return c;
+  }
+  static void run() {
+    (*call())();
+    Block& b = *block();
+    b.current->state = State::Done;
+    --b.live;
+    release_barrier_if_complete();
+    // the fiber's context returns to uc_link (the scheduler)
+  }
+};
+
+template <typename Call>
+void run_grid(const Launch& cfg, Call call) {
+  const unsigned threads = cfg.block.x * cfg.block.y * cfg.block.z;
+  TORCH_CHECK(threads >= 1 && threads <= 1024 && cfg.block.z <= 64,
+              "cuda_emu: invalid block (", cfg.block.x, ", ", cfg.block.y, ", ", cfg.block.z,
+              "): the GPU takes 1 to 1024 threads per block (z at most 64)");
+  TORCH_CHECK(cfg.grid.x >= 1 && cfg.grid.y >= 1 && cfg.grid.z >= 1 && cfg.grid.y <= 65535 && cfg.grid.z <= 65535 &&
+                  cfg.grid.x <= 2147483647u,
+              "cuda_emu: invalid grid (", cfg.grid.x, ", ", cfg.grid.y, ", ", cfg.grid.z, ")");
+  TORCH_CHECK(cfg.smem <= 48 * 1024, "cuda_emu: ", cfg.smem,
+              " bytes of dynamic shared memory; above 48 KiB the GPU needs cudaFuncSetAttribute first");
+  while (stacks().size() < threads) stacks().emplace_back(new char[kStackBytes]);
+  Entry<Call>::call() = &call;
+  for (unsigned bz = 0; bz < cfg.grid.z; ++bz)
+    for (unsigned by = 0; by < cfg.grid.y; ++by)
+      for (unsigned bx = 0; bx < cfg.grid.x; ++bx) {
+        Block b;
+        b.idx = {bx, by, bz};
+        b.dim = cfg.block;
+        b.grid = cfg.grid;
+        b.fibers.resize(threads);
+        b.warps.resize((threads + 31) / 32);
+        b.live = threads;
+        b.dynamic_shared.assign(cfg.smem + 16, 0xFF);
+        block() = &b;
+        for (unsigned t = 0; t < threads; ++t) {
+          Fiber& f = b.fibers[t];
+          f.linear = t;
+          f.tid = {t % cfg.block.x, (t / cfg.block.x) % cfg.block.y, t / (cfg.block.x * cfg.block.y)};
+          getcontext(&f.ctx);
+          f.ctx.uc_stack.ss_sp = stacks()[t].get();
+          f.ctx.uc_stack.ss_size = kStackBytes;
+          f.ctx.uc_link = &b.scheduler;
+          makecontext(&f.ctx, &Entry<Call>::run, 0);
+        }
+        draw_priorities(b);
+        for (;;) {
+          Fiber* next = nullptr;
+          bool done = true;
+          for (Fiber& f : b.fibers) {
+            if (f.state != State::Done) done = false;
+            if (f.state == State::Runnable && (next == nullptr || f.priority > next->priority)) next = &f;
+          }
+          if (done) break;
+          if (next == nullptr) {
+            bool at_barrier = false, at_shuffle = false;
+            for (const Fiber& f : b.fibers) {
+              at_barrier |= f.state == State::AtBarrier;
+              at_shuffle |= f.state == State::AtShuffle;
+            }
+            b.error = at_barrier && at_shuffle
+                          ? "divergent warp: some threads wait at __syncthreads() while lanes of a warp wait at a "
+                            "shuffle for lanes that never come"
+                          : at_barrier ? "deadlock: threads wait at __syncthreads() for threads that never arrive"
+                                       : "deadlock: lanes wait at a warp shuffle for lanes that never arrive";
+            break;
+          }
+          b.current = next;
+          swapcontext(&b.scheduler, &next->ctx);
+          if (!b.error.empty()) break;
+        }
+        block() = nullptr;
+        TORCH_CHECK(b.error.empty(), "cuda_emu: block (", bx, ", ", by, ", ", bz, ") of a grid (", cfg.grid.x, ", ",
+                    cfg.grid.y, ", ", cfg.grid.z, ") x block (", cfg.block.x, ", ", cfg.block.y, ", ", cfg.block.z,
+                    "): ", b.error);
+      }
+}
+
+// launch(kernel, grid, block[, smem[, stream]])(args...) is what `kernel<<<grid, block, smem, stream>>>(args...)`
+// becomes: the arguments are converted to the kernel's parameter types once, as the GPU would.
+template <typename... P>
+struct Launcher {
+  void (*kernel)(P...);
+  Launch cfg;
+  template <typename... A>
+  void operator()(A&&... args) const {
+    std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
+    auto kernel_ = kernel;
+    auto call = [&params, kernel_]() {
+      std::tuple<std::decay_t<P>...> copy = params;
+      std::apply(kernel_, copy);
+    };
+    run_grid(cfg, call);
+  }
+};
+
+template <typename... P, typename... C>
+Launcher<P...> launch(void (*kernel)(P...), C&&... cfg) {
+  return Launcher<P...>{kernel, Launch(std::forward<C>(cfg)...)};
+}
+
+}  // namespace cuda_emu
+
+// ---- the built-in variables and device functions kernels use ----
+#define threadIdx (::cuda_emu::fiber().tid)
+#define blockIdx (::cuda_emu::block()->idx)
+#define blockDim (::cuda_emu::block()->dim)
+#define gridDim (::cuda_emu::block()->grid)
+
+inline void __syncthreads() { ::cuda_emu::syncthreads(); }
+template <typename T>
+T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return ::cuda_emu::shfl(mask, v, static_cast<int>(delta), width, 0);
+}
+template <typename T>
+T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+  return ::cuda_emu::shfl(mask, v, lane_mask, width, 1);
+}
+template <typename T>
+T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
+  return ::cuda_emu::shfl(mask, v, src_lane, width, 2);
+}
+template <typename T>
+T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
+  return ::cuda_emu::shfl(mask, v, static_cast<int>(delta), width, 3);
+}
+template <typename T>
+T atomicAdd(T* p, T v) {  // one OS thread runs every fiber: a plain add is atomic
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+template <typename T>
+T __ldg(const T* p) {
+  return *p;
+}
+inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
+inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
+inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
+inline float __fdividef(float a, float b) { return a / b; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __powf(float a, float b) { return std::pow(a, b); }
+using std::fma;
+using std::pow;
+using std::sqrt;
+template <typename A, typename B>
+inline std::common_type_t<A, B> min(A a, B b) {
+  return a < b ? a : b;
+}
+template <typename A, typename B>
+inline std::common_type_t<A, B> max(A a, B b) {
+  return a < b ? b : a;
+}
+
+// ---- the c10/ATen CUDA helpers the launch code uses: a CPU tensor stands for a CUDA one ----
+namespace c10 {
+namespace cuda {
+struct CUDAStream {
+  cudaStream_t stream() const { return nullptr; }
+  operator cudaStream_t() const { return nullptr; }
+};
+inline CUDAStream getCurrentCUDAStream(signed char = -1) { return {}; }
+struct CUDAGuard {
+  template <typename D>
+  explicit CUDAGuard(const D&) {}
+};
+struct OptionalCUDAGuard {
+  template <typename D>
+  explicit OptionalCUDAGuard(const D&) {}
+};
+}  // namespace cuda
+}  // namespace c10
+#define C10_CUDA_KERNEL_LAUNCH_CHECK() \
+  do {                                 \
+  } while (0)

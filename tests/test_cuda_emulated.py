@@ -1,0 +1,200 @@
+"""The CUDA kernels, executed on the CPU by the emulator in tests/cuda_emu (CI has no GPU).
+
+`torch.ops.lightcnn_emu.<op>` is the CUDA code path of `torch.ops.lightcnn.<op>` (its host logic, launch
+configurations and kernels, thread by thread with real barriers and warp shuffles) compiled for the CPU;
+see tests/cuda_emu/cuda_emu.h for what the emulator checks. Each op is compared with the CPU kernel in
+float32/float64 and with a float64 reference for float16/bfloat16, in both layouts and on odd shapes, with
+every opt-in CUDA variant. What the emulator cannot show is speed, and races between threads of different
+blocks (they run one after another): those need the GPU (benchmarks/gpu_check.sh).
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lightcnn.ops  # noqa: F401  (loads torch.ops.lightcnn.*)
+from tests.cuda_emu.build import build
+
+HALF = [torch.float16, torch.bfloat16]
+# max |emulated - reference| / max |reference|, per dtype: a wrong index or a lost partial sum is O(1)
+REL_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    build(tmp_path_factory.mktemp("cuda_emu"))
+    return torch.ops.lightcnn_emu
+
+
+def assert_close(actual, expected, dtype, what=""):
+    assert actual.shape == expected.shape, what
+    actual, expected = actual.double(), expected.double()
+    scale = max(expected.abs().max().item(), 1e-30)
+    err = (actual - expected).abs().max().item()
+    assert err <= REL_TOL[dtype] * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
+
+
+def layout(x, kind):
+    if kind == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if kind == "strided":  # every other column of a wider tensor
+        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
+        wide[..., ::2] = x
+        return wide[..., ::2]
+    return x.contiguous()
+
+
+# ---------------------------------------------------------------- the emulator itself
+
+
+def test_emulator_runs_a_correct_block_reduction(emu):
+    x = torch.randn(1000)
+    assert emu.emu_selftest(x, 0)[0].item() == pytest.approx(x.sum().item(), rel=1e-5, abs=1e-4)
+
+
+def test_emulator_exposes_a_missing_barrier(emu):
+    x = torch.arange(64, dtype=torch.float32)
+    y = emu.emu_selftest(x, 1)
+    # a thread read its neighbour's shared slot before the neighbour wrote it: poison (NaN) or a wrong value
+    assert not torch.equal(y, x.roll(-1))
+
+
+@pytest.mark.parametrize("case, match", [
+    (2, "deadlock: lanes wait at a warp shuffle"),
+    (3, "names lanes that do not exist in a block of 48 threads"),
+    (4, "1 to 1024 threads per block"),
+])
+def test_emulator_reports_misuse(emu, case, match):
+    with pytest.raises(RuntimeError, match=match):
+        emu.emu_selftest(torch.zeros(64), case)
+
+
+# ---------------------------------------------------------------- LRN
+
+LRN = dict(alpha=0.3, beta=0.75, k=2.0)  # a large alpha, so that every channel of the window matters
+LRN_SHAPES = [(2, 7, 5, 3), (1, 1, 2, 2), (3, 33, 1, 4), (1, 300, 2, 1)]
+
+
+@pytest.mark.parametrize("variant", ["default", "block"])
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
+def test_lrn_forward_and_backward(emu, monkeypatch, variant, kind, dtype):
+    if variant == "block":
+        monkeypatch.setenv("LIGHTCNN_CUDA_LRN_CHANNELS_LAST", "block")
+    for shape in LRN_SHAPES:
+        for size in (1, 2, 5, 6):
+            x = layout(torch.randn(shape, dtype=torch.float64).to(dtype), kind)
+            g = torch.randn(shape, dtype=torch.float64).to(dtype)
+            args = (size, LRN["alpha"], LRN["beta"], LRN["k"])
+            xr = x.double().requires_grad_()
+            ref = F.local_response_norm(xr, size, **LRN)
+            ref.backward(g.double())
+            what = f"{shape} size {size}"
+            y = emu.lrn(x, *args)
+            cl = kind == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1
+            assert y.dtype == dtype and y.is_contiguous(
+                memory_format=torch.channels_last if cl else torch.contiguous_format), what
+            assert_close(y, ref, dtype, f"forward {what}")
+            assert_close(emu.lrn_backward(g, x, *args), xr.grad, dtype, f"backward {what}")
+
+
+def test_lrn_every_beta_path(emu):
+    x = torch.randn(2, 9, 3, 3, dtype=torch.float64)
+    for beta in (0.5, 0.75, 1.0, 0.6):  # the three special-cased powers and the general one
+        xr = x.clone().requires_grad_()
+        ref = F.local_response_norm(xr, 5, 0.3, beta, 1.5)
+        ref.sum().backward()
+        assert_close(emu.lrn(x, 5, 0.3, beta, 1.5), ref, torch.float64, f"beta {beta}")
+        assert_close(emu.lrn_backward(torch.ones_like(x), x, 5, 0.3, beta, 1.5), xr.grad, torch.float64)
+
+
+# ---------------------------------------------------------------- fused BN-ReLU-Conv
+
+
+def _bn_relu_conv_args(dtype, kind, training, shape=(2, 6, 5, 4), groups=1, stride=(1, 1), drop=False):
+    N, C, H, W = shape
+    pdt = torch.float32 if dtype in HALF else dtype  # half activations with float32 BN parameters (AMP)
+    x = layout(torch.randn(shape, dtype=torch.float64).to(dtype), kind)
+    mask = torch.rand(shape) > 0.3 if drop else None
+    return [x, torch.rand(C, dtype=pdt) + 0.5, torch.randn(C, dtype=pdt), torch.randn(C, dtype=pdt),
+            torch.rand(C, dtype=pdt) + 0.5, torch.randn(4, C // groups, 3, 3, dtype=torch.float64).to(dtype),
+            torch.randn(4, dtype=torch.float64).to(dtype), list(stride), [1, 1], [1, 1], groups, training, 1e-5,
+            mask, 0.3 if drop else 0.0]
+
+
+def _as_double(args):
+    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+
+
+def _run_bn_relu_conv(op_ns, args):
+    out, mean, var = op_ns.bn_relu_conv2d(*args)
+    g = torch.randn(out.shape, dtype=torch.float64).to(out.dtype)
+    grads = op_ns.bn_relu_conv2d_backward(g, args[0], args[1], args[2], mean, var, args[5], *args[7:13], True,
+                                          args[13], args[14])
+    return (out, mean, var, *grads), g
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
+def test_bn_relu_conv_forward_and_backward(emu, kind, dtype):
+    configs = [dict(training=True), dict(training=False), dict(training=True, groups=2, stride=(2, 1)),
+               dict(training=True, drop=True), dict(training=True, shape=(3, 37, 1, 3))]
+    for cfg in configs:
+        args = _bn_relu_conv_args(dtype, kind, **cfg)
+        got, g = _run_bn_relu_conv(emu, args)
+        ref_args = _as_double(args) if dtype in HALF else args
+        out, mean, var = torch.ops.lightcnn.bn_relu_conv2d(*ref_args)
+        grads = torch.ops.lightcnn.bn_relu_conv2d_backward(
+            g.to(out.dtype), ref_args[0], ref_args[1], ref_args[2], mean, var, ref_args[5], *ref_args[7:13], True,
+            ref_args[13], ref_args[14])
+        names = ["out", "mean", "var", "grad_input", "grad_weight", "grad_bias", "grad_conv_weight", "grad_conv_bias"]
+        for name, a, b in zip(names, got, (out, mean, var, *grads)):
+            assert_close(a, b, dtype, f"{name} {cfg}")
+        assert got[0].dtype == dtype and got[3].dtype == dtype
+
+
+# ---------------------------------------------------------------- DenseNet's concatenation op
+
+
+def _dense_args(dtype, kinds, channels, shape=(2, 5, 4), training=True, kernel_size=1):
+    N, H, W = shape
+    pdt = torch.float32 if dtype in HALF else dtype
+    feats = [layout(torch.randn(N, c, H, W, dtype=torch.float64).to(dtype), kind) for c, kind in zip(channels, kinds)]
+    C = sum(channels)
+    return [feats, torch.rand(C, dtype=pdt) + 0.5, torch.randn(C, dtype=pdt), torch.randn(C, dtype=pdt),
+            torch.rand(C, dtype=pdt) + 0.5, torch.randn(3, C, kernel_size, kernel_size, dtype=torch.float64).to(dtype),
+            [kernel_size // 2] * 2, training, 1e-5]
+
+
+def _run_dense(op_ns, args, g):
+    out, mean, var = op_ns.dense_bn_relu_conv2d(*args)
+    grads, gw, gb, gcw = op_ns.dense_bn_relu_conv2d_backward(g.to(out.dtype), args[0], args[1], args[2], mean, var,
+                                                             *args[5:])
+    return [out, mean, var, *grads, gw, gb, gcw]
+
+
+DENSE_CASES = {
+    "three features": dict(channels=[4, 2, 3]),
+    "3x3 eval": dict(channels=[4, 2, 3], training=False, kernel_size=3),
+    "one feature": dict(channels=[5]),
+    "split reduction": dict(channels=[2, 1, 3], shape=(2, 64, 64)),  # N*H*W = 8192: two blocks per channel
+    "70 features": dict(channels=[1] * 35 + [2] * 35, shape=(2, 2, 3)),  # two launches of at most 64
+}
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
+@pytest.mark.parametrize("case", list(DENSE_CASES))
+def test_dense_forward_and_backward(emu, case, kind, dtype):
+    cfg = dict(DENSE_CASES[case])
+    n = len(cfg["channels"])
+    kinds = {"mixed": ["channels_last", "strided", "contiguous"] * n}.get(kind, [kind] * n)
+    if dtype != torch.float64 and case in ("70 features", "split reduction") and kind == "mixed":
+        pytest.skip("one dtype is enough for the big cases in mixed layouts")
+    args = _dense_args(dtype, kinds, **cfg)
+    N, H, W = cfg.get("shape", (2, 5, 4))
+    g = torch.randn(N, 3, H, W, dtype=torch.float64)
+    got = _run_dense(emu, args, g)
+    ref_args = [[f.double() for f in args[0]], *_as_double(args[1:])] if dtype in HALF else args
+    expected = _run_dense(torch.ops.lightcnn, ref_args, g)
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert_close(a, b, dtype, f"result {i} of {case}")
