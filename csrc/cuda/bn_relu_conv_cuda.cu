@@ -1,9 +1,29 @@
 // CUDA kernels of the fused pre-activation BN -> ReLU -> Conv2d (torch.ops.lightcnn.bn_relu_conv2d).
-// The forward/backward logic is shared with the CPU in ../bn_relu_conv.h; here are the four primitives:
-//   stats       one block per channel, two passes (mean, then squared deviations) for accuracy
+// The forward/backward logic is shared with the CPU in ../bn_relu_conv.h; here are the four primitives.
+//
+// Design (issue 10): the two per-channel reductions use the whole GPU in both layouts, and the two
+// elementwise passes run without a 64-bit division per element.
+//   stats       per-channel mean and biased variance: shifted sums (of x - K and (x - K)^2, K the channel's
+//               first value, so no cancellation whatever the mean) over many blocks per channel, then a
+//               combining pass, one warp per channel
+//   reduce      per channel: sum dz and sum dz * (x - mean), dz = g * [x * scale_c + shift_c > 0] (the ReLU
+//               mask folded into the reduction), the same two passes
 //   bn_relu     elementwise y = max(x * scale_c + shift_c, 0)
-//   reduce      one block per channel: sum dz and sum dz * (x - mean), dz = g * [x * scale_c + shift_c > 0]
 //   grad_input  elementwise grad_x = dz * alpha_c + x * beta_c + gamma_c
+// The reductions' first pass, by layout:
+//   NCHW  grid (C, splits), 256 threads: block (c, k) sums the k-th of `splits` consecutive ranges of the
+//         channel's N*H*W values; neighbouring threads read neighbouring addresses, and a thread walks its
+//         values by adding to an offset (no division per value)
+//   NHWC  grid (ceil(C / TX), splits), threads (TX, TY), TX = min(32, C rounded up to a power of 2): a
+//         warp reads TX neighbouring channels of 32 / TX neighbouring pixels (coalesced); block (j, k) takes
+//         every splits-th group of TY pixels, then sums its TY rows in shared memory
+// `splits` gives each block at least kValuesPerBlock values of a channel, so a WRN-28-10 layer at batch
+// 128 runs thousands of blocks where one block per channel ran 160 to 640. The elementwise kernels find
+// an element's channel with a multiply-high and a shift (FastDiv) when the tensor has < 2^31 elements.
+// The alternative of ATen's SyncBatchNorm primitives for the reductions stays available (opt-in, below),
+// so that the GPU check measures both in one run; these kernels keep what ATen's cannot: the ReLU mask
+// folded into the backward reduction (ATen's needs a masked copy of the gradient first).
+//
 // Elements are addressed as (n, c, s) with s the flattened H*W, in NCHW ((n*C + c)*S + s) or NHWC
 // ((n*S + s)*C + c) memory. Arithmetic is in at::acc_type (float for half/bfloat16/float, double for
 // double); the pre-activation v = fma(x, scale, shift) is computed the same way in every kernel so that
@@ -21,6 +41,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 
@@ -34,114 +55,257 @@ namespace {
 // .cu ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers a bare toolkit may lack.
 inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
-constexpr int kReduceThreads = 512;  // a multiple of the warp size
+constexpr int kReduceThreads = 256;  // a multiple of the warp size
 constexpr int kElementwiseThreads = 256;
+constexpr int64_t kValuesPerBlock = 4096;  // of one channel, at least, in a reduction block
+constexpr int64_t kMaxSplits = 1024;       // blocks per channel, at most
 
 struct Layout {
   int64_t N, C, S;
   bool channels_last;
-  __device__ __forceinline__ int64_t offset(int64_t n, int64_t c, int64_t s) const {
-    return channels_last ? (n * S + s) * C + c : (n * C + c) * S + s;
-  }
   __device__ __forceinline__ int64_t channel(int64_t i) const { return channels_last ? i % C : (i / S) % C; }
+  __device__ __forceinline__ int64_t first(int64_t c) const { return channels_last ? c : c * S; }  // (0, c, 0)
 };
 
 Layout layout_of(const at::Tensor& x) {
   return Layout{x.size(0), x.size(1), x.size(2) * x.size(3), is_channels_last(x)};
 }
 
+// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 as a multiply-high, an add and a shift (Granlund & Montgomery
+// 1994; ATen's IntDivider does the same).
+struct FastDiv {
+  uint32_t magic = 1, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(int64_t d) {
+    while ((uint64_t(1) << shift) < static_cast<uint64_t>(d)) ++shift;
+    magic = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t operator()(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
+};
+
+// The channel of element i: 32-bit with FastDiv (tensors of < 2^31 elements), else 64-bit division.
+struct Channel32 {
+  FastDiv by_S, by_C;
+  uint32_t C;
+  bool channels_last;
+  explicit Channel32(const Layout& L)
+      : by_S(L.S), by_C(L.C), C(static_cast<uint32_t>(L.C)), channels_last(L.channels_last) {}
+  __device__ __forceinline__ uint32_t operator()(uint32_t i) const {
+    const uint32_t q = channels_last ? i : by_S(i);  // NCHW: the plane n * C + c
+    return q - by_C(q) * C;
+  }
+};
+struct Channel64 {
+  Layout L;
+  __device__ __forceinline__ int64_t operator()(int64_t i) const { return L.channel(i); }
+};
+
 __device__ __forceinline__ float preact(float x, float s, float b) { return fmaf(x, s, b); }
 __device__ __forceinline__ double preact(double x, double s, double b) { return fma(x, s, b); }
 
-// Sum over the block; the result is valid in thread 0. `smem` holds one value per warp.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Sum over a 1-D block whose size is a multiple of 32; the result is valid in thread 0. `smem` holds one
+// value per warp.
 template <typename T>
 __device__ __forceinline__ T block_sum(T v, T* smem) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  v = warp_sum(v);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   __syncthreads();  // smem may still be read by a previous block_sum
   if (lane == 0) smem[warp] = v;
   __syncthreads();
   const int nwarps = blockDim.x >> 5;
   v = threadIdx.x < nwarps ? smem[threadIdx.x] : T(0);
-  if (warp == 0)
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  if (warp == 0) v = warp_sum(v);
   return v;
 }
 
+// What the reductions sum per channel, two values per element at `off` (the channel's values only).
+// stats: x - K and (x - K)^2, K = the channel's first value.
 template <typename scalar_t, typename acc_t>
-__global__ void stats_kernel(const scalar_t* __restrict__ x, acc_t* __restrict__ mean, acc_t* __restrict__ var,
-                             Layout L) {
+struct StatsTerms {
+  const scalar_t* __restrict__ x;
+  Layout L;
+  acc_t K = 0;
+  __device__ __forceinline__ void begin(int64_t c) { K = static_cast<acc_t>(x[L.first(c)]); }
+  __device__ __forceinline__ void add(int64_t off, acc_t& a, acc_t& b) const {
+    const acc_t d = static_cast<acc_t>(x[off]) - K;
+    a += d;
+    b += d * d;
+  }
+};
+
+// reduce: dz and dz * (x - mean), dz = g * [fma(x, scale, shift) > 0].
+template <typename scalar_t, typename acc_t>
+struct GradTerms {
+  const scalar_t* __restrict__ g;
+  const scalar_t* __restrict__ x;
+  const acc_t* __restrict__ scale;
+  const acc_t* __restrict__ shift;
+  const acc_t* __restrict__ mean;
+  acc_t s = 0, b0 = 0, m = 0;
+  __device__ __forceinline__ void begin(int64_t c) {
+    s = scale[c];
+    b0 = shift[c];
+    m = mean[c];
+  }
+  __device__ __forceinline__ void add(int64_t off, acc_t& a, acc_t& b) const {
+    const acc_t xv = static_cast<acc_t>(x[off]);
+    const acc_t dz = preact(xv, s, b0) > acc_t(0) ? static_cast<acc_t>(g[off]) : acc_t(0);
+    a += dz;
+    b += dz * (xv - m);
+  }
+};
+
+// First pass, NCHW: block (c, k) sums range k of the channel's M = N*S values into part[(0|1, c, k)].
+template <typename acc_t, typename Terms>
+__global__ void partial_nchw_kernel(Terms terms, Layout L, acc_t* __restrict__ part) {
   __shared__ acc_t smem[32];
-  __shared__ acc_t s_mean;
-  const int64_t c = blockIdx.x, M = L.N * L.S;
-  acc_t sum = 0;
-  for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
-    const int64_t n = i / L.S;
-    sum += static_cast<acc_t>(x[L.offset(n, c, i - n * L.S)]);
+  const int64_t c = blockIdx.x, splits = gridDim.y, M = L.N * L.S;
+  const int64_t per = (M + splits - 1) / splits, m0 = blockIdx.y * per, m1 = min(M, m0 + per);
+  terms.begin(c);
+  acc_t a = 0, b = 0;
+  int64_t m = m0 + threadIdx.x;
+  if (m < m1) {
+    // value m is at (n * C + c) * S + s with n = m / S, s = m % S; step blockDim.x values at a time
+    int64_t n = m / L.S, s = m - n * L.S, off = (n * L.C + c) * L.S + s;
+    const int64_t step_n = blockDim.x / L.S, step_s = blockDim.x - step_n * L.S;
+    const int64_t step_off = step_n * L.C * L.S + step_s, wrap = (L.C - 1) * L.S;  // s passing S: next image
+    for (; m < m1; m += blockDim.x) {
+      terms.add(off, a, b);
+      s += step_s;
+      off += step_off;
+      if (s >= L.S) {
+        s -= L.S;
+        off += wrap;
+      }
+    }
   }
-  sum = block_sum(sum, smem);
-  if (threadIdx.x == 0) s_mean = sum / static_cast<acc_t>(M);
-  __syncthreads();
-  const acc_t m = s_mean;
-  acc_t sq = 0;
-  for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
-    const int64_t n = i / L.S;
-    const acc_t d = static_cast<acc_t>(x[L.offset(n, c, i - n * L.S)]) - m;
-    sq += d * d;
-  }
-  sq = block_sum(sq, smem);
+  a = block_sum(a, smem);
+  b = block_sum(b, smem);
   if (threadIdx.x == 0) {
-    mean[c] = m;
-    var[c] = sq / static_cast<acc_t>(M);
+    part[c * splits + blockIdx.y] = a;
+    part[(L.C + c) * splits + blockIdx.y] = b;
   }
 }
 
+// First pass, NHWC: threads (TX, TY); block (j, k) takes channels [j*TX, j*TX + TX) of the pixel groups
+// k, k + splits, ... (TY pixels a group), then sums its TY rows.
+template <typename acc_t, typename Terms>
+__global__ void partial_nhwc_kernel(Terms terms, Layout L, acc_t* __restrict__ part) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  acc_t* sa = reinterpret_cast<acc_t*>(smem_raw);  // [TY][TX]
+  acc_t* sb = sa + blockDim.x * blockDim.y;
+  const int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x, splits = gridDim.y;
+  const int64_t M = L.N * L.S, step = splits * blockDim.y;
+  acc_t a = 0, b = 0;
+  if (c < L.C) {
+    terms.begin(c);
+    for (int64_t m = blockIdx.y * static_cast<int64_t>(blockDim.y) + threadIdx.y; m < M; m += step)
+      terms.add(m * L.C + c, a, b);
+  }
+  const int t = threadIdx.y * blockDim.x + threadIdx.x;
+  sa[t] = a;
+  sb[t] = b;
+  __syncthreads();
+  if (threadIdx.y == 0 && c < L.C) {
+    for (unsigned y = 1; y < blockDim.y; ++y) {
+      a += sa[y * blockDim.x + threadIdx.x];
+      b += sb[y * blockDim.x + threadIdx.x];
+    }
+    part[c * splits + blockIdx.y] = a;
+    part[(L.C + c) * splits + blockIdx.y] = b;
+  }
+}
+
+// Second pass: a warp per channel sums the channel's `splits` partial pairs.
 template <typename scalar_t, typename acc_t>
+__global__ void finish_stats_kernel(const acc_t* __restrict__ part, int64_t splits, const scalar_t* __restrict__ x,
+                                    Layout L, acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+  const int64_t c = blockIdx.x;
+  acc_t a = 0, b = 0;
+  for (int64_t k = threadIdx.x; k < splits; k += 32) {
+    a += part[c * splits + k];
+    b += part[(L.C + c) * splits + k];
+  }
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (threadIdx.x == 0) {
+    const acc_t M = static_cast<acc_t>(L.N * L.S), d = a / M;  // d: mean - K
+    mean[c] = static_cast<acc_t>(x[L.first(c)]) + d;
+    const acc_t v = b / M - d * d;
+    var[c] = v > acc_t(0) ? v : acc_t(0);
+  }
+}
+
+template <typename acc_t>
+__global__ void finish_sums_kernel(const acc_t* __restrict__ part, int64_t splits, int64_t C, acc_t* __restrict__ a_out,
+                                   acc_t* __restrict__ b_out) {
+  const int64_t c = blockIdx.x;
+  acc_t a = 0, b = 0;
+  for (int64_t k = threadIdx.x; k < splits; k += 32) {
+    a += part[c * splits + k];
+    b += part[(C + c) * splits + k];
+  }
+  a = warp_sum(a);
+  b = warp_sum(b);
+  if (threadIdx.x == 0) {
+    a_out[c] = a;
+    b_out[c] = b;
+  }
+}
+
+// Launches the first pass for `terms` over x's layout into a new (2, C, splits) buffer; returns it and splits.
+template <typename acc_t, typename Terms>
+std::pair<at::Tensor, int64_t> partial_sums(const Terms& terms, const Layout& L, const at::TensorOptions& acc_options) {
+  const int64_t M = L.N * L.S;
+  TORCH_CHECK(L.C < (int64_t(1) << 31), "bn_relu_conv2d: too many channels for the CUDA reduction (", L.C, ")");
+  if (L.channels_last) {
+    int tx = 1;
+    while (tx < 32 && tx < L.C) tx *= 2;
+    const int ty = kReduceThreads / tx;
+    const int64_t splits = std::clamp<int64_t>(M / (ty * 16), 1, kMaxSplits);
+    at::Tensor part = at::empty({2, L.C, splits}, acc_options);
+    const dim3 grid(static_cast<unsigned>((L.C + tx - 1) / tx), static_cast<unsigned>(splits));
+    partial_nhwc_kernel<acc_t, Terms><<<grid, dim3(tx, ty), 2 * kReduceThreads * sizeof(acc_t), current_stream()>>>(
+        terms, L, part.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {part, splits};
+  }
+  const int64_t splits = std::clamp<int64_t>(M / kValuesPerBlock, 1, kMaxSplits);
+  at::Tensor part = at::empty({2, L.C, splits}, acc_options);
+  const dim3 grid(static_cast<unsigned>(L.C), static_cast<unsigned>(splits));
+  partial_nchw_kernel<acc_t, Terms><<<grid, kReduceThreads, 0, current_stream()>>>(terms, L,
+                                                                                    part.mutable_data_ptr<acc_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {part, splits};
+}
+
+template <typename scalar_t, typename acc_t, typename index_t, typename Chan>
 __global__ void bn_relu_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
-                               const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, int64_t numel,
-                               Layout L) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = L.channel(i);
+                               const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, index_t numel,
+                               Chan channel) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const auto c = channel(i);
     const acc_t v = preact(static_cast<acc_t>(x[i]), scale[c], shift[c]);
     y[i] = static_cast<scalar_t>(v > acc_t(0) ? v : (v != v ? v : acc_t(0)));  // NaN propagates as in F.relu
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void reduce_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                              const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
-                              const acc_t* __restrict__ mean, acc_t* __restrict__ sum_dz,
-                              acc_t* __restrict__ sum_dzx, Layout L) {
-  __shared__ acc_t smem[32];
-  const int64_t c = blockIdx.x, M = L.N * L.S;
-  const acc_t s = scale[c], b = shift[c], m = mean[c];
-  acc_t a1 = 0, a2 = 0;
-  for (int64_t i = threadIdx.x; i < M; i += blockDim.x) {
-    const int64_t n = i / L.S;
-    const int64_t off = L.offset(n, c, i - n * L.S);
-    const acc_t xv = static_cast<acc_t>(x[off]);
-    const acc_t dz = preact(xv, s, b) > acc_t(0) ? static_cast<acc_t>(g[off]) : acc_t(0);
-    a1 += dz;
-    a2 += dz * (xv - m);
-  }
-  a1 = block_sum(a1, smem);
-  a2 = block_sum(a2, smem);
-  if (threadIdx.x == 0) {
-    sum_dz[c] = a1;
-    sum_dzx[c] = a2;
-  }
-}
-
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t, typename Chan>
 __global__ void grad_input_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                                   scalar_t* __restrict__ gx, const acc_t* __restrict__ scale,
                                   const acc_t* __restrict__ shift, const acc_t* __restrict__ alpha,
-                                  const acc_t* __restrict__ beta, const acc_t* __restrict__ gamma, int64_t numel,
-                                  Layout L) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = L.channel(i);
+                                  const acc_t* __restrict__ beta, const acc_t* __restrict__ gamma, index_t numel,
+                                  Chan channel) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const auto c = channel(i);
     const acc_t xv = static_cast<acc_t>(x[i]);
     const acc_t dz = preact(xv, scale[c], shift[c]) > acc_t(0) ? static_cast<acc_t>(g[i]) : acc_t(0);
     gx[i] = static_cast<scalar_t>(dz * alpha[c] + (xv * beta[c] + gamma[c]));
@@ -150,13 +314,13 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ g, const scalar_t
 
 // g = g * [x * scale_c + shift_c > 0], in place: the ReLU's backward with the mask recomputed exactly as
 // the forward computed it (the ATen-reductions variant below hands the masked gradient to ATen).
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t, typename Chan>
 __global__ void relu_mask_kernel(scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                                 const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, int64_t numel,
-                                 Layout L) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t c = L.channel(i);
+                                 const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, index_t numel,
+                                 Chan channel) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    const auto c = channel(i);
     if (!(preact(static_cast<acc_t>(x[i]), scale[c], shift[c]) > acc_t(0))) g[i] = scalar_t(0);
   }
 }
@@ -164,6 +328,15 @@ __global__ void relu_mask_kernel(scalar_t* __restrict__ g, const scalar_t* __res
 unsigned elementwise_blocks(int64_t numel) {
   return static_cast<unsigned>(std::max<int64_t>(
       1, std::min<int64_t>((numel + kElementwiseThreads - 1) / kElementwiseThreads, int64_t(1) << 16)));
+}
+
+// Calls launch(index_t(numel), channel functor) with 32-bit indices and FastDiv when numel < 2^31.
+template <typename F>
+void with_index(const Layout& L, int64_t numel, const F& launch) {
+  if (numel < (int64_t(1) << 31))
+    launch(static_cast<uint32_t>(numel), Channel32(L));
+  else
+    launch(numel, Channel64{L});
 }
 
 #define LIGHTCNN_DISPATCH(x, name, ...) \
@@ -175,8 +348,11 @@ std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
   at::Tensor mean = at::empty({L.C}, x.options().dtype(sdt)), var = at::empty({L.C}, x.options().dtype(sdt));
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_stats_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    stats_kernel<scalar_t, acc_t><<<static_cast<unsigned>(L.C), kReduceThreads, 0, current_stream()>>>(
-        x.const_data_ptr<scalar_t>(), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(), L);
+    const StatsTerms<scalar_t, acc_t> terms{x.const_data_ptr<scalar_t>(), L};
+    auto [part, splits] = partial_sums<acc_t>(terms, L, mean.options());
+    finish_stats_kernel<scalar_t, acc_t><<<static_cast<unsigned>(L.C), 32, 0, current_stream()>>>(
+        part.const_data_ptr<acc_t>(), splits, x.const_data_ptr<scalar_t>(), L, mean.mutable_data_ptr<acc_t>(),
+        var.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};
@@ -189,11 +365,13 @@ at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::
   if (numel == 0) return y;
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_bn_relu_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    bn_relu_kernel<scalar_t, acc_t><<<elementwise_blocks(numel), kElementwiseThreads, 0,
-                                      current_stream()>>>(
-        x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
-        shift.const_data_ptr<acc_t>(), numel, L);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index(L, numel, [&](auto n, auto channel) {
+      bn_relu_kernel<scalar_t, acc_t, decltype(n), decltype(channel)>
+          <<<elementwise_blocks(numel), kElementwiseThreads, 0, current_stream()>>>(
+              x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
+              shift.const_data_ptr<acc_t>(), n, channel);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return y;
 }
@@ -204,10 +382,12 @@ std::tuple<at::Tensor, at::Tensor> reduce_cuda(const at::Tensor& g, const at::Te
   at::Tensor sum_dz = at::empty({L.C}, scale.options()), sum_dzx = at::empty({L.C}, scale.options());
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_reduce_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    reduce_kernel<scalar_t, acc_t><<<static_cast<unsigned>(L.C), kReduceThreads, 0, current_stream()>>>(
-        g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
-        shift.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(), sum_dz.mutable_data_ptr<acc_t>(),
-        sum_dzx.mutable_data_ptr<acc_t>(), L);
+    const GradTerms<scalar_t, acc_t> terms{g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                           scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+                                           mean.const_data_ptr<acc_t>()};
+    auto [part, splits] = partial_sums<acc_t>(terms, L, scale.options());
+    finish_sums_kernel<acc_t><<<static_cast<unsigned>(L.C), 32, 0, current_stream()>>>(
+        part.const_data_ptr<acc_t>(), splits, L.C, sum_dz.mutable_data_ptr<acc_t>(), sum_dzx.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {sum_dz, sum_dzx};
@@ -222,12 +402,14 @@ at::Tensor grad_input_cuda(const at::Tensor& g, const at::Tensor& x, const at::T
   if (numel == 0) return gx;
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_grad_input_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    grad_input_kernel<scalar_t, acc_t><<<elementwise_blocks(numel), kElementwiseThreads, 0,
-                                         current_stream()>>>(
-        g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
-        scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>(),
-        beta.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(), numel, L);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    with_index(L, numel, [&](auto n, auto channel) {
+      grad_input_kernel<scalar_t, acc_t, decltype(n), decltype(channel)>
+          <<<elementwise_blocks(numel), kElementwiseThreads, 0, current_stream()>>>(
+              g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
+              scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>(),
+              beta.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(), n, channel);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return gx;
 }
@@ -236,10 +418,10 @@ const Prims kCudaPrims{stats_cuda, bn_relu_cuda, reduce_cuda, grad_input_cuda};
 
 // ---- Variant (issue 10, item 1): the two per-channel reductions on ATen's SyncBatchNorm primitives ----
 // at::batch_norm_stats (Welford) and at::batch_norm_backward_reduce use many blocks per channel and have
-// channels-last kernels with coalesced loads along C, where the kernels above use one block per channel.
-// The elementwise passes stay ours (BN-ReLU in one pass; the ReLU mask folded into the input gradient).
-// Compiled and CPU-reviewed only: no GPU has measured it yet, so it is opt-in,
-// LIGHTCNN_CUDA_BN_REDUCTIONS=aten (read at every call, so that tests and benchmarks can switch it).
+// channels-last kernels with coalesced loads along C, as the kernels above do; the backward needs the
+// masked gradient written first (relu_mask_kernel), one extra pass. The elementwise passes stay ours.
+// Opt-in, LIGHTCNN_CUDA_BN_REDUCTIONS=aten (read at every call), so that benchmarks/gpu_check.sh measures
+// both designs in one run; ATen's batch_norm_stats has no CPU kernel, so the CUDA emulator cannot run it.
 
 std::tuple<at::Tensor, at::Tensor> stats_aten(const at::Tensor& x) {
   // eps = 0: invstd = 1/sqrt(var), and ATen returns invstd = 0 for a constant channel (var = 0).
@@ -256,10 +438,13 @@ std::tuple<at::Tensor, at::Tensor> reduce_aten(const at::Tensor& g, const at::Te
     // dz in place of grad_y (a buffer of backward()'s own); grad_input then re-applies the same mask, a no-op.
     LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_relu_mask_cuda", [&] {
       using acc_t = at::acc_type<scalar_t, true>;
-      relu_mask_kernel<scalar_t, acc_t><<<elementwise_blocks(numel), kElementwiseThreads, 0, current_stream()>>>(
-          g.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
-          shift.const_data_ptr<acc_t>(), numel, L);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      with_index(L, numel, [&](auto n, auto channel) {
+        relu_mask_kernel<scalar_t, acc_t, decltype(n), decltype(channel)>
+            <<<elementwise_blocks(numel), kElementwiseThreads, 0, current_stream()>>>(
+                g.mutable_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
+                shift.const_data_ptr<acc_t>(), n, channel);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   }
   // sum dz and sum dz * (x - mean); invstd and weight only scale gradients that are not asked for. A

@@ -360,6 +360,9 @@ T atomicAdd(T* p, T v) {  // one OS thread runs every fiber: a plain add is atom
   *p = old + v;
   return old;
 }
+inline unsigned __umulhi(unsigned a, unsigned b) {
+  return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
+}
 template <typename T>
 T __ldg(const T* p) {
   return *p;
