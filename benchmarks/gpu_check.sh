@@ -8,12 +8,15 @@
 # Imports neither jsonargparse nor wandb (the GPU image has neither).
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine
+#   BUDGET=480 bash benchmarks/gpu_check.sh           # everything, in one 10-minute device call
 #   bash benchmarks/gpu_check.sh --device cpu --quick # smoke test of the same commands here (no build, tiny sizes)
 #
-# Adding a benchmark (e.g. DenseNet): append one command line to BENCHMARKS below (or to EXTRA_BENCHMARKS,
-# which run only while time is left), and its toy-size twin to QUICK_BENCHMARKS; "{out}" is replaced by
-# the JSON path prefix. The 5-minute budget is an estimate (no GPU was at hand when this was written):
-# the LRN runs' inductor compiles (4 shapes x forward/backward per process) are the largest part.
+# Order: the build, the CUDA kernel tests (correctness first), then the benchmarks in order of what they
+# decide (the defaults of issue 10 first, then drop 0.3, PreAct-164, DenseNet, the opt-in variants). Each
+# runs only while the elapsed time since the build is under BUDGET seconds (default 290) and is cut at the
+# budget, so the check keeps to its 5 minutes whatever the machine; a skipped one prints "skipped (time
+# budget)". Adding a benchmark: one line in BENCHMARKS (and its toy-size twin in QUICK_BENCHMARKS);
+# "{out}" is replaced by the JSON path prefix.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 device=cuda quick=0
@@ -28,34 +31,32 @@ out_dir="${OUT:-}"
 json_dir="${out_dir:-$(mktemp -d)}"
 log="$json_dir/gpu_check.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
+BUDGET=${BUDGET:-290}
 
 P=benchmarks/bench_preact.py L=benchmarks/bench_lrn.py
 # WRN-28-10 variants: kernel vs reference in fresh subprocesses (the compiled variant would cost minutes).
 WRN="--device cuda --model wrn28_10 --batch-size 128 --steps 8 --warmup 2 --variants kernel,reference --timeout 120"
+LRN="--device cuda --shapes all --batch-size 128 --rounds 30"
 BENCHMARKS=(
   "python $P $WRN --precision bf16 --channels-last --drop-rate 0 --json {out}_wrn_bf16_cl_drop0.json"
-  "python $P $WRN --precision bf16 --channels-last --drop-rate 0.3 --json {out}_wrn_bf16_cl_drop03.json"
   "python $P $WRN --precision tf32 --drop-rate 0 --json {out}_wrn_tf32_drop0.json"
-  "python $P $WRN --precision tf32 --drop-rate 0.3 --json {out}_wrn_tf32_drop03.json"
   "python $P $WRN --precision fp32 --drop-rate 0 --json {out}_wrn_fp32_drop0.json"
+  "python $L $LRN --dtype float32 --json {out}_lrn_fp32_nchw.json"
+  "python $L $LRN --dtype float32 --channels-last --json {out}_lrn_fp32_cl.json"
+  "python $L $LRN --dtype bfloat16 --channels-last --json {out}_lrn_bf16_cl.json"
+  "python $L $LRN --dtype bfloat16 --json {out}_lrn_bf16_nchw.json"
+  "python $P $WRN --precision bf16 --channels-last --drop-rate 0.3 --json {out}_wrn_bf16_cl_drop03.json"
+  "python $P $WRN --precision tf32 --drop-rate 0.3 --json {out}_wrn_tf32_drop03.json"
   "python $P $WRN --precision fp32 --drop-rate 0.3 --json {out}_wrn_fp32_drop03.json"
   "python $P --device cuda --model preact_resnet164 --batch-size 128 --steps 10 --warmup 3 --variants kernel,reference --precision tf32 --json {out}_preact164_tf32.json"
-  "python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype float32 --json {out}_lrn_fp32_nchw.json"
-  "python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype float32 --channels-last --json {out}_lrn_fp32_cl.json"
-  "python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype bfloat16 --json {out}_lrn_bf16_nchw.json"
-  "python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype bfloat16 --channels-last --json {out}_lrn_bf16_cl.json"
   # DenseNet-121 (224x224) and DenseNet-BC-190 k=40 (32x32) training steps at batch 64, naive vs ours, in bf16
   # autocast + channels-last, fp32 with TF32 and fp32 without (12 fresh processes, ~2 min).
   "python benchmarks/bench_densenet.py --device cuda --variants naive,ours --timing subprocess --rounds 1 --steps 5 --warmup 2 --json {out}_densenet.json"
-)
-# The opt-in CUDA variants of issue 10 items 1-2 (not defaults until measured): run while the elapsed
-# time stays under EXTRA_UNTIL seconds, so that the whole check keeps to its 5-minute budget.
-EXTRA_UNTIL=${EXTRA_UNTIL:-220}
-EXTRA_BENCHMARKS=(
+  # The other design of each kernel (opt-in): ATen's SyncBatchNorm reductions; LRN's per-column kernels on
+  # channels-last inputs (no compile: the runs above have the compiled baselines).
   "env LIGHTCNN_CUDA_BN_REDUCTIONS=aten python $P $WRN --precision bf16 --channels-last --drop-rate 0 --json {out}_wrn_bf16_cl_drop0_aten.json"
   "env LIGHTCNN_CUDA_BN_REDUCTIONS=aten python $P $WRN --precision tf32 --drop-rate 0 --json {out}_wrn_tf32_drop0_aten.json"
-  "env LIGHTCNN_CUDA_LRN_CHANNELS_LAST=block python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype float32 --channels-last --no-compile --json {out}_lrn_fp32_cl_block.json"
-  "env LIGHTCNN_CUDA_LRN_CHANNELS_LAST=block python $L --device cuda --shapes all --batch-size 128 --rounds 30 --dtype bfloat16 --channels-last --no-compile --json {out}_lrn_bf16_cl_block.json"
+  "env LIGHTCNN_CUDA_LRN_CHANNELS_LAST=column python $L $LRN --dtype float32 --channels-last --no-compile --json {out}_lrn_fp32_cl_column.json"
 )
 # The same commands at toy sizes on the CPU: proves the Python parts run (no timing meaning).
 QW="--device cpu --model wrn10_2 --batch-size 2 --steps 1 --warmup 1 --variants kernel,reference --threads 1"
@@ -85,30 +86,25 @@ build() {
 }
 
 main() {
-  local benches
+  local benches left
   if [ "$device" = cuda ]; then
     build
     export LIGHTCNN_REQUIRE_KERNELS=1
   fi
   python -c "import json, lightcnn.ops as o, lightcnn.layers as l; print(json.dumps([o.backend_info(), l.backend_info()], indent=1))"
   SECONDS=0
-  if [ "$quick" = 1 ]; then benches=("${QUICK_BENCHMARKS[@]}"); else benches=("${BENCHMARKS[@]}"); fi
-  for cmd in "${benches[@]}"; do
-    # shellcheck disable=SC2086  # the command lines are split on purpose
-    run timeout 200 ${cmd//\{out\}/$json_dir/bench}
-  done
-  if [ "$quick" = 0 ]; then
-    for cmd in "${EXTRA_BENCHMARKS[@]}"; do
-      if [ "$SECONDS" -ge "$EXTRA_UNTIL" ]; then echo "=== skipped (time budget): $cmd"; continue; fi
-      # shellcheck disable=SC2086
-      run timeout 120 ${cmd//\{out\}/$json_dir/bench}
-    done
-  fi
   if [ "$device" = cuda ]; then
     # The CUDA twins of the kernel tests (other test files need packages a GPU box may lack, e.g. wandb).
     kernel_tests=$(ls tests/test_lrn.py tests/test_bn_relu_conv.py tests/test_dense*.py 2>/dev/null)
     run timeout 150 python -m pytest -q -p no:cacheprovider -m cuda $kernel_tests
   fi
+  if [ "$quick" = 1 ]; then benches=("${QUICK_BENCHMARKS[@]}"); else benches=("${BENCHMARKS[@]}"); fi
+  for cmd in "${benches[@]}"; do
+    left=$((BUDGET - SECONDS))
+    if [ "$left" -le 5 ]; then echo "=== skipped (time budget): $cmd"; continue; fi
+    # shellcheck disable=SC2086  # the command lines are split on purpose
+    run timeout "$((left < 200 ? left : 200))" ${cmd//\{out\}/$json_dir/bench}
+  done
 }
 
 main 2>&1 | tee "$log"

@@ -72,15 +72,17 @@ def test_emulator_reports_misuse(emu, case, match):
 # ---------------------------------------------------------------- LRN
 
 LRN = dict(alpha=0.3, beta=0.75, k=2.0)  # a large alpha, so that every channel of the window matters
-LRN_SHAPES = [(2, 7, 5, 3), (1, 1, 2, 2), (3, 33, 1, 4), (1, 300, 2, 1)]
+# C = 300: several channels a lane in the channels-last kernels, runs of channels in the others;
+# (1, 96, 1, 1): 1 pixel, so 12 runs of 8 channels
+LRN_SHAPES = [(2, 7, 5, 3), (1, 1, 2, 2), (3, 33, 1, 4), (1, 300, 2, 1), (1, 96, 1, 1), (1, 16, 2, 1)]
 
 
-@pytest.mark.parametrize("variant", ["default", "block"])
+@pytest.mark.parametrize("variant", ["default", "column"])
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
 def test_lrn_forward_and_backward(emu, monkeypatch, variant, kind, dtype):
-    if variant == "block":
-        monkeypatch.setenv("LIGHTCNN_CUDA_LRN_CHANNELS_LAST", "block")
+    if variant == "column":  # the per-column kernels on channels-last inputs too
+        monkeypatch.setenv("LIGHTCNN_CUDA_LRN_CHANNELS_LAST", "column")
     for shape in LRN_SHAPES:
         for size in (1, 2, 5, 6):
             x = layout(torch.randn(shape, dtype=torch.float64).to(dtype), kind)

@@ -318,11 +318,14 @@ def test_missing_library_is_an_error_when_kernels_are_required():
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("shape,size", [((3, 96, 7, 5), 5), ((2, 300, 3, 3), 4), ((2, 7, 5, 3), 12), ((2, 1, 4, 4), 3)])
-def test_lrn_cuda_channels_last_block_variant_matches_reference(monkeypatch, dtype, shape, size):
-    """The opt-in channels-last kernel (LIGHTCNN_CUDA_LRN_CHANNELS_LAST=block, issue 10 item 2; not the
-    default until a GPU measures it): forward and input gradient as F.local_response_norm in float32/64,
-    including more channels than threads (300), an even window and a window wider than C."""
-    monkeypatch.setenv("LIGHTCNN_CUDA_LRN_CHANNELS_LAST", "block")
+@pytest.mark.parametrize("variant", ["warp", "column"])
+def test_lrn_cuda_channels_last_kernels_match_reference(monkeypatch, dtype, shape, size, variant):
+    """Both CUDA designs on channels-last inputs (issue 10 item 2): the default, a warp per pixel, and the
+    per-column kernels (LIGHTCNN_CUDA_LRN_CHANNELS_LAST=column): forward and input gradient as
+    F.local_response_norm in float32/64, including more channels than a warp (300), an even window and a
+    window wider than C."""
+    if variant == "column":
+        monkeypatch.setenv("LIGHTCNN_CUDA_LRN_CHANNELS_LAST", "column")
     x = torch.randn(shape, device="cuda").contiguous(memory_format=torch.channels_last).to(dtype)
     ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
     yk, yr, gk, gr = compare(x, size, dtype_ref=ref_dtype, **lrn_args())

@@ -1,10 +1,13 @@
 // Local response normalisation on CUDA: float32, float64, float16 and bfloat16 (accumulated in float).
 //
-// One thread per (image, spatial position) walks the channels with a running sum of squares, so each
-// input element is read about twice (once entering, once leaving the window) whatever the window size.
-// In the channels-first layout neighbouring threads read neighbouring addresses (coalesced).
-// The backward saves only the input: kernel 1 writes t_c = g_c a_c s_c^(-beta-1) to a scratch buffer,
-// kernel 2 recomputes s_j and sums t over the mirrored window (see ../lrn.h for the formula).
+// Channels-first: one thread per (image, spatial position, run of channels) walks its run with a running
+// sum of squares, so each input element is read about twice (entering and leaving the window) whatever
+// the window size; neighbouring threads read neighbouring addresses (coalesced). A pixel's C channels are
+// cut into runs (of >= 8) until there are ~2^20 threads, so that enough loads are in flight to reach the
+// memory bandwidth (one serial walk over 96 channels per pixel left the GPU waiting on each load).
+// Channels-last: a warp per pixel (below). The backward saves only the input: kernel 1 writes
+// t_c = g_c a_c s_c^(-beta-1) to a scratch buffer, kernel 2 recomputes s_j and sums t over the mirrored
+// window (see ../lrn.h for the formula); channels-last does both in one pass per pixel.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -25,6 +28,8 @@ namespace lightcnn {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int64_t kTargetThreads = int64_t(1) << 20;  // ~4 waves of an H100/H200 (132 SMs x 2048 threads)
+constexpr int kMaxWarps = 8;                          // warps a block in the channels-last kernels
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t neg_pow(acc_t s, acc_t beta, PowMode mode) {
@@ -43,48 +48,76 @@ __device__ __forceinline__ acc_t neg_pow(acc_t s, acc_t beta, PowMode mode) {
 }
 
 // The element (n, c, s) of an (N, C, S) view lives at n*C*S + c*cs + s*ss: (cs, ss) = (S, 1) for
-// channels-first, (1, C) for channels-last.
+// channels-first, (1, C) for channels-last. A pixel's channels are cut into `groups` runs of `per`.
 struct Geometry {
   int64_t NS, C, S, cs, ss;
   int64_t lo, hi;  // window of channel c: [c - lo, c + hi]
+  int64_t per, groups;
 };
 
-// The running sum of a^2 over the window [c - lo, c + hi] of one (n, s) column; `next()` returns the
-// sum of channel 0, then 1, 2, ... (one add and one subtract per step, whatever the window size).
-template <typename scalar_t, typename acc_t>
-struct SquareWindow {
-  const scalar_t* xp;
-  const Geometry g;
-  int64_t c = 0;
+// A running sum over a sliding window of one (n, s) column: `next()` returns the sum over
+// [c - left, c + right] for c = c0, c0 + 1, ... (one add and one subtract per step, whatever the width).
+// `at(j)` reads value j of the column (a^2 of the input, or the backward's t).
+template <typename acc_t, typename At>
+struct Window {
+  At at;
+  int64_t C, left, right, c;
   acc_t sum = 0;
-
-  __device__ __forceinline__ acc_t sq(int64_t j) const {
-    const acc_t a = static_cast<acc_t>(xp[j * g.cs]);
-    return a * a;
-  }
-  __device__ SquareWindow(const scalar_t* xp_, const Geometry& g_) : xp(xp_), g(g_) {
-    for (int64_t j = 0; j <= min(g.hi, g.C - 1); ++j) sum += sq(j);
+  bool started = false;
+  __device__ Window(const At& at_, int64_t C_, int64_t left_, int64_t right_, int64_t c0)
+      : at(at_), C(C_), left(left_), right(right_), c(c0) {
+    const int64_t j1 = min(c0 + right, C - 1);
+    for (int64_t j = max(c0 - left, int64_t(0)); j <= j1; ++j) sum += at(j);
   }
   __device__ __forceinline__ acc_t next() {
-    if (c > 0) {
-      if (c + g.hi < g.C) sum += sq(c + g.hi);
-      if (c - g.lo - 1 >= 0) sum -= sq(c - g.lo - 1);
+    if (started) {
+      if (c + right < C) sum += at(c + right);
+      if (c - left - 1 >= 0) sum -= at(c - left - 1);
     }
+    started = true;
     ++c;
     return sum;
   }
 };
 
 template <typename scalar_t, typename acc_t>
+struct Squares {  // a^2 of a column of the input
+  const scalar_t* xp;
+  int64_t cs;
+  __device__ __forceinline__ acc_t operator()(int64_t j) const {
+    const acc_t a = static_cast<acc_t>(xp[j * cs]);
+    return a * a;
+  }
+};
+
+template <typename acc_t>
+struct Column {  // a column of an acc_t scratch buffer
+  const acc_t* p;
+  int64_t cs;
+  __device__ __forceinline__ acc_t operator()(int64_t j) const { return p[j * cs]; }
+};
+
+// Work item idx of the per-column kernels: (group, pixel), pixels fastest, so that a warp takes
+// neighbouring pixels of one channel run (coalesced in channels-first memory). Returns the column's base
+// offset and the run [c0, c1).
+__device__ __forceinline__ int64_t column(const Geometry& g, int64_t idx, int64_t& c0, int64_t& c1) {
+  const int64_t grp = idx / g.NS, p = idx - grp * g.NS, n = p / g.S, s = p - n * g.S;
+  c0 = grp * g.per;
+  c1 = min(g.C, c0 + g.per);
+  return n * g.C * g.S + s * g.ss;
+}
+
+template <typename scalar_t, typename acc_t>
 __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, acc_t coef,
                                    acc_t k, acc_t beta, PowMode mode) {
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS * g.groups;
        idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t n = idx / g.S, s = idx % g.S, base = n * g.C * g.S + s * g.ss;
+    int64_t c0, c1;
+    const int64_t base = column(g, idx, c0, c1);
     const scalar_t* xp = x + base;
     scalar_t* yp = y + base;
-    SquareWindow<scalar_t, acc_t> window(xp, g);
-    for (int64_t c = 0; c < g.C; ++c) {
+    Window<acc_t, Squares<scalar_t, acc_t>> window({xp, g.cs}, g.C, g.lo, g.hi, c0);
+    for (int64_t c = c0; c < c1; ++c) {
       const acc_t sum = window.next();
       yp[c * g.cs] = static_cast<scalar_t>(static_cast<acc_t>(xp[c * g.cs]) * neg_pow<acc_t>(k + coef * sum, beta, mode));
     }
@@ -95,15 +128,15 @@ __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __r
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_t_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                       acc_t* __restrict__ t, Geometry g, acc_t coef, acc_t k, acc_t beta, PowMode mode) {
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS * g.groups;
        idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t n = idx / g.S, s = idx % g.S, base = n * g.C * g.S + s * g.ss;
+    int64_t c0, c1;
+    const int64_t base = column(g, idx, c0, c1);
     const scalar_t *xp = x + base, *gp = grad + base;
     acc_t* tp = t + base;
-    SquareWindow<scalar_t, acc_t> window(xp, g);
-    for (int64_t c = 0; c < g.C; ++c) {
-      const acc_t sum = window.next();
-      const acc_t sc = k + coef * sum;
+    Window<acc_t, Squares<scalar_t, acc_t>> window({xp, g.cs}, g.C, g.lo, g.hi, c0);
+    for (int64_t c = c0; c < c1; ++c) {
+      const acc_t sc = k + coef * window.next();
       tp[c * g.cs] = static_cast<acc_t>(gp[c * g.cs]) * static_cast<acc_t>(xp[c * g.cs]) * neg_pow<acc_t>(sc, beta, mode) / sc;
     }
   }
@@ -114,34 +147,27 @@ template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_grad_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                          const acc_t* __restrict__ t, scalar_t* __restrict__ dx, Geometry g,
                                          acc_t coef, acc_t coef2, acc_t k, acc_t beta, PowMode mode) {
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS;
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS * g.groups;
        idx += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t n = idx / g.S, s = idx % g.S, base = n * g.C * g.S + s * g.ss;
+    int64_t c0, c1;
+    const int64_t base = column(g, idx, c0, c1);
     const scalar_t *xp = x + base, *gp = grad + base;
-    const acc_t* tp = t + base;
     scalar_t* dp = dx + base;
-    SquareWindow<scalar_t, acc_t> window(xp, g);
-    acc_t tsum = 0;
-    for (int64_t c = 0; c <= min(g.lo, g.C - 1); ++c) tsum += tp[c * g.cs];
-    for (int64_t j = 0; j < g.C; ++j) {
-      const acc_t sum = window.next();
-      if (j > 0) {
-        const int64_t tin = j + g.lo, tout = j - g.hi - 1;
-        if (tin < g.C) tsum += tp[tin * g.cs];
-        if (tout >= 0) tsum -= tp[tout * g.cs];
-      }
-      const acc_t p = neg_pow<acc_t>(k + coef * sum, beta, mode);
+    Window<acc_t, Squares<scalar_t, acc_t>> window({xp, g.cs}, g.C, g.lo, g.hi, c0);
+    Window<acc_t, Column<acc_t>> tsum({t + base, g.cs}, g.C, g.hi, g.lo, c0);  // the mirrored window
+    for (int64_t j = c0; j < c1; ++j) {
+      const acc_t p = neg_pow<acc_t>(k + coef * window.next(), beta, mode);
       dp[j * g.cs] = static_cast<scalar_t>(static_cast<acc_t>(gp[j * g.cs]) * p -
-                                           coef2 * static_cast<acc_t>(xp[j * g.cs]) * tsum);
+                                           coef2 * static_cast<acc_t>(xp[j * g.cs]) * tsum.next());
     }
   }
 }
 
-// ---- Variant for channels-last (issue 10, item 2): a block per pixel, its C channels in shared memory ----
-// Neighbouring threads take neighbouring channels of one pixel, so every load and store is coalesced
-// (the kernels above give each thread a pixel, whose channels are C elements apart from the next
-// thread's). Each window sum is read from shared memory: O(size) per element, cheap for LRN's n = 5.
-// Compiled and CPU-reviewed only: opt-in with LIGHTCNN_CUDA_LRN_CHANNELS_LAST=block until a GPU measures it.
+// ---- Channels-last (issue 10, item 2): a warp per pixel ----
+// The lanes take neighbouring channels of one pixel, so every load and store is coalesced (a thread per
+// pixel reads addresses C elements apart from its neighbour's), and the window sums read the pixel's
+// squares from the warp's slice of shared memory (O(size) per element, cheap for LRN's n = 5). The block
+// is (32, warps); each warp walks pixels grid-stride and synchronises with __syncwarp() only.
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t window_sum_shared(const acc_t* v, int64_t c, int64_t left, int64_t right, int64_t C) {
@@ -155,20 +181,20 @@ template <typename scalar_t, typename acc_t>
 __global__ void lrn_forward_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g,
                                       acc_t coef, acc_t k, acc_t beta, PowMode mode) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sq = reinterpret_cast<acc_t*>(smem_raw);
-  for (int64_t p = blockIdx.x; p < g.NS; p += gridDim.x) {
+  acc_t* sq = reinterpret_cast<acc_t*>(smem_raw) + threadIdx.y * g.C;
+  for (int64_t p = blockIdx.x * (int64_t)blockDim.y + threadIdx.y; p < g.NS; p += (int64_t)gridDim.x * blockDim.y) {
     const scalar_t* xp = x + p * g.C;
     scalar_t* yp = y + p * g.C;
-    __syncthreads();  // the previous pixel's reads of sq are done
-    for (int64_t c = threadIdx.x; c < g.C; c += blockDim.x) {
+    for (int64_t c = threadIdx.x; c < g.C; c += 32) {
       const acc_t a = static_cast<acc_t>(xp[c]);
       sq[c] = a * a;
     }
-    __syncthreads();
-    for (int64_t c = threadIdx.x; c < g.C; c += blockDim.x) {
+    __syncwarp();
+    for (int64_t c = threadIdx.x; c < g.C; c += 32) {
       const acc_t sum = window_sum_shared(sq, c, g.lo, g.hi, g.C);
       yp[c] = static_cast<scalar_t>(static_cast<acc_t>(xp[c]) * neg_pow<acc_t>(k + coef * sum, beta, mode));
     }
+    __syncwarp();  // the next pixel overwrites sq
   }
 }
 
@@ -179,46 +205,55 @@ __global__ void lrn_backward_cl_kernel(const scalar_t* __restrict__ grad, const 
                                        scalar_t* __restrict__ dx, Geometry g, acc_t coef, acc_t coef2, acc_t k,
                                        acc_t beta, PowMode mode) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  acc_t* sq = reinterpret_cast<acc_t*>(smem_raw);
+  acc_t* sq = reinterpret_cast<acc_t*>(smem_raw) + threadIdx.y * 3 * g.C;
   acc_t* pw = sq + g.C;
   acc_t* t = pw + g.C;
-  for (int64_t p = blockIdx.x; p < g.NS; p += gridDim.x) {
+  for (int64_t p = blockIdx.x * (int64_t)blockDim.y + threadIdx.y; p < g.NS; p += (int64_t)gridDim.x * blockDim.y) {
     const scalar_t *xp = x + p * g.C, *gp = grad + p * g.C;
     scalar_t* dp = dx + p * g.C;
-    __syncthreads();
-    for (int64_t c = threadIdx.x; c < g.C; c += blockDim.x) {
+    for (int64_t c = threadIdx.x; c < g.C; c += 32) {
       const acc_t a = static_cast<acc_t>(xp[c]);
       sq[c] = a * a;
     }
-    __syncthreads();
-    for (int64_t c = threadIdx.x; c < g.C; c += blockDim.x) {
+    __syncwarp();
+    for (int64_t c = threadIdx.x; c < g.C; c += 32) {
       const acc_t sc = k + coef * window_sum_shared(sq, c, g.lo, g.hi, g.C);
       const acc_t pc = neg_pow<acc_t>(sc, beta, mode);
       pw[c] = pc;
       t[c] = static_cast<acc_t>(gp[c]) * static_cast<acc_t>(xp[c]) * pc / sc;
     }
-    __syncthreads();
-    for (int64_t j = threadIdx.x; j < g.C; j += blockDim.x) {
+    __syncwarp();
+    for (int64_t j = threadIdx.x; j < g.C; j += 32) {
       const acc_t tsum = window_sum_shared(t, j, g.hi, g.lo, g.C);
       dp[j] = static_cast<scalar_t>(static_cast<acc_t>(gp[j]) * pw[j] - coef2 * static_cast<acc_t>(xp[j]) * tsum);
     }
+    __syncwarp();  // the next pixel overwrites sq, pw and t
   }
 }
 
-// Whether the channels-last variant serves this call: asked for, channels-last, and `arrays` per-channel
-// acc_t arrays fit in the default 48 KiB of shared memory.
-bool use_cl_variant(const LrnView& v, size_t acc_bytes, int arrays) {
+// Warps per block of the channels-last kernels: `arrays` per-channel acc_t arrays per warp must fit in the
+// default 48 KiB of shared memory; 0 when not even one warp's fit (the per-column kernels serve then).
+// LIGHTCNN_CUDA_LRN_CHANNELS_LAST=column forces the per-column kernels on channels-last inputs too, so
+// that benchmarks/gpu_check.sh measures both designs in one run.
+int cl_warps(const LrnView& v, size_t acc_bytes, int arrays) {
   const char* opt = std::getenv("LIGHTCNN_CUDA_LRN_CHANNELS_LAST");
-  return opt != nullptr && std::strcmp(opt, "block") == 0 && v.channels_last &&
-         static_cast<size_t>(v.C) * acc_bytes * arrays <= 48 * 1024;
+  if (!v.channels_last || (opt != nullptr && std::strcmp(opt, "column") == 0)) return 0;
+  const int64_t fit = static_cast<int64_t>(48 * 1024 / (static_cast<size_t>(v.C) * acc_bytes * arrays));
+  return static_cast<int>(std::min<int64_t>(kMaxWarps, fit));
 }
 
-unsigned cl_threads(int64_t C) { return static_cast<unsigned>(std::min<int64_t>(256, (C + 31) / 32 * 32)); }
+// Blocks of the channels-last kernels: about 4 pixels a warp (at most 2^16 blocks; the loops are grid-stride).
+unsigned cl_blocks(int64_t pixels, int warps) {
+  return static_cast<unsigned>(std::clamp<int64_t>((pixels + 4 * warps - 1) / (4 * warps), 1, int64_t(1) << 16));
+}
 
-unsigned cl_blocks(int64_t pixels) { return static_cast<unsigned>(std::min<int64_t>(pixels, int64_t(1) << 20)); }
-
+// Runs of channels per pixel: enough (pixel, run) work items for ~kTargetThreads threads, runs of >= 8.
 Geometry geometry(const LrnView& v, int64_t size) {
-  return {v.N * v.S, v.C, v.S, v.channels_last ? 1 : v.S, v.channels_last ? v.C : 1, size / 2, (size - 1) / 2};
+  const int64_t NS = v.N * v.S;
+  int64_t groups = std::clamp<int64_t>((kTargetThreads + NS - 1) / NS, 1, std::max<int64_t>(1, v.C / 8));
+  const int64_t per = (v.C + groups - 1) / groups;
+  groups = (v.C + per - 1) / per;
+  return {NS, v.C, v.S, v.channels_last ? 1 : v.S, v.channels_last ? v.C : 1, size / 2, (size - 1) / 2, per, groups};
 }
 
 int blocks_for(int64_t n) { return static_cast<int>(std::min<int64_t>((n + kThreads - 1) / kThreads, 65535)); }
@@ -239,14 +274,15 @@ at::Tensor lrn_cuda(const at::Tensor& input, int64_t size, double alpha, double 
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "lrn_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    if (use_cl_variant(v, sizeof(acc_t), 1)) {
-      lrn_forward_cl_kernel<scalar_t, acc_t><<<cl_blocks(g.NS), cl_threads(g.C), g.C * sizeof(acc_t), stream>>>(
+    if (const int warps = cl_warps(v, sizeof(acc_t), 1)) {
+      lrn_forward_cl_kernel<scalar_t, acc_t><<<cl_blocks(g.NS, warps), dim3(32, warps), warps * g.C * sizeof(acc_t),
+                                                stream>>>(
           v.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, static_cast<acc_t>(alpha / size),
           static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
-    lrn_forward_kernel<scalar_t, acc_t><<<blocks_for(g.NS), kThreads, 0, stream>>>(
+    lrn_forward_kernel<scalar_t, acc_t><<<blocks_for(g.NS * g.groups), kThreads, 0, stream>>>(
         v.x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), g, static_cast<acc_t>(alpha / size),
         static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -266,8 +302,9 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "lrn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t coef = static_cast<acc_t>(alpha / size), coef2 = static_cast<acc_t>(2.0 * alpha * beta / size);
-    if (use_cl_variant(v, sizeof(acc_t), 3)) {
-      lrn_backward_cl_kernel<scalar_t, acc_t><<<cl_blocks(g.NS), cl_threads(g.C), 3 * g.C * sizeof(acc_t), stream>>>(
+    if (const int warps = cl_warps(v, sizeof(acc_t), 3)) {
+      lrn_backward_cl_kernel<scalar_t, acc_t><<<cl_blocks(g.NS, warps), dim3(32, warps),
+                                                 3 * warps * g.C * sizeof(acc_t), stream>>>(
           grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(), g,
           coef, coef2, static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -275,11 +312,11 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& in
     }
     // Scratch for t, laid out like x (its strides are those of x: same dense layout, same sizes).
     at::Tensor t = at::empty_like(v.x, v.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
-    lrn_backward_t_kernel<scalar_t, acc_t><<<blocks_for(g.NS), kThreads, 0, stream>>>(
+    lrn_backward_t_kernel<scalar_t, acc_t><<<blocks_for(g.NS * g.groups), kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), t.mutable_data_ptr<acc_t>(), g, coef,
         static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    lrn_backward_grad_kernel<scalar_t, acc_t><<<blocks_for(g.NS), kThreads, 0, stream>>>(
+    lrn_backward_grad_kernel<scalar_t, acc_t><<<blocks_for(g.NS * g.groups), kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), t.const_data_ptr<acc_t>(),
         grad_input.mutable_data_ptr<scalar_t>(), g, coef, coef2, static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

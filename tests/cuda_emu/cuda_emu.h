@@ -6,7 +6,7 @@
 //   - every thread of a block is a fiber (ucontext) on one OS thread; blocks run one after another;
 //   - __syncthreads() parks a fiber until every live thread of its block has arrived (threads that have
 //     returned count as arrived, as on the GPU);
-//   - warp shuffles exchange values among the lanes of a warp; the mask must name exactly the lanes that
+//   - warp shuffles exchange values among the lanes of a warp (__syncwarp() is a shuffle of nothing); the mask must name exactly the lanes that
 //     exist, every named lane must reach a shuffle with the same offset, and a lane at a shuffle while
 //     another is at __syncthreads() is reported as a divergent warp;
 //   - a block whose fibers all wait and none can go on is reported as a deadlock;
@@ -142,7 +142,7 @@ inline void syncthreads() {
 }
 
 template <typename T>
-T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0 down, 1 xor, 2 idx, 3 up*/) {
+T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0 down, 1 xor, 2 idx, 3 up, 4 none (__syncwarp)*/) {
   static_assert(sizeof(T) <= 16, "cuda_emu: shuffle of a type wider than 16 bytes");
   Block& b = *block();
   Fiber& f = *b.current;
@@ -176,6 +176,7 @@ T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0 down, 
     ++w.generation;
   }
   yield_to_scheduler();
+  if (kind == 4) return v;
   const int seg = static_cast<int>(lane) / width * width, l = static_cast<int>(lane) - seg;
   int src;
   switch (kind) {
@@ -354,6 +355,7 @@ template <typename T>
 T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   return ::cuda_emu::shfl(mask, v, static_cast<int>(delta), width, 3);
 }
+inline void __syncwarp(unsigned mask = 0xffffffffu) { ::cuda_emu::shfl(mask, 0, -1, 32, 4); }
 template <typename T>
 T atomicAdd(T* p, T v) {  // one OS thread runs every fiber: a plain add is atomic
   const T old = *p;
