@@ -139,6 +139,10 @@ def _run_bn_relu_conv(op_ns, args):
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
 def test_bn_relu_conv_forward_and_backward(emu, kind, dtype):
+    check_bn_relu_conv(emu, kind, dtype)
+
+
+def check_bn_relu_conv(emu, kind, dtype):
     configs = [dict(training=True), dict(training=False), dict(training=True, groups=2, stride=(2, 1)),
                dict(training=True, drop=True), dict(training=True, shape=(3, 37, 1, 3)),
                dict(training=True, shape=(2, 3, 64, 64))]  # several blocks per channel in the reductions
@@ -182,6 +186,7 @@ DENSE_CASES = {
     "one feature": dict(channels=[5]),
     "split reduction": dict(channels=[2, 1, 3], shape=(2, 64, 64)),  # N*H*W = 8192: two blocks per channel
     "70 features": dict(channels=[1] * 35 + [2] * 35, shape=(2, 2, 3)),  # two launches of at most 64
+    "many images": dict(channels=[3, 2], shape=(16, 5, 4)),  # a thread's values span several images
 }
 
 
@@ -189,11 +194,15 @@ DENSE_CASES = {
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
 @pytest.mark.parametrize("case", list(DENSE_CASES))
 def test_dense_forward_and_backward(emu, case, kind, dtype):
+    if dtype != torch.float64 and case in ("70 features", "split reduction") and kind == "mixed":
+        pytest.skip("one dtype is enough for the big cases in mixed layouts")
+    check_dense(emu, case, kind, dtype)
+
+
+def check_dense(emu, case, kind, dtype):
     cfg = dict(DENSE_CASES[case])
     n = len(cfg["channels"])
     kinds = {"mixed": ["channels_last", "strided", "contiguous"] * n}.get(kind, [kind] * n)
-    if dtype != torch.float64 and case in ("70 features", "split reduction") and kind == "mixed":
-        pytest.skip("one dtype is enough for the big cases in mixed layouts")
     args = _dense_args(dtype, kinds, **cfg)
     N, H, W = cfg.get("shape", (2, 5, 4))
     g = torch.randn(N, 3, H, W, dtype=torch.float64)
@@ -202,3 +211,17 @@ def test_dense_forward_and_backward(emu, case, kind, dtype):
     expected = _run_dense(torch.ops.lightcnn, ref_args, g)
     for i, (a, b) in enumerate(zip(got, expected)):
         assert_close(a, b, dtype, f"result {i} of {case}")
+
+
+# ---------------------------------------------------------------- the 64-bit index paths
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_64_bit_index_paths(emu, monkeypatch, kind):
+    """The elementwise kernels index with 32 bits and FastDiv below 2^31 elements, with int64_t above;
+    LIGHTCNN_TEST_INDEX64 (honoured by the emulator's build only) sends these small tensors down the
+    64-bit path."""
+    monkeypatch.setenv("LIGHTCNN_TEST_INDEX64", "1")
+    check_bn_relu_conv(emu, kind, torch.float64)
+    for case in ("three features", "3x3 eval"):
+        check_dense(emu, case, kind, torch.float64)

@@ -46,6 +46,7 @@
 #include <cstring>
 
 #include "../bn_relu_conv.h"
+#include "fast_div.cuh"
 
 namespace lightcnn {
 namespace bn_relu_conv {
@@ -70,18 +71,6 @@ struct Layout {
 Layout layout_of(const at::Tensor& x) {
   return Layout{x.size(0), x.size(1), x.size(2) * x.size(3), is_channels_last(x)};
 }
-
-// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 as a multiply-high, an add and a shift (Granlund & Montgomery
-// 1994; ATen's IntDivider does the same).
-struct FastDiv {
-  uint32_t magic = 1, shift = 0;
-  FastDiv() = default;
-  explicit FastDiv(int64_t d) {
-    while ((uint64_t(1) << shift) < static_cast<uint64_t>(d)) ++shift;
-    magic = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
-  }
-  __device__ __forceinline__ uint32_t operator()(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
-};
 
 // The channel of element i: 32-bit with FastDiv (tensors of < 2^31 elements), else 64-bit division.
 struct Channel32 {
@@ -333,7 +322,7 @@ unsigned elementwise_blocks(int64_t numel) {
 // Calls launch(index_t(numel), channel functor) with 32-bit indices and FastDiv when numel < 2^31.
 template <typename F>
 void with_index(const Layout& L, int64_t numel, const F& launch) {
-  if (numel < (int64_t(1) << 31))
+  if (fits_32_bits(numel))
     launch(static_cast<uint32_t>(numel), Channel32(L));
   else
     launch(numel, Channel64{L});

@@ -11,7 +11,10 @@
 //   grad_inputs   grad_x = dz * alpha + x * beta + gamma, into a new tensor per feature
 // Arithmetic is in at::acc_type (float for half/bfloat16/float, double for double); the pre-activation
 // is computed with the same fma in every kernel, so that the backward's ReLU mask is the forward's.
+// Index arithmetic: the elementwise kernels divide by k and S with FastDiv (fast_div.cuh) when the
+// buffer has < 2^31 elements; the reduction walks its values by adding to offsets.
 #include "../dense.h"
+#include "fast_div.cuh"
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -38,53 +41,61 @@ struct Pieces {
   void* out[kMaxPieces];      // their gradients (grad_inputs only)
   int64_t c0[kMaxPieces];     // first channel of each feature in the concatenation
   int64_t k[kMaxPieces];      // its channels
+  FastDiv by_k[kMaxPieces];   // division by k (32-bit launches)
   int64_t N, C, S;
+  FastDiv by_S;
   bool channels_last;
 };
 
+// n / d: FastDiv for 32-bit indices, a plain division for 64-bit ones.
+__device__ __forceinline__ uint32_t div(uint32_t n, const FastDiv& fd, int64_t) { return fd(n); }
+__device__ __forceinline__ int64_t div(int64_t n, const FastDiv&, int64_t d) { return n / d; }
+
 // The buffer offset of element i of feature j (i in the feature's own layout) and its channel in the concatenation.
-__device__ __forceinline__ int64_t buffer_offset(const Pieces& P, int j, int64_t i, int64_t& c) {
-  const int64_t k = P.k[j];
+template <typename index_t>
+__device__ __forceinline__ index_t buffer_offset(const Pieces& P, int j, index_t i, index_t& c) {
+  const index_t k = static_cast<index_t>(P.k[j]), c0 = static_cast<index_t>(P.c0[j]);
+  const index_t C = static_cast<index_t>(P.C), S = static_cast<index_t>(P.S);
   if (P.channels_last) {
-    const int64_t pixel = i / k, lc = i - pixel * k;
-    c = P.c0[j] + lc;
-    return pixel * P.C + c;
+    const index_t pixel = div(i, P.by_k[j], P.k[j]), lc = i - pixel * k;
+    c = c0 + lc;
+    return pixel * C + c;
   }
-  const int64_t row = i / P.S, s = i - row * P.S, n = row / k;
-  c = P.c0[j] + (row - n * k);
-  return (n * P.C + c) * P.S + s;
+  const index_t row = div(i, P.by_S, P.S), s = i - row * S, n = div(row, P.by_k[j], P.k[j]);
+  c = c0 + (row - n * k);
+  return (n * C + c) * S + s;
 }
 
 __device__ __forceinline__ float preact(float x, float s, float b) { return fmaf(x, s, b); }
 __device__ __forceinline__ double preact(double x, double s, double b) { return fma(x, s, b); }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void bn_relu_into_kernel(Pieces P, scalar_t* __restrict__ y, const acc_t* __restrict__ scale,
                                     const acc_t* __restrict__ shift) {
   const int j = blockIdx.y;
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[j]);
-  const int64_t numel = P.N * P.k[j] * P.S;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t c;
-    const int64_t o = buffer_offset(P, j, i, c);
+  const index_t numel = static_cast<index_t>(P.N * P.k[j] * P.S);
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    index_t c;
+    const index_t o = buffer_offset(P, j, i, c);
     const acc_t v = preact(static_cast<acc_t>(x[i]), scale[c], shift[c]);
     y[o] = static_cast<scalar_t>(v > acc_t(0) ? v : (v != v ? v : acc_t(0)));  // NaN propagates as in F.relu
   }
 }
 
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename acc_t, typename index_t>
 __global__ void grad_inputs_kernel(Pieces P, const scalar_t* __restrict__ g, const acc_t* __restrict__ scale,
                                    const acc_t* __restrict__ shift, const acc_t* __restrict__ alpha,
                                    const acc_t* __restrict__ beta, const acc_t* __restrict__ gamma) {
   const int j = blockIdx.y;
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[j]);
   scalar_t* __restrict__ gx = static_cast<scalar_t*>(P.out[j]);
-  const int64_t numel = P.N * P.k[j] * P.S;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t c;
-    const int64_t o = buffer_offset(P, j, i, c);
+  const index_t numel = static_cast<index_t>(P.N * P.k[j] * P.S);
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+    index_t c;
+    const index_t o = buffer_offset(P, j, i, c);
     const acc_t xv = static_cast<acc_t>(x[i]);
     const acc_t dz = preact(xv, scale[c], shift[c]) > acc_t(0) ? static_cast<acc_t>(g[o]) : acc_t(0);
     gx[i] = static_cast<scalar_t>(dz * alpha[c] + (xv * beta[c] + gamma[c]));
@@ -119,20 +130,39 @@ __global__ void reduce_from_kernel(Pieces P, const scalar_t* __restrict__ g, con
   const int64_t per = (M + splits - 1) / splits, m0 = split * per, m1 = std::min<int64_t>(M, m0 + per);
   const acc_t s = scale[c], b = shift[c], mu = mean[c];
   acc_t a1 = 0, a2 = 0;
-  for (int64_t m = m0 + threadIdx.x; m < m1; m += blockDim.x) {
-    int64_t xi, gi;
+  int64_t m = m0 + threadIdx.x;
+  if (m < m1) {
+    // NCHW: value m = n * S + s of local channel lc is x[(n * k + lc) * S + s] and g[(n * C + c) * S + s];
+    // both offsets advance by adding (no division per value). NHWC: x[m * k + lc], g[m * C + c].
+    const int64_t n = m / P.S, sp = m - n * P.S, step = blockDim.x;
+    const int64_t step_n = step / P.S, step_s = step - step_n * P.S;
+    int64_t s_cur = sp, xi, gi, x_step, g_step, x_wrap, g_wrap;
     if (P.channels_last) {
       xi = m * k + lc;
       gi = m * P.C + c;
+      x_step = step * k, g_step = step * P.C, x_wrap = g_wrap = 0;
     } else {
-      const int64_t n = m / P.S, sp = m - n * P.S;
       xi = (n * k + lc) * P.S + sp;
       gi = (n * P.C + c) * P.S + sp;
+      x_step = step_n * k * P.S + step_s, g_step = step_n * P.C * P.S + step_s;
+      x_wrap = (k - 1) * P.S, g_wrap = (P.C - 1) * P.S;  // s passing S: the next image
     }
-    const acc_t xv = static_cast<acc_t>(x[xi]);
-    const acc_t dz = preact(xv, s, b) > acc_t(0) ? static_cast<acc_t>(g[gi]) : acc_t(0);
-    a1 += dz;
-    a2 += dz * (xv - mu);
+    for (; m < m1; m += step) {
+      const acc_t xv = static_cast<acc_t>(x[xi]);
+      const acc_t dz = preact(xv, s, b) > acc_t(0) ? static_cast<acc_t>(g[gi]) : acc_t(0);
+      a1 += dz;
+      a2 += dz * (xv - mu);
+      xi += x_step;
+      gi += g_step;
+      if (!P.channels_last) {
+        s_cur += step_s;
+        if (s_cur >= P.S) {
+          s_cur -= P.S;
+          xi += x_wrap;
+          gi += g_wrap;
+        }
+      }
+    }
   }
   a1 = block_sum(a1, smem);
   a2 = block_sum(a2, smem);
@@ -157,6 +187,7 @@ void for_chunks(const std::vector<at::Tensor>& feats, const std::vector<at::Tens
     P.C = C;
     P.S = f0.size(2) * f0.size(3);
     P.channels_last = common_format(feats) == at::MemoryFormat::ChannelsLast;
+    P.by_S = FastDiv(P.S);
     const int n = static_cast<int>(std::min<size_t>(kMaxPieces, feats.size() - start));
     int64_t max_k = 0;
     for (int j = 0; j < n; ++j) {
@@ -165,6 +196,7 @@ void for_chunks(const std::vector<at::Tensor>& feats, const std::vector<at::Tens
       P.out[j] = outs ? (*outs)[start + j].mutable_data_ptr() : nullptr;
       P.c0[j] = c0;
       P.k[j] = f.size(1);
+      P.by_k[j] = FastDiv(f.size(1));
       c0 += f.size(1);
       max_k = std::max(max_k, f.size(1));
     }
@@ -183,9 +215,15 @@ void bn_relu_into_cuda(at::Tensor& y, const std::vector<at::Tensor>& feats, cons
     using acc_t = at::acc_type<scalar_t, true>;
     for_chunks(feats, nullptr, y.size(1), [&](const Pieces& P, int n, int64_t max_k) {
       const dim3 grid(elementwise_blocks(P.N * max_k * P.S), n);
-      bn_relu_into_kernel<scalar_t, acc_t><<<grid, kThreads, 0, current_stream()>>>(
-          P, y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto launch = [&](auto index) {
+        bn_relu_into_kernel<scalar_t, acc_t, decltype(index)><<<grid, kThreads, 0, current_stream()>>>(
+            P, y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (fits_32_bits(y.numel()))
+        launch(uint32_t(0));
+      else
+        launch(int64_t(0));
     });
   });
 }
@@ -223,10 +261,16 @@ std::vector<at::Tensor> grad_inputs_cuda(const at::Tensor& g, const std::vector<
     using acc_t = at::acc_type<scalar_t, true>;
     for_chunks(feats, &grads, g.size(1), [&](const Pieces& P, int n, int64_t max_k) {
       const dim3 grid(elementwise_blocks(P.N * max_k * P.S), n);
-      grad_inputs_kernel<scalar_t, acc_t><<<grid, kThreads, 0, current_stream()>>>(
-          P, g.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
-          alpha.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const auto launch = [&](auto index) {
+        grad_inputs_kernel<scalar_t, acc_t, decltype(index)><<<grid, kThreads, 0, current_stream()>>>(
+            P, g.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+            alpha.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      };
+      if (fits_32_bits(g.numel()))
+        launch(uint32_t(0));
+      else
+        launch(int64_t(0));
     });
   });
   return grads;

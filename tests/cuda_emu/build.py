@@ -6,8 +6,10 @@ Each .cu file is rewritten a little, then compiled by the host compiler:
   extern __shared__ ... name[];               ->  the block's dynamic shared memory
   c10::DeviceType::CUDA, .is_cuda()            ->  their CPU twins (a CPU tensor stands for a CUDA one)
   TORCH_LIBRARY_IMPL(lightcnn, CUDA, m) { m.impl(...) }  ->  TORCH_LIBRARY_FRAGMENT(lightcnn_emu, m) { m.def(...) }
+  #include "x.cuh" (device helpers: no kernels, no shared memory)  ->  moved after cuda_emu.h
 So torch.ops.lightcnn_emu.<op> takes CPU tensors and runs the CUDA code path of torch.ops.lightcnn.<op>: the
-host logic, every kernel launch and every kernel, thread by thread.
+host logic, every kernel launch and every kernel, thread by thread. The build defines LIGHTCNN_TEST_INDEX64:
+the environment variable of that name then sends the kernels down their 64-bit index paths (fast_div.cuh).
 
 Used by tests/test_cuda_emulated.py; by hand: `python tests/cuda_emu/build.py BUILD_DIR` (builds and loads).
 """
@@ -67,14 +69,17 @@ def rewrite_shared(src: str) -> str:
 
 
 def rewrite(src: str) -> str:
-    lines = []
+    lines, device_headers = [], []
     for line in src.split("\n"):
         if re.match(r"\s*#include\s*<(c10/cuda/|ATen/cuda/|cuda)", line):
             continue  # cuda_emu.h stands in for them
+        if m := re.match(r'\s*#include\s*"(\w+\.cuh)"', line):
+            device_headers.append(m[1])  # device code: after the emulator's macros, below
+            continue
         lines.append(line.replace('#include "../', '#include "'))
-    # the emulator's macros (threadIdx, min, ...) come after every real header
+    # the emulator's macros (threadIdx, min, ...) come after every real header, then the device headers
     last_include = max(i for i, line in enumerate(lines) if line.lstrip().startswith("#include"))
-    lines.insert(last_include + 1, '#include "cuda_emu.h"')
+    lines[last_include + 1:last_include + 1] = ['#include "cuda_emu.h"'] + [f'#include "{h}"' for h in device_headers]
     src = "\n".join(lines)
     src = rewrite_shared(rewrite_launches(src))
     src = src.replace("c10::DeviceType::CUDA", "c10::DeviceType::CPU").replace(".is_cuda()", ".is_cpu()")
@@ -98,9 +103,9 @@ def build(build_dir: str | Path, verbose: bool = False) -> list[str]:
         if not out.exists() or out.read_text() != text:
             out.write_text(text)
         sources.append(str(out))
-    load(name="lightcnn_cuda_emu", sources=sources, extra_include_paths=[str(CSRC), str(HERE)],
-         extra_cflags=["-O1", "-Wno-unknown-pragmas"], build_directory=str(build_dir), is_python_module=False,
-         verbose=verbose)
+    load(name="lightcnn_cuda_emu", sources=sources, extra_include_paths=[str(CSRC), str(CSRC / "cuda"), str(HERE)],
+         extra_cflags=["-O1", "-Wno-unknown-pragmas", "-DLIGHTCNN_TEST_INDEX64"], build_directory=str(build_dir),
+         is_python_module=False, verbose=verbose)
     return sorted(name for name in dir(getattr(torch.ops, NAMESPACE)) if not name.startswith("_"))
 
 

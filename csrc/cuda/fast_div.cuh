@@ -1,0 +1,32 @@
+// Index arithmetic shared by lightcnn's CUDA kernels: division by a divisor fixed at launch.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+
+namespace lightcnn {
+
+// n / d for 0 <= n < 2^31 and 1 <= d < 2^31 as a multiply-high, an add and a shift (Granlund & Montgomery
+// 1994; ATen's IntDivider does the same), where a 64-bit division costs dozens of instructions. The
+// kernels use it when every index of the launch is below 2^31, and plain int64_t division otherwise.
+struct FastDiv {
+  uint32_t magic = 1, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(int64_t d) {
+    while ((uint64_t(1) << shift) < static_cast<uint64_t>(d)) ++shift;
+    magic = static_cast<uint32_t>(((uint64_t(1) << 32) * ((uint64_t(1) << shift) - d)) / d + 1);
+  }
+  __device__ __forceinline__ uint32_t operator()(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
+};
+
+// Whether 32-bit indices (and FastDiv) serve a launch whose largest index is below `extent`. The CUDA
+// emulator's build (tests/cuda_emu) defines LIGHTCNN_TEST_INDEX64 so that its tests also run the 64-bit
+// paths, which real sizes would need tensors of 2^31 elements to reach.
+inline bool fits_32_bits(int64_t extent) {
+#ifdef LIGHTCNN_TEST_INDEX64
+  if (std::getenv("LIGHTCNN_TEST_INDEX64") != nullptr) return false;
+#endif
+  return extent < (int64_t(1) << 31);
+}
+
+}  // namespace lightcnn
