@@ -138,7 +138,8 @@ std::tuple<at::Tensor, at::Tensor> stats_cpu(const at::Tensor& x) {
   return {mean, var};
 }
 
-at::Tensor bn_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+at::Tensor bn_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const Drop& drop) {
+  no_fused_drop(drop, "bn_relu_cpu");
   const Shape sh(x);
   at::Tensor y = at::empty_like(x, x.options(), format_of(x));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv2d_bn_relu", [&] {
@@ -161,7 +162,8 @@ at::Tensor bn_relu_cpu(const at::Tensor& x, const at::Tensor& scale, const at::T
 }
 
 std::tuple<at::Tensor, at::Tensor> reduce_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale,
-                                              const at::Tensor& shift, const at::Tensor& mean) {
+                                              const at::Tensor& shift, const at::Tensor& mean, const Drop& drop) {
+  no_fused_drop(drop, "reduce_cpu");
   const Shape sh(x);
   at::Tensor sum_dz = at::empty({sh.C}, scale.options()), sum_dzx = at::empty({sh.C}, scale.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv2d_reduce", [&] {
@@ -208,7 +210,8 @@ std::tuple<at::Tensor, at::Tensor> reduce_cpu(const at::Tensor& g, const at::Ten
 }
 
 at::Tensor grad_input_cpu(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
-                          const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& gamma) {
+                          const at::Tensor& alpha, const at::Tensor& beta, const at::Tensor& gamma, const Drop& drop) {
+  no_fused_drop(drop, "grad_input_cpu");
   const Shape sh(x);
   at::Tensor gx = at::empty_like(x, x.options(), format_of(x));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bn_relu_conv2d_grad_input", [&] {
@@ -241,7 +244,7 @@ at::Tensor grad_input_cpu(const at::Tensor& g, const at::Tensor& x, const at::Te
   return gx;
 }
 
-const Prims kCpuPrims{stats_cpu, bn_relu_cpu, reduce_cpu, grad_input_cpu};
+const Prims kCpuPrims{stats_cpu, bn_relu_cpu, reduce_cpu, grad_input_cpu, /*fuses_dropout=*/false};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_relu_conv2d_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,

@@ -114,25 +114,49 @@ inline void check_args(const char* op, const at::Tensor& input, const at::Tensor
   }
 }
 
-// y = relu(x * scale + shift) per channel, in x's dtype and layout. scale/shift: (C,) in stats dtype.
-using BnReluFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift);
+// The dropout that a device's kernels apply themselves (Prims::fuses_dropout): the keep mask (bool, x's
+// shape and layout) and 1/(1-p); an undefined mask means none. The fused kernels round as the reference's
+// ATen calls do: forward y = y * m * s (in x's dtype: relu rounded, then times s rounded), backward
+// g = (g * s) * m, so that both give the same bits.
+struct Drop {
+  at::Tensor mask;
+  double scale = 1.0;
+};
+
+// y = relu(x * scale + shift) per channel (then the dropout), in x's dtype and layout. scale/shift: (C,)
+// in stats dtype.
+using BnReluFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+                                const Drop& drop);
 // (mean, biased var) per channel, in stats dtype.
 using StatsFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& x);
-// (sum dz, sum dz * (x - mean)) per channel with dz = grad_y * [x * scale + shift > 0].
+// (sum dz, sum dz * (x - mean)) per channel with dz = grad_y' * [x * scale + shift > 0], grad_y' = grad_y
+// through the dropout.
 using ReduceFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor& grad_y, const at::Tensor& x,
                                                         const at::Tensor& scale, const at::Tensor& shift,
-                                                        const at::Tensor& mean);
+                                                        const at::Tensor& mean, const Drop& drop);
 // grad_x = dz * alpha + x * beta + gamma per channel, dz as above; in x's dtype and layout.
 using GradInputFn = at::Tensor (*)(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scale,
                                    const at::Tensor& shift, const at::Tensor& alpha, const at::Tensor& beta,
-                                   const at::Tensor& gamma);
+                                   const at::Tensor& gamma, const Drop& drop);
 
 struct Prims {
   StatsFn stats;
   BnReluFn bn_relu;
   ReduceFn reduce;
   GradInputFn grad_input;
+  bool fuses_dropout;  // false: the primitives get no mask, and the logic below applies it with ATen
 };
+
+// The dropout handed to the primitives (when they fuse it) or applied with ATen calls (when not).
+inline Drop fused_drop(const Prims& prims, const at::Tensor& mask, double p, const at::Tensor& input) {
+  if (!prims.fuses_dropout || !mask.defined()) return {};
+  return {mask.contiguous(format_of(input)), 1.0 / (1.0 - p)};
+}
+
+// A primitive that does not fuse the dropout says so if handed one (a programming error).
+inline void no_fused_drop(const Drop& drop, const char* prim) {
+  TORCH_CHECK(!drop.mask.defined(), prim, ": this primitive does not fuse the dropout");
+}
 
 inline std::tuple<at::Tensor, at::Tensor> affine(const at::Tensor& weight, const at::Tensor& bias,
                                                  const at::Tensor& mean, const at::Tensor& invstd) {
@@ -189,9 +213,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   }
   at::Tensor scale, shift;
   std::tie(scale, shift) = affine(weight, bias, mean, (var + eps).rsqrt());
-  at::Tensor y = prims.bn_relu(input, scale, shift);
+  const Drop drop = fused_drop(prims, drop_mask, drop_rate, input);
+  at::Tensor y = prims.bn_relu(input, scale, shift, drop);
   // The same two ATen multiplications as the reference's y * mask * (1 / (1 - p)): bit-identical outputs.
-  if (drop_mask.defined()) y.mul_(drop_mask).mul_(1.0 / (1.0 - drop_rate));
+  if (drop_mask.defined() && !drop.mask.defined()) y.mul_(drop_mask).mul_(1.0 / (1.0 - drop_rate));
   at::Tensor out = at::convolution(y.to(conv_weight.scalar_type()), conv_weight, conv_bias, stride, padding, dilation,
                                    /*transposed=*/false, /*output_padding=*/{0, 0}, groups);
   return {out, mean, var};
@@ -224,11 +249,12 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   at::Tensor scale, shift;
   std::tie(scale, shift) = affine(weight, bias, mean_s, invstd);
 
+  const Drop drop = fused_drop(prims, drop_mask, drop_rate, input);
   // Recompute the BN-ReLU output (the forward did not keep it) and back-propagate through the conv.
   at::Tensor grad_y, grad_conv_weight, grad_conv_bias;
   {
-    at::Tensor y = prims.bn_relu(input, scale, shift);
-    if (drop_mask.defined()) y.mul_(drop_mask).mul_(1.0 / (1.0 - drop_rate));  // as in the forward
+    at::Tensor y = prims.bn_relu(input, scale, shift, drop);
+    if (drop_mask.defined() && !drop.mask.defined()) y.mul_(drop_mask).mul_(1.0 / (1.0 - drop_rate));  // as forward
     y = y.to(conv_weight.scalar_type());
     const int64_t cout = conv_weight.size(0);
     // The bias gradient only when there is a bias: oneDNN's backward is slower when asked for it.
@@ -240,10 +266,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   if (!has_conv_bias) grad_conv_bias = at::empty({0}, conv_weight.options());  // the schema returns a Tensor
   grad_y = grad_y.to(input.scalar_type()).contiguous(format_of(input));
   // Through the dropout: the reference's autograd multiplies by 1/(1-p), then by the mask (exact).
-  if (drop_mask.defined()) grad_y.mul_(1.0 / (1.0 - drop_rate)).mul_(drop_mask);
+  if (drop_mask.defined() && !drop.mask.defined()) grad_y.mul_(1.0 / (1.0 - drop_rate)).mul_(drop_mask);
 
   at::Tensor sum_dz, sum_dz_xmu;
-  std::tie(sum_dz, sum_dz_xmu) = prims.reduce(grad_y, input, scale, shift, mean_s);
+  std::tie(sum_dz, sum_dz_xmu) = prims.reduce(grad_y, input, scale, shift, mean_s, drop);
   const at::Tensor gamma_invstd = weight.defined() ? weight.to(sdt) * invstd : invstd;
   at::Tensor alpha = gamma_invstd, beta, gamma;
   if (training) {
@@ -257,7 +283,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
     gamma = at::zeros_like(invstd);
   }
   at::Tensor grad_input = prims.grad_input(grad_y, input, scale, shift, alpha.contiguous(), beta.contiguous(),
-                                           gamma.contiguous());
+                                           gamma.contiguous(), drop);
   return {grad_input, sum_dz_xmu * invstd, sum_dz, grad_conv_weight, grad_conv_bias};
 }
 

@@ -8,8 +8,10 @@
 //               combining pass, one warp per channel
 //   reduce      per channel: sum dz and sum dz * (x - mean), dz = g * [x * scale_c + shift_c > 0] (the ReLU
 //               mask folded into the reduction), the same two passes
-//   bn_relu     elementwise y = max(x * scale_c + shift_c, 0)
+//   bn_relu     elementwise y = max(x * scale_c + shift_c, 0), then WRN's dropout (the keep mask, 1 byte)
 //   grad_input  elementwise grad_x = dz * alpha_c + x * beta_c + gamma_c
+// The dropout is fused into bn_relu, reduce and grad_input (Drop in ../bn_relu_conv.h), where applying it
+// with ATen would cost two more passes over y in the forward and over grad_y in the backward.
 // The reductions' first pass, by layout:
 //   NCHW  grid (C, splits), 256 threads: block (c, k) sums the k-th of `splits` consecutive ranges of the
 //         channel's N*H*W values; neighbouring threads read neighbouring addresses, and a thread walks its
@@ -128,7 +130,30 @@ struct StatsTerms {
   }
 };
 
-// reduce: dz and dz * (x - mean), dz = g * [fma(x, scale, shift) > 0].
+// The dropout as the kernels apply it (see Drop in ../bn_relu_conv.h): keep == nullptr means none.
+template <typename scalar_t, typename acc_t>
+struct DropIn {
+  const bool* __restrict__ keep;
+  acc_t scale;
+  // forward: y * m * s, rounded as ATen's y.mul_(m).mul_(s)
+  __device__ __forceinline__ scalar_t forward(scalar_t y, int64_t i) const {
+    if (keep == nullptr) return y;
+    return keep[i] ? static_cast<scalar_t>(static_cast<acc_t>(y) * scale) : scalar_t(0);
+  }
+  // backward: (g * s) * m, rounded as ATen's g.mul_(s).mul_(m)
+  __device__ __forceinline__ acc_t backward(scalar_t g, int64_t i) const {
+    if (keep == nullptr) return static_cast<acc_t>(g);
+    return keep[i] ? static_cast<acc_t>(static_cast<scalar_t>(static_cast<acc_t>(g) * scale)) : acc_t(0);
+  }
+};
+
+template <typename scalar_t, typename acc_t>
+DropIn<scalar_t, acc_t> drop_in(const Drop& drop) {
+  if (!drop.mask.defined()) return {nullptr, acc_t(1)};
+  return {drop.mask.const_data_ptr<bool>(), static_cast<acc_t>(drop.scale)};
+}
+
+// reduce: dz and dz * (x - mean), dz = g' * [fma(x, scale, shift) > 0], g' = g through the dropout.
 template <typename scalar_t, typename acc_t>
 struct GradTerms {
   const scalar_t* __restrict__ g;
@@ -136,6 +161,7 @@ struct GradTerms {
   const acc_t* __restrict__ scale;
   const acc_t* __restrict__ shift;
   const acc_t* __restrict__ mean;
+  DropIn<scalar_t, acc_t> drop;
   acc_t s = 0, b0 = 0, m = 0;
   __device__ __forceinline__ void begin(int64_t c) {
     s = scale[c];
@@ -144,7 +170,7 @@ struct GradTerms {
   }
   __device__ __forceinline__ void add(int64_t off, acc_t& a, acc_t& b) const {
     const acc_t xv = static_cast<acc_t>(x[off]);
-    const acc_t dz = preact(xv, s, b0) > acc_t(0) ? static_cast<acc_t>(g[off]) : acc_t(0);
+    const acc_t dz = preact(xv, s, b0) > acc_t(0) ? drop.backward(g[off], off) : acc_t(0);
     a += dz;
     b += dz * (xv - m);
   }
@@ -277,12 +303,13 @@ std::pair<at::Tensor, int64_t> partial_sums(const Terms& terms, const Layout& L,
 template <typename scalar_t, typename acc_t, typename index_t, typename Chan>
 __global__ void bn_relu_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, index_t numel,
-                               Chan channel) {
+                               Chan channel, DropIn<scalar_t, acc_t> drop) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const auto c = channel(i);
     const acc_t v = preact(static_cast<acc_t>(x[i]), scale[c], shift[c]);
-    y[i] = static_cast<scalar_t>(v > acc_t(0) ? v : (v != v ? v : acc_t(0)));  // NaN propagates as in F.relu
+    // NaN propagates as in F.relu
+    y[i] = drop.forward(static_cast<scalar_t>(v > acc_t(0) ? v : (v != v ? v : acc_t(0))), i);
   }
 }
 
@@ -291,12 +318,12 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ g, const scalar_t
                                   scalar_t* __restrict__ gx, const acc_t* __restrict__ scale,
                                   const acc_t* __restrict__ shift, const acc_t* __restrict__ alpha,
                                   const acc_t* __restrict__ beta, const acc_t* __restrict__ gamma, index_t numel,
-                                  Chan channel) {
+                                  Chan channel, DropIn<scalar_t, acc_t> drop) {
   for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
     const auto c = channel(i);
     const acc_t xv = static_cast<acc_t>(x[i]);
-    const acc_t dz = preact(xv, scale[c], shift[c]) > acc_t(0) ? static_cast<acc_t>(g[i]) : acc_t(0);
+    const acc_t dz = preact(xv, scale[c], shift[c]) > acc_t(0) ? drop.backward(g[i], i) : acc_t(0);
     gx[i] = static_cast<scalar_t>(dz * alpha[c] + (xv * beta[c] + gamma[c]));
   }
 }
@@ -347,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
   return {mean, var};
 }
 
-at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift) {
+at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const Drop& drop) {
   const Layout L = layout_of(x);
   at::Tensor y = at::empty_like(x, x.options(), format_of(x));
   const int64_t numel = x.numel();
@@ -358,7 +385,7 @@ at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::
       bn_relu_kernel<scalar_t, acc_t, decltype(n), decltype(channel)>
           <<<elementwise_blocks(numel), kElementwiseThreads, 0, current_stream()>>>(
               x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
-              shift.const_data_ptr<acc_t>(), n, channel);
+              shift.const_data_ptr<acc_t>(), n, channel, drop_in<scalar_t, acc_t>(drop));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -366,14 +393,14 @@ at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::
 }
 
 std::tuple<at::Tensor, at::Tensor> reduce_cuda(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale,
-                                               const at::Tensor& shift, const at::Tensor& mean) {
+                                               const at::Tensor& shift, const at::Tensor& mean, const Drop& drop) {
   const Layout L = layout_of(x);
   at::Tensor sum_dz = at::empty({L.C}, scale.options()), sum_dzx = at::empty({L.C}, scale.options());
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_reduce_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const GradTerms<scalar_t, acc_t> terms{g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
                                            scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
-                                           mean.const_data_ptr<acc_t>()};
+                                           mean.const_data_ptr<acc_t>(), drop_in<scalar_t, acc_t>(drop)};
     auto [part, splits] = partial_sums<acc_t>(terms, L, scale.options());
     finish_sums_kernel<acc_t><<<static_cast<unsigned>(L.C), 32, 0, current_stream()>>>(
         part.const_data_ptr<acc_t>(), splits, L.C, sum_dz.mutable_data_ptr<acc_t>(), sum_dzx.mutable_data_ptr<acc_t>());
@@ -384,7 +411,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_cuda(const at::Tensor& g, const at::Te
 
 at::Tensor grad_input_cuda(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale,
                            const at::Tensor& shift, const at::Tensor& alpha, const at::Tensor& beta,
-                           const at::Tensor& gamma) {
+                           const at::Tensor& gamma, const Drop& drop) {
   const Layout L = layout_of(x);
   at::Tensor gx = at::empty_like(x, x.options(), format_of(x));
   const int64_t numel = x.numel();
@@ -396,14 +423,14 @@ at::Tensor grad_input_cuda(const at::Tensor& g, const at::Tensor& x, const at::T
           <<<elementwise_blocks(numel), kElementwiseThreads, 0, current_stream()>>>(
               g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
               scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>(),
-              beta.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(), n, channel);
+              beta.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(), n, channel, drop_in<scalar_t, acc_t>(drop));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
   return gx;
 }
 
-const Prims kCudaPrims{stats_cuda, bn_relu_cuda, reduce_cuda, grad_input_cuda};
+const Prims kCudaPrims{stats_cuda, bn_relu_cuda, reduce_cuda, grad_input_cuda, /*fuses_dropout=*/true};
 
 // ---- Variant (issue 10, item 1): the two per-channel reductions on ATen's SyncBatchNorm primitives ----
 // at::batch_norm_stats (Welford) and at::batch_norm_backward_reduce use many blocks per channel and have
@@ -420,7 +447,8 @@ std::tuple<at::Tensor, at::Tensor> stats_aten(const at::Tensor& x) {
 }
 
 std::tuple<at::Tensor, at::Tensor> reduce_aten(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale,
-                                               const at::Tensor& shift, const at::Tensor& mean) {
+                                               const at::Tensor& shift, const at::Tensor& mean, const Drop& drop) {
+  no_fused_drop(drop, "reduce_aten");  // it writes dz into g, which grad_input would drop a second time
   const Layout L = layout_of(x);
   const int64_t numel = x.numel();
   if (numel > 0) {
@@ -443,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_aten(const at::Tensor& g, const at::Te
   return {std::get<0>(r), std::get<1>(r)};
 }
 
-const Prims kCudaAtenPrims{stats_aten, bn_relu_cuda, reduce_aten, grad_input_cuda};
+const Prims kCudaAtenPrims{stats_aten, bn_relu_cuda, reduce_aten, grad_input_cuda, /*fuses_dropout=*/false};
 
 const Prims& cuda_prims() {
   const char* v = std::getenv("LIGHTCNN_CUDA_BN_REDUCTIONS");
