@@ -11,7 +11,7 @@
 #   BUDGET=480 bash benchmarks/gpu_check.sh           # everything, in one 10-minute device call
 #   bash benchmarks/gpu_check.sh --device cpu --quick # smoke test of the same commands here (no build, tiny sizes)
 #
-# Order: the build, the CUDA kernel tests (correctness first), then the benchmarks in order of what they
+# Order: the build, the CUDA kernel tests and compute-sanitizer runs (correctness first), then the benchmarks in order of what they
 # decide (the defaults of issue 10 first, then drop 0.3, PreAct-164, DenseNet, the opt-in variants). Each
 # runs only while the elapsed time since the build is under BUDGET seconds (default 290) and is cut at the
 # budget, so the check keeps to its 5 minutes whatever the machine; a skipped one prints "skipped (time
@@ -38,6 +38,11 @@ P=benchmarks/bench_preact.py L=benchmarks/bench_lrn.py
 WRN="--device cuda --model wrn28_10 --batch-size 128 --steps 8 --warmup 2 --variants kernel,reference --timeout 120"
 LRN="--device cuda --shapes all --batch-size 128 --rounds 30"
 BENCHMARKS=(
+  # Correctness on the hardware: each kernel under compute-sanitizer (out-of-bounds, shared-memory races,
+  # barrier misuse), its results checked against the reference.
+  "python benchmarks/sanitize_ops.py --sanitizer memcheck"
+  "python benchmarks/sanitize_ops.py --sanitizer racecheck"
+  "python benchmarks/sanitize_ops.py --sanitizer synccheck"
   "python $P $WRN --precision bf16 --channels-last --drop-rate 0 --json {out}_wrn_bf16_cl_drop0.json"
   "python $P $WRN --precision tf32 --drop-rate 0 --json {out}_wrn_tf32_drop0.json"
   "python $P $WRN --precision fp32 --drop-rate 0 --json {out}_wrn_fp32_drop0.json"
@@ -63,6 +68,7 @@ QW="--device cpu --model wrn10_2 --batch-size 2 --steps 1 --warmup 1 --variants 
 QUICK_BENCHMARKS=(
   "python $P $QW --precision bf16 --channels-last --drop-rate 0.3 --json {out}_wrn_bf16_cl_drop03.json"
   "python $L --device cpu --shapes all --batch-size 1 --rounds 1 --dtype bfloat16 --channels-last --no-compile --json {out}_lrn_bf16_cl.json"
+  "python benchmarks/sanitize_ops.py --device cpu"
 )
 
 run() {

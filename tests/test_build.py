@@ -1,5 +1,6 @@
 """setup.py's choice of what to compile: a CPU-only build with a one-line reason, never a failure."""
 import os
+import re
 import subprocess
 import sys
 
@@ -52,3 +53,4 @@ def test_gpu_check_script_quick_mode_runs_on_the_cpu(tmp_path):
     written = sorted(p.name for p in out.iterdir())
     assert {"bench_wrn_bf16_cl_drop03.json", "bench_lrn_bf16_cl.json", "gpu_check.log"} <= set(written), written
     assert "=== summary:" in r.stdout and ("MET:" in r.stdout or "MISSED:" in r.stdout)
+    assert re.search(r"sanitize_ops.py: \d+ cases, 0 mismatches", r.stdout), r.stdout[-3000:]
