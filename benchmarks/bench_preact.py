@@ -26,6 +26,14 @@ fp32 without TF32: time <= 1.05; CPU: time <= 1.05 and memory <= 0.7.
   python benchmarks/bench_preact.py                                  # CPU, batch 8
   python benchmarks/bench_preact.py --device cuda --batch-size 128   # GPU
   python benchmarks/bench_preact.py --json results.json              # also write the figures
+  python benchmarks/bench_preact.py --device cuda --fit-memory-gib 16 --variants kernel,reference
+
+--fit-memory-gib G: instead of timing, the largest batch whose training step fits in G GiB, per variant
+(issue 10: the fused unit should fit a larger batch than the reference). Each worker measures the whole
+memory of a step (model, gradients, optimiser state, data and the step's peak: CUDA max_memory_allocated;
+CPU 3x the parameters plus the profiler's step peak) at --batch-size and twice that, fits
+memory = fixed + per_sample * batch, and on CUDA confirms the predicted batch under
+torch.cuda.set_per_process_memory_fraction(G GiB), stepping down 3% at a time on an out-of-memory error.
 """
 from __future__ import annotations
 
@@ -77,6 +85,74 @@ def _peak_allocated_cpu(fn) -> int:
     return peak
 
 
+def fit_batch(args, torch, device, model, batch, step, sync) -> dict:
+    """The largest batch whose whole training step fits in args.fit_memory_gib GiB (see the module docstring)."""
+    cap = int(args.fit_memory_gib * 2**30)
+    state = 3 * sum(p.numel() * p.element_size() for p in model.parameters())  # weights, grads, momentum
+
+    def whole_step_bytes(n):
+        x, y = batch(n)
+        step(x, y)  # warm: optimiser state, cuDNN algorithms
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+            step(x, y)
+            sync()
+            return torch.cuda.max_memory_allocated(device)
+        return state + x.nbytes + y.nbytes + _peak_allocated_cpu(lambda: step(x, y))
+
+    b1, b2 = args.batch_size, 2 * args.batch_size
+    m1, m2 = whole_step_bytes(b1), whole_step_bytes(b2)
+    per_sample = (m2 - m1) / (b2 - b1)
+    fixed = m1 - per_sample * b1
+    best = max(1, int((cap - fixed) / per_sample))
+    confirmed = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total))
+        for _ in range(20):
+            try:
+                x, y = batch(best)
+                step(x, y)
+                step(x, y)
+                sync()
+                confirmed = best
+                break
+            except torch.cuda.OutOfMemoryError:
+                x = y = None
+                torch.cuda.empty_cache()
+                best = max(1, int(best * 0.97))
+    return dict(variant=args.variant, model=args.model, device=str(device), precision=args.precision,
+                drop_rate=args.drop_rate, channels_last=args.channels_last, fit_memory_gib=args.fit_memory_gib,
+                fixed_bytes=fixed, per_sample_bytes=per_sample, fit_batch=best, confirmed=confirmed,
+                measured={b1: m1, b2: m2}, torch=torch.__version__)
+
+
+def fit_main(args, variants) -> int:
+    results = {v: run_variant(args, v) for v in variants}
+    print(f"\n{args.model}, 32x32, {args.device} {args.precision}, drop_rate {args.drop_rate}"
+          f"{' channels-last' if args.channels_last else ''}: the largest batch whose training step fits in "
+          f"{args.fit_memory_gib:g} GiB\n")
+    print("| variant | fixed (MiB) | per sample (MiB) | largest batch | confirmed on the device |")
+    print("|---|---:|---:|---:|---|")
+    for v, r in results.items():
+        conf = "-" if args.device == "cpu" else ("yes" if r["confirmed"] else "no (out of memory at every try)")
+        print(f"| {v} | {_mib(r['fixed_bytes'])} | {r['per_sample_bytes'] / 2**20:.2f} | {r['fit_batch']} | {conf} |")
+    ok = True
+    if {"kernel", "reference"} <= results.keys():
+        k, ref = results["kernel"]["fit_batch"], results["reference"]["fit_batch"]
+        ok = k > ref
+        label = (f"{args.model} {args.device} {args.precision}" + (" channels-last" if args.channels_last else "")
+                 + f" drop {args.drop_rate} in {args.fit_memory_gib:g} GiB")
+        print(f"\n{'MET' if ok else 'MISSED'}: {label}: largest batch kernel / reference = {k / ref:.2f} "
+              f"({k} vs {ref}; target > 1)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(args=vars(args), results=results), f, indent=1)
+    return 0 if ok else 1
+
+
 def worker(args) -> dict:
     import torch
     import torch.nn.functional as F
@@ -96,23 +172,30 @@ def worker(args) -> dict:
         model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4)
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch_size, 3, 32, 32, generator=gen).to(device)
-    if args.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, model.num_classes, (args.batch_size,), generator=gen).to(device)
+
+    def batch(n):
+        x = torch.randn(n, 3, 32, 32, generator=gen).to(device)
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, torch.randint(0, model.num_classes, (n,), generator=gen).to(device)
+
+    x, y = batch(args.batch_size)
     net = torch.compile(model) if args.variant == "compiled" else model
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step():
+    def step(x=x, y=y):
         with autocast:
             loss = F.cross_entropy(net(x), y)
         opt.zero_grad(set_to_none=False)  # gradients stay allocated: model state, not step memory
         loss.backward()
         opt.step()
         return loss
+
+    if args.fit_memory_gib:
+        return fit_batch(args, torch, device, model, batch, step, sync)
 
     result = dict(variant=args.variant, model=args.model, device=str(device), batch_size=args.batch_size,
                   precision=args.precision, drop_rate=args.drop_rate, channels_last=args.channels_last,
@@ -171,6 +254,8 @@ def run_variant(args, variant: str) -> dict:
            "--precision", args.precision]
     if args.channels_last:
         cmd.append("--channels-last")
+    if args.fit_memory_gib:
+        cmd += ["--fit-memory-gib", str(args.fit_memory_gib)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
     if out.returncode != 0:
         raise RuntimeError(f"{variant} failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
@@ -197,6 +282,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--timeout", type=float, default=1800, help="seconds per subprocess")
     p.add_argument("--json", help="write all results to this file")
+    p.add_argument("--fit-memory-gib", type=float, default=0,
+                   help="instead of timing: the largest batch whose step fits in this many GiB, per variant")
     p.add_argument("--worker", choices=VARIANTS, dest="variant", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.variant:
@@ -204,6 +291,8 @@ def main(argv=None) -> int:
         return 0
 
     variants = [v for v in args.variants.split(",") if v]
+    if args.fit_memory_gib:
+        return fit_main(args, variants)
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):
         for v in variants:

@@ -53,6 +53,8 @@ BENCHMARKS=(
   "python $P $WRN --precision bf16 --channels-last --drop-rate 0.3 --json {out}_wrn_bf16_cl_drop03.json"
   "python $P $WRN --precision tf32 --drop-rate 0.3 --json {out}_wrn_tf32_drop03.json"
   "python $P $WRN --precision fp32 --drop-rate 0.3 --json {out}_wrn_fp32_drop03.json"
+  # The largest batch whose step fits in 16 GiB, fused vs unfused (issue 10: the fused one fits more)
+  "python $P --device cuda --model wrn28_10 --batch-size 128 --variants kernel,reference --timeout 150 --precision bf16 --channels-last --fit-memory-gib 16 --json {out}_wrn_fit16_bf16_cl.json"
   "python $P --device cuda --model preact_resnet164 --batch-size 128 --steps 10 --warmup 3 --variants kernel,reference --precision tf32 --json {out}_preact164_tf32.json"
   # DenseNet-121 (224x224) and DenseNet-BC-190 k=40 (32x32) training steps at batch 64, naive vs ours, in bf16
   # autocast + channels-last, fp32 with TF32 and fp32 without (12 fresh processes, ~2 min).
@@ -69,6 +71,7 @@ QUICK_BENCHMARKS=(
   "python $P $QW --precision bf16 --channels-last --drop-rate 0.3 --json {out}_wrn_bf16_cl_drop03.json"
   "python $L --device cpu --shapes all --batch-size 1 --rounds 1 --dtype bfloat16 --channels-last --no-compile --json {out}_lrn_bf16_cl.json"
   "python benchmarks/sanitize_ops.py --device cpu"
+  "python $P $QW --fit-memory-gib 1 --json {out}_fit.json"
 )
 
 run() {

@@ -51,6 +51,7 @@ def test_gpu_check_script_quick_mode_runs_on_the_cpu(tmp_path):
     assert "must not import" not in r.stdout + r.stderr
     assert "Traceback" not in r.stdout + r.stderr, r.stdout[-3000:]
     written = sorted(p.name for p in out.iterdir())
-    assert {"bench_wrn_bf16_cl_drop03.json", "bench_lrn_bf16_cl.json", "gpu_check.log"} <= set(written), written
+    assert {"bench_wrn_bf16_cl_drop03.json", "bench_lrn_bf16_cl.json", "bench_fit.json", "gpu_check.log"} <= set(
+        written), written
     assert "=== summary:" in r.stdout and ("MET:" in r.stdout or "MISSED:" in r.stdout)
     assert re.search(r"sanitize_ops.py: \d+ cases, 0 mismatches", r.stdout), r.stdout[-3000:]
