@@ -145,7 +145,11 @@ def test_bn_relu_conv_forward_and_backward(emu, kind, dtype):
 def check_bn_relu_conv(emu, kind, dtype):
     configs = [dict(training=True), dict(training=False), dict(training=True, groups=2, stride=(2, 1)),
                dict(training=True, drop=True), dict(training=True, shape=(3, 37, 1, 3)),
-               dict(training=True, shape=(2, 3, 64, 64))]  # several blocks per channel in the reductions
+               dict(training=True, shape=(2, 3, 64, 64)),  # several blocks per channel in the reductions
+               # 16-byte vectors in the elementwise passes: channels-last (C % 8 == 0), NCHW (H*W % 8 == 0),
+               # with the dropout too
+               dict(training=True, shape=(2, 16, 3, 5)), dict(training=True, shape=(2, 5, 4, 4), drop=True),
+               dict(training=True, shape=(2, 16, 4, 4), drop=True)]
     for cfg in configs:
         args = _bn_relu_conv_args(dtype, kind, **cfg)
         got, g = _run_bn_relu_conv(emu, args)

@@ -21,7 +21,8 @@
 //         every splits-th group of TY pixels, then sums its TY rows in shared memory
 // `splits` gives each block at least kValuesPerBlock values of a channel, so a WRN-28-10 layer at batch
 // 128 runs thousands of blocks where one block per channel ran 160 to 640. The elementwise kernels find
-// an element's channel with a multiply-high and a shift (FastDiv) when the tensor has < 2^31 elements.
+// an element's channel with a multiply-high and a shift (FastDiv) when the tensor has < 2^31 elements, and
+// load and store 16 bytes at a time (4 floats, 8 bfloat16) when C (channels-last) or H*W (NCHW) allows.
 // The alternative of ATen's SyncBatchNorm primitives for the reductions stays available (opt-in, below),
 // so that the GPU check measures both in one run; these kernels keep what ATen's cannot: the ReLU mask
 // folded into the backward reduction (ATen's needs a masked copy of the gradient first).
@@ -46,6 +47,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #include "../bn_relu_conv.h"
 #include "fast_div.cuh"
@@ -85,10 +87,20 @@ struct Channel32 {
     const uint32_t q = channels_last ? i : by_S(i);  // NCHW: the plane n * C + c
     return q - by_C(q) * C;
   }
+  __device__ __forceinline__ bool cl() const { return channels_last; }
 };
 struct Channel64 {
   Layout L;
   __device__ __forceinline__ int64_t operator()(int64_t i) const { return L.channel(i); }
+  __device__ __forceinline__ bool cl() const { return L.channels_last; }
+};
+
+// V consecutive elements, loaded and stored as one access of V * sizeof(scalar_t) bytes (16 for the
+// vectorised launches). With C % V == 0 (channels-last) or H*W % V == 0 (NCHW), the V elements of a
+// vector are channels c0 .. c0 + V - 1 of one pixel, or V positions of one channel c0.
+template <typename scalar_t, int V>
+struct alignas(sizeof(scalar_t) * V) Vec {
+  scalar_t v[V];
 };
 
 __device__ __forceinline__ float preact(float x, float s, float b) { return fmaf(x, s, b); }
@@ -300,31 +312,49 @@ std::pair<at::Tensor, int64_t> partial_sums(const Terms& terms, const Layout& L,
   return {part, splits};
 }
 
-template <typename scalar_t, typename acc_t, typename index_t, typename Chan>
+template <typename scalar_t, typename acc_t, int V, typename index_t, typename Chan>
 __global__ void bn_relu_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y,
                                const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, index_t numel,
                                Chan channel, DropIn<scalar_t, acc_t> drop) {
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
+  using VecT = Vec<scalar_t, V>;
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel / V;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const auto c = channel(i);
-    const acc_t v = preact(static_cast<acc_t>(x[i]), scale[c], shift[c]);
-    // NaN propagates as in F.relu
-    y[i] = drop.forward(static_cast<scalar_t>(v > acc_t(0) ? v : (v != v ? v : acc_t(0))), i);
+    const index_t e = i * V;
+    const auto c0 = channel(e);
+    const VecT in = reinterpret_cast<const VecT*>(x)[i];
+    VecT out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const auto c = channel.cl() ? c0 + k : c0;
+      const acc_t v = preact(static_cast<acc_t>(in.v[k]), scale[c], shift[c]);
+      // NaN propagates as in F.relu
+      out.v[k] = drop.forward(static_cast<scalar_t>(v > acc_t(0) ? v : (v != v ? v : acc_t(0))), e + k);
+    }
+    reinterpret_cast<VecT*>(y)[i] = out;
   }
 }
 
-template <typename scalar_t, typename acc_t, typename index_t, typename Chan>
+template <typename scalar_t, typename acc_t, int V, typename index_t, typename Chan>
 __global__ void grad_input_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                                   scalar_t* __restrict__ gx, const acc_t* __restrict__ scale,
                                   const acc_t* __restrict__ shift, const acc_t* __restrict__ alpha,
                                   const acc_t* __restrict__ beta, const acc_t* __restrict__ gamma, index_t numel,
                                   Chan channel, DropIn<scalar_t, acc_t> drop) {
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
+  using VecT = Vec<scalar_t, V>;
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel / V;
        i += static_cast<index_t>(gridDim.x) * blockDim.x) {
-    const auto c = channel(i);
-    const acc_t xv = static_cast<acc_t>(x[i]);
-    const acc_t dz = preact(xv, scale[c], shift[c]) > acc_t(0) ? drop.backward(g[i], i) : acc_t(0);
-    gx[i] = static_cast<scalar_t>(dz * alpha[c] + (xv * beta[c] + gamma[c]));
+    const index_t e = i * V;
+    const auto c0 = channel(e);
+    const VecT gv = reinterpret_cast<const VecT*>(g)[i], xv = reinterpret_cast<const VecT*>(x)[i];
+    VecT out;
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const auto c = channel.cl() ? c0 + k : c0;
+      const acc_t xk = static_cast<acc_t>(xv.v[k]);
+      const acc_t dz = preact(xk, scale[c], shift[c]) > acc_t(0) ? drop.backward(gv.v[k], e + k) : acc_t(0);
+      out.v[k] = static_cast<scalar_t>(dz * alpha[c] + (xk * beta[c] + gamma[c]));
+    }
+    reinterpret_cast<VecT*>(gx)[i] = out;
   }
 }
 
@@ -355,6 +385,19 @@ void with_index(const Layout& L, int64_t numel, const F& launch) {
     launch(numel, Channel64{L});
 }
 
+// 16-byte vectors (Vec) when the layout keeps a vector in one pixel or one channel and every pointer is
+// 16-byte aligned; else one element at a time. Calls launch(std::integral_constant<int, V>).
+template <typename scalar_t, typename F>
+void with_vector(const Layout& L, int64_t numel, std::initializer_list<const void*> ptrs, const F& launch) {
+  constexpr int V = 16 / sizeof(scalar_t);
+  bool ok = numel % V == 0 && (L.channels_last ? L.C : L.S) % V == 0;
+  for (const void* p : ptrs) ok = ok && reinterpret_cast<uintptr_t>(p) % 16 == 0;
+  if (ok)
+    launch(std::integral_constant<int, V>());
+  else
+    launch(std::integral_constant<int, 1>());
+}
+
 #define LIGHTCNN_DISPATCH(x, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), name, __VA_ARGS__)
 
@@ -381,12 +424,16 @@ at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::
   if (numel == 0) return y;
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_bn_relu_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    with_index(L, numel, [&](auto n, auto channel) {
-      bn_relu_kernel<scalar_t, acc_t, decltype(n), decltype(channel)>
-          <<<elementwise_blocks(numel), kElementwiseThreads, 0, current_stream()>>>(
-              x.const_data_ptr<scalar_t>(), y.mutable_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(),
-              shift.const_data_ptr<acc_t>(), n, channel, drop_in<scalar_t, acc_t>(drop));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+    with_vector<scalar_t>(L, numel, {xp, yp}, [&](auto vec) {
+      with_index(L, numel, [&](auto n, auto channel) {
+        bn_relu_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(n), decltype(channel)>
+            <<<elementwise_blocks(numel / vec), kElementwiseThreads, 0, current_stream()>>>(
+                xp, yp, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), n, channel,
+                drop_in<scalar_t, acc_t>(drop));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return y;
@@ -418,13 +465,17 @@ at::Tensor grad_input_cuda(const at::Tensor& g, const at::Tensor& x, const at::T
   if (numel == 0) return gx;
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_grad_input_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
-    with_index(L, numel, [&](auto n, auto channel) {
-      grad_input_kernel<scalar_t, acc_t, decltype(n), decltype(channel)>
-          <<<elementwise_blocks(numel), kElementwiseThreads, 0, current_stream()>>>(
-              g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), gx.mutable_data_ptr<scalar_t>(),
-              scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(), alpha.const_data_ptr<acc_t>(),
-              beta.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(), n, channel, drop_in<scalar_t, acc_t>(drop));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t *gp = g.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
+    scalar_t* op = gx.mutable_data_ptr<scalar_t>();
+    with_vector<scalar_t>(L, numel, {gp, xp, op}, [&](auto vec) {
+      with_index(L, numel, [&](auto n, auto channel) {
+        grad_input_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(n), decltype(channel)>
+            <<<elementwise_blocks(numel / vec), kElementwiseThreads, 0, current_stream()>>>(
+                gp, xp, op, scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
+                alpha.const_data_ptr<acc_t>(), beta.const_data_ptr<acc_t>(), gamma.const_data_ptr<acc_t>(), n,
+                channel, drop_in<scalar_t, acc_t>(drop));
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
     });
   });
   return gx;
