@@ -232,8 +232,8 @@ __global__ void partial_nhwc_kernel(Terms terms, Layout L, acc_t* __restrict__ p
   acc_t a = 0, b = 0;
   if (c < L.C) {
     terms.begin(c);
-    for (int64_t m = blockIdx.y * static_cast<int64_t>(blockDim.y) + threadIdx.y; m < M; m += step)
-      terms.add(m * L.C + c, a, b);
+    int64_t m = blockIdx.y * static_cast<int64_t>(blockDim.y) + threadIdx.y, off = m * L.C + c;
+    for (const int64_t step_off = step * L.C; m < M; m += step, off += step_off) terms.add(off, a, b);
   }
   const int t = threadIdx.y * blockDim.x + threadIdx.x;
   sa[t] = a;
