@@ -9,7 +9,9 @@
 //           two passes.
 //
 // A device supplies four primitives (Prims::stats, bn_relu, reduce, grad_input); everything per
-// channel (C-sized tensors) is done here with ATen ops, which run on the input's device.
+// channel (C-sized tensors) is done here with ATen ops, which run on the input's device, unless the device
+// also supplies the optional Prims::affine and Prims::coefs (CUDA does: a launch each instead of a dozen
+// small ATen kernels per unit and step).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -139,12 +141,25 @@ using GradInputFn = at::Tensor (*)(const at::Tensor& grad_y, const at::Tensor& x
                                    const at::Tensor& shift, const at::Tensor& alpha, const at::Tensor& beta,
                                    const at::Tensor& gamma, const Drop& drop);
 
+// Optional per-channel primitives (nullptr: the ATen ops of forward() and backward() below). On a GPU
+// each small ATen op is a kernel launch; these do a step's per-channel arithmetic in one launch each.
+// (scale, shift, invstd) from (mean, var), all (C,) in the stats dtype; weight and bias may be undefined.
+using AffineFn = std::tuple<at::Tensor, at::Tensor, at::Tensor> (*)(const at::Tensor& mean, const at::Tensor& var,
+                                                                    const at::Tensor& weight, const at::Tensor& bias,
+                                                                    double eps);
+// The BN backward's (alpha, beta, gamma, grad_weight, grad_bias) from the reduce's sums (see backward()).
+using CoefsFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor& sum_dz, const at::Tensor& sum_dzx, const at::Tensor& invstd, const at::Tensor& mean,
+    const at::Tensor& weight, int64_t M, bool training);
+
 struct Prims {
   StatsFn stats;
   BnReluFn bn_relu;
   ReduceFn reduce;
   GradInputFn grad_input;
   bool fuses_dropout;  // false: the primitives get no mask, and the logic below applies it with ATen
+  AffineFn affine = nullptr;
+  CoefsFn coefs = nullptr;
 };
 
 // The dropout handed to the primitives (when they fuse it) or applied with ATen calls (when not).
@@ -212,7 +227,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     std::tie(mean, var) = running_stats(op, running_mean, running_var, sdt);
   }
   at::Tensor scale, shift;
-  std::tie(scale, shift) = affine(weight, bias, mean, (var + eps).rsqrt());
+  if (prims.affine)
+    std::tie(scale, shift, std::ignore) = prims.affine(mean, var, weight, bias, eps);
+  else
+    std::tie(scale, shift) = affine(weight, bias, mean, (var + eps).rsqrt());
   const Drop drop = fused_drop(prims, drop_mask, drop_rate, input);
   at::Tensor y = prims.bn_relu(input, scale, shift, drop);
   // The same two ATen multiplications as the reference's y * mask * (1 / (1 - p)): bit-identical outputs.
@@ -245,9 +263,13 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   const at::Tensor input = dense(input_);
   const auto sdt = stats_dtype(input.scalar_type());
   const at::Tensor mean_s = mean.to(sdt).contiguous(), var_s = var.to(sdt).contiguous();
-  const at::Tensor invstd = (var_s + eps).rsqrt();
-  at::Tensor scale, shift;
-  std::tie(scale, shift) = affine(weight, bias, mean_s, invstd);
+  at::Tensor invstd, scale, shift;
+  if (prims.affine) {
+    std::tie(scale, shift, invstd) = prims.affine(mean_s, var_s, weight, bias, eps);
+  } else {
+    invstd = (var_s + eps).rsqrt();
+    std::tie(scale, shift) = affine(weight, bias, mean_s, invstd);
+  }
 
   const Drop drop = fused_drop(prims, drop_mask, drop_rate, input);
   // Recompute the BN-ReLU output (the forward did not keep it) and back-propagate through the conv.
@@ -270,21 +292,30 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
 
   at::Tensor sum_dz, sum_dz_xmu;
   std::tie(sum_dz, sum_dz_xmu) = prims.reduce(grad_y, input, scale, shift, mean_s, drop);
-  const at::Tensor gamma_invstd = weight.defined() ? weight.to(sdt) * invstd : invstd;
-  at::Tensor alpha = gamma_invstd, beta, gamma;
-  if (training) {
-    // d/dx of gamma * (x - mean) * invstd with batch statistics (Ioffe & Szegedy 2015, section 3):
-    // grad_x = gamma * invstd * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)))
-    const double M = static_cast<double>(input.numel() / input.size(1));
-    beta = -gamma_invstd * invstd * invstd * sum_dz_xmu / M;
-    gamma = -gamma_invstd * sum_dz / M - beta * mean_s;
+  // d/dx of gamma * (x - mean) * invstd with batch statistics (Ioffe & Szegedy 2015, section 3):
+  // grad_x = gamma * invstd * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)))
+  //        = dz * alpha + x * beta + gamma per channel (beta = gamma = 0 in eval: the statistics are constants)
+  const int64_t M = input.numel() / input.size(1);
+  at::Tensor alpha, beta, gamma, grad_weight, grad_bias;
+  if (prims.coefs) {
+    std::tie(alpha, beta, gamma, grad_weight, grad_bias) =
+        prims.coefs(sum_dz, sum_dz_xmu, invstd, mean_s, weight, M, training);
   } else {
-    beta = at::zeros_like(invstd);
-    gamma = at::zeros_like(invstd);
+    const at::Tensor gamma_invstd = weight.defined() ? weight.to(sdt) * invstd : invstd;
+    alpha = gamma_invstd;
+    if (training) {
+      beta = -gamma_invstd * invstd * invstd * sum_dz_xmu / static_cast<double>(M);
+      gamma = -gamma_invstd * sum_dz / static_cast<double>(M) - beta * mean_s;
+    } else {
+      beta = at::zeros_like(invstd);
+      gamma = at::zeros_like(invstd);
+    }
+    grad_weight = sum_dz_xmu * invstd;
+    grad_bias = sum_dz;
   }
   at::Tensor grad_input = prims.grad_input(grad_y, input, scale, shift, alpha.contiguous(), beta.contiguous(),
                                            gamma.contiguous(), drop);
-  return {grad_input, sum_dz_xmu * invstd, sum_dz, grad_conv_weight, grad_conv_bias};
+  return {grad_input, grad_weight, grad_bias, grad_conv_weight, grad_conv_bias};
 }
 
 }  // namespace bn_relu_conv

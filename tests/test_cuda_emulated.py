@@ -113,12 +113,14 @@ def test_lrn_every_beta_path(emu):
 # ---------------------------------------------------------------- fused BN-ReLU-Conv
 
 
-def _bn_relu_conv_args(dtype, kind, training, shape=(2, 6, 5, 4), groups=1, stride=(1, 1), drop=False):
+def _bn_relu_conv_args(dtype, kind, training, shape=(2, 6, 5, 4), groups=1, stride=(1, 1), drop=False,
+                       affine=True):
     N, C, H, W = shape
     pdt = torch.float32 if dtype in HALF else dtype  # half activations with float32 BN parameters (AMP)
     x = layout(torch.randn(shape, dtype=torch.float64).to(dtype), kind)
     mask = torch.rand(shape) > 0.3 if drop else None
-    return [x, torch.rand(C, dtype=pdt) + 0.5, torch.randn(C, dtype=pdt), torch.randn(C, dtype=pdt),
+    w, b = (torch.rand(C, dtype=pdt) + 0.5, torch.randn(C, dtype=pdt)) if affine else (None, None)
+    return [x, w, b, torch.randn(C, dtype=pdt),
             torch.rand(C, dtype=pdt) + 0.5, torch.randn(4, C // groups, 3, 3, dtype=torch.float64).to(dtype),
             torch.randn(4, dtype=torch.float64).to(dtype), list(stride), [1, 1], [1, 1], groups, training, 1e-5,
             mask, 0.3 if drop else 0.0]
@@ -149,7 +151,8 @@ def check_bn_relu_conv(emu, kind, dtype):
                # 16-byte vectors in the elementwise passes: channels-last (C % 8 == 0), NCHW (H*W % 8 == 0),
                # with the dropout too
                dict(training=True, shape=(2, 16, 3, 5)), dict(training=True, shape=(2, 5, 4, 4), drop=True),
-               dict(training=True, shape=(2, 16, 4, 4), drop=True)]
+               dict(training=True, shape=(2, 16, 4, 4), drop=True),
+               dict(training=True, affine=False), dict(training=False, affine=False)]  # BN without weight/bias
     for cfg in configs:
         args = _bn_relu_conv_args(dtype, kind, **cfg)
         got, g = _run_bn_relu_conv(emu, args)
