@@ -163,11 +163,8 @@ def bn_relu_conv2d(input: torch.Tensor, running_mean: torch.Tensor | None, runni
             cw, cb, stride, padding, dilation, groups, training, float(eps), drop_mask if dropping else None,
             float(drop_rate) if dropping else 0.0)
     if training and running_mean is not None:
-        # nn.BatchNorm2d's update: unbiased variance of the n = N*H*W values of a channel.
-        n = input.numel() // input.shape[1]
-        with torch.no_grad():
-            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
-            running_var.copy_(momentum * var * (n / (n - 1)) + (1 - momentum) * running_var)
+        reference.update_running_stats(running_mean, running_var, mean, var, input.numel() // input.shape[1],
+                                       momentum)
     return out
 
 

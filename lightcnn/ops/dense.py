@@ -142,10 +142,8 @@ def dense_bn_relu_conv2d(features: Sequence[torch.Tensor], running_mean: torch.T
             features, weight, bias, None if training else running_mean, None if training else running_var, cw,
             padding, training, float(eps))
     if training and running_mean is not None:
-        n = features[0].numel() // features[0].shape[1]  # nn.BatchNorm2d's update: unbiased variance
-        with torch.no_grad():
-            running_mean.copy_(momentum * mean + (1 - momentum) * running_mean)
-            running_var.copy_(momentum * var * (n / (n - 1)) + (1 - momentum) * running_var)
+        reference.update_running_stats(running_mean, running_var, mean, var,
+                                       features[0].numel() // features[0].shape[1], momentum)
     return out
 
 
