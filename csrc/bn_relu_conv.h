@@ -181,6 +181,37 @@ inline std::tuple<at::Tensor, at::Tensor> affine(const at::Tensor& weight, const
   return {scale.contiguous(), shift.contiguous()};
 }
 
+// (scale, shift, invstd) from the statistics: the device's one-launch primitive when it has one, else ATen.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> scale_shift(AffineFn fn, const at::Tensor& mean,
+                                                                  const at::Tensor& var, const at::Tensor& weight,
+                                                                  const at::Tensor& bias, double eps) {
+  if (fn) return fn(mean, var, weight, bias, eps);
+  at::Tensor invstd = (var + eps).rsqrt(), scale, shift;
+  std::tie(scale, shift) = affine(weight, bias, mean, invstd);
+  return {scale, shift, invstd};
+}
+
+// The BN backward per channel from sum dz and sum dz * (x - mean) over the M values of each channel:
+// d/dx of gamma * (x - mean) * invstd with batch statistics (Ioffe & Szegedy 2015, section 3) is
+//   grad_x = gamma * invstd * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)))
+//          = dz * alpha + x * beta + gamma   (beta = gamma = 0 in eval: the statistics are constants);
+// returns (alpha, beta, gamma, grad_weight, grad_bias): the device's one-launch primitive, or ATen.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_coefs(
+    CoefsFn fn, const at::Tensor& sum_dz, const at::Tensor& sum_dzx, const at::Tensor& invstd, const at::Tensor& mean,
+    const at::Tensor& weight, int64_t M, bool training) {
+  if (fn) return fn(sum_dz, sum_dzx, invstd, mean, weight, M, training);
+  const at::Tensor alpha = weight.defined() ? weight.to(invstd.scalar_type()) * invstd : invstd;
+  at::Tensor beta, gamma;
+  if (training) {
+    beta = -alpha * invstd * invstd * sum_dzx / static_cast<double>(M);
+    gamma = -alpha * sum_dz / static_cast<double>(M) - beta * mean;
+  } else {
+    beta = at::zeros_like(invstd);
+    gamma = at::zeros_like(invstd);
+  }
+  return {alpha.contiguous(), beta.contiguous(), gamma.contiguous(), sum_dzx * invstd, sum_dz};
+}
+
 // Eval mode (training=False): copies of the running statistics in the stats dtype, as (mean, var).
 // bn_relu_conv2d and dense_bn_relu_conv2d (dense.h) both use it.
 inline std::tuple<at::Tensor, at::Tensor> running_stats(const char* op, const at::Tensor& running_mean,
@@ -227,10 +258,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     std::tie(mean, var) = running_stats(op, running_mean, running_var, sdt);
   }
   at::Tensor scale, shift;
-  if (prims.affine)
-    std::tie(scale, shift, std::ignore) = prims.affine(mean, var, weight, bias, eps);
-  else
-    std::tie(scale, shift) = affine(weight, bias, mean, (var + eps).rsqrt());
+  std::tie(scale, shift, std::ignore) = scale_shift(prims.affine, mean, var, weight, bias, eps);
   const Drop drop = fused_drop(prims, drop_mask, drop_rate, input);
   at::Tensor y = prims.bn_relu(input, scale, shift, drop);
   // The same two ATen multiplications as the reference's y * mask * (1 / (1 - p)): bit-identical outputs.
@@ -264,12 +292,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   const auto sdt = stats_dtype(input.scalar_type());
   const at::Tensor mean_s = mean.to(sdt).contiguous(), var_s = var.to(sdt).contiguous();
   at::Tensor invstd, scale, shift;
-  if (prims.affine) {
-    std::tie(scale, shift, invstd) = prims.affine(mean_s, var_s, weight, bias, eps);
-  } else {
-    invstd = (var_s + eps).rsqrt();
-    std::tie(scale, shift) = affine(weight, bias, mean_s, invstd);
-  }
+  std::tie(scale, shift, invstd) = scale_shift(prims.affine, mean_s, var_s, weight, bias, eps);
 
   const Drop drop = fused_drop(prims, drop_mask, drop_rate, input);
   // Recompute the BN-ReLU output (the forward did not keep it) and back-propagate through the conv.
@@ -292,29 +315,10 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
 
   at::Tensor sum_dz, sum_dz_xmu;
   std::tie(sum_dz, sum_dz_xmu) = prims.reduce(grad_y, input, scale, shift, mean_s, drop);
-  // d/dx of gamma * (x - mean) * invstd with batch statistics (Ioffe & Szegedy 2015, section 3):
-  // grad_x = gamma * invstd * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)))
-  //        = dz * alpha + x * beta + gamma per channel (beta = gamma = 0 in eval: the statistics are constants)
-  const int64_t M = input.numel() / input.size(1);
   at::Tensor alpha, beta, gamma, grad_weight, grad_bias;
-  if (prims.coefs) {
-    std::tie(alpha, beta, gamma, grad_weight, grad_bias) =
-        prims.coefs(sum_dz, sum_dz_xmu, invstd, mean_s, weight, M, training);
-  } else {
-    const at::Tensor gamma_invstd = weight.defined() ? weight.to(sdt) * invstd : invstd;
-    alpha = gamma_invstd;
-    if (training) {
-      beta = -gamma_invstd * invstd * invstd * sum_dz_xmu / static_cast<double>(M);
-      gamma = -gamma_invstd * sum_dz / static_cast<double>(M) - beta * mean_s;
-    } else {
-      beta = at::zeros_like(invstd);
-      gamma = at::zeros_like(invstd);
-    }
-    grad_weight = sum_dz_xmu * invstd;
-    grad_bias = sum_dz;
-  }
-  at::Tensor grad_input = prims.grad_input(grad_y, input, scale, shift, alpha.contiguous(), beta.contiguous(),
-                                           gamma.contiguous(), drop);
+  std::tie(alpha, beta, gamma, grad_weight, grad_bias) = backward_coefs(
+      prims.coefs, sum_dz, sum_dz_xmu, invstd, mean_s, weight, input.numel() / input.size(1), training);
+  at::Tensor grad_input = prims.grad_input(grad_y, input, scale, shift, alpha, beta, gamma, drop);
   return {grad_input, grad_weight, grad_bias, grad_conv_weight, grad_conv_bias};
 }
 

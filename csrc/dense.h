@@ -27,7 +27,6 @@
 namespace lightcnn {
 namespace dense {
 
-using bn_relu_conv::affine;
 using bn_relu_conv::running_stats;
 using bn_relu_conv::stats_dtype;
 
@@ -51,6 +50,8 @@ struct DensePrims {
   BnReluIntoFn bn_relu_into;
   ReduceFromFn reduce_from;
   GradInputsFn grad_inputs;
+  bn_relu_conv::AffineFn affine = nullptr;  // optional, as in bn_relu_conv::Prims
+  bn_relu_conv::CoefsFn coefs = nullptr;
 };
 
 // Channels-last when every feature is (and is not also NCHW-contiguous), NCHW otherwise.
@@ -166,7 +167,7 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     std::tie(mean, var) = running_stats(op, running_mean, running_var, sdt);
   }
   at::Tensor scale, shift;
-  std::tie(scale, shift) = affine(weight, bias, mean, (var + eps).rsqrt());
+  std::tie(scale, shift, std::ignore) = bn_relu_conv::scale_shift(prims.affine, mean, var, weight, bias, eps);
   at::Tensor out;
   {
     const at::Tensor y = bn_relu_buffer(prims, feats, C, scale, shift);
@@ -198,9 +199,8 @@ inline std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> b
               ", ...) on ", f0.device(), ", got ", grad_output.sizes(), " on ", grad_output.device());
   const auto sdt = stats_dtype(f0.scalar_type());
   const at::Tensor mean_s = mean.to(sdt).contiguous(), var_s = var.to(sdt).contiguous();
-  const at::Tensor invstd = (var_s + eps).rsqrt();
-  at::Tensor scale, shift;
-  std::tie(scale, shift) = affine(weight, bias, mean_s, invstd);
+  at::Tensor scale, shift, invstd;
+  std::tie(scale, shift, invstd) = bn_relu_conv::scale_shift(prims.affine, mean_s, var_s, weight, bias, eps);
 
   at::Tensor grad_y, grad_conv_weight;
   {
@@ -213,20 +213,11 @@ inline std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor, at::Tensor> b
 
   at::Tensor sum_dz, sum_dz_xmu;
   std::tie(sum_dz, sum_dz_xmu) = prims.reduce_from(grad_y, feats, scale, shift, mean_s);
-  // d/dx of gamma * (x - mean) * invstd with batch statistics, as bn_relu_conv::backward.
-  const at::Tensor gamma_invstd = weight.defined() ? weight.to(sdt) * invstd : invstd;
-  at::Tensor alpha = gamma_invstd, beta, gamma;
-  if (training) {
-    const double M = static_cast<double>(f0.size(0) * f0.size(2) * f0.size(3));
-    beta = -gamma_invstd * invstd * invstd * sum_dz_xmu / M;
-    gamma = -gamma_invstd * sum_dz / M - beta * mean_s;
-  } else {
-    beta = at::zeros_like(invstd);
-    gamma = at::zeros_like(invstd);
-  }
-  std::vector<at::Tensor> grads =
-      prims.grad_inputs(grad_y, feats, scale, shift, alpha.contiguous(), beta.contiguous(), gamma.contiguous());
-  return {grads, sum_dz_xmu * invstd, sum_dz, grad_conv_weight};
+  at::Tensor alpha, beta, gamma, grad_weight, grad_bias;
+  std::tie(alpha, beta, gamma, grad_weight, grad_bias) = bn_relu_conv::backward_coefs(
+      prims.coefs, sum_dz, sum_dz_xmu, invstd, mean_s, weight, f0.size(0) * f0.size(2) * f0.size(3), training);
+  std::vector<at::Tensor> grads = prims.grad_inputs(grad_y, feats, scale, shift, alpha, beta, gamma);
+  return {grads, grad_weight, grad_bias, grad_conv_weight};
 }
 
 }  // namespace dense

@@ -15,6 +15,7 @@
 // buffer has < 2^31 elements; the reduction walks its values by adding to offsets.
 #include "../dense.h"
 #include "fast_div.cuh"
+#include "per_channel.h"
 
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
@@ -276,7 +277,8 @@ std::vector<at::Tensor> grad_inputs_cuda(const at::Tensor& g, const std::vector<
   return grads;
 }
 
-const DensePrims kCudaPrims{bn_relu_into_cuda, reduce_from_cuda, grad_inputs_cuda};
+const DensePrims kCudaPrims{bn_relu_into_cuda, reduce_from_cuda, grad_inputs_cuda, per_channel::affine,
+                            per_channel::coefs};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bn_relu_conv2d_cuda(
     at::TensorList features, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,

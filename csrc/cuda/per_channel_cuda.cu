@@ -1,0 +1,103 @@
+// The per-channel arithmetic of a batch-norm step on CUDA, one launch each (declared in per_channel.h):
+// the fused BN-ReLU-Conv and DenseNet ops use them as their Prims::affine / DensePrims::affine and
+// Prims::coefs / DensePrims::coefs, where the ATen sequence would cost about a dozen launches of tiny
+// kernels per unit and step (see bn_relu_conv.h: scale_shift, backward_coefs).
+#include "per_channel.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+
+namespace lightcnn {
+namespace per_channel {
+namespace {
+
+inline cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+constexpr int kThreads = 256;
+
+template <typename acc_t>
+__global__ void affine_kernel(const acc_t* __restrict__ mean, const acc_t* __restrict__ var,
+                              const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, acc_t eps, int64_t C,
+                              acc_t* __restrict__ scale, acc_t* __restrict__ shift, acc_t* __restrict__ invstd) {
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const acc_t inv = rsqrt(var[c] + eps);
+    const acc_t s = weight != nullptr ? weight[c] * inv : inv;
+    scale[c] = s;
+    shift[c] = (bias != nullptr ? bias[c] : acc_t(0)) - mean[c] * s;
+    invstd[c] = inv;
+  }
+}
+
+template <typename acc_t>
+__global__ void coefs_kernel(const acc_t* __restrict__ sum_dz, const acc_t* __restrict__ sum_dzx,
+                             const acc_t* __restrict__ invstd, const acc_t* __restrict__ mean,
+                             const acc_t* __restrict__ weight, acc_t inv_M, bool training, int64_t C,
+                             acc_t* __restrict__ alpha, acc_t* __restrict__ beta, acc_t* __restrict__ gamma,
+                             acc_t* __restrict__ grad_weight) {
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const acc_t inv = invstd[c], gi = weight != nullptr ? weight[c] * inv : inv;
+    const acc_t be = training ? -gi * inv * inv * sum_dzx[c] * inv_M : acc_t(0);
+    alpha[c] = gi;
+    beta[c] = be;
+    gamma[c] = training ? -gi * sum_dz[c] * inv_M - be * mean[c] : acc_t(0);
+    grad_weight[c] = sum_dzx[c] * inv;
+  }
+}
+
+unsigned per_channel_blocks(int64_t C) {
+  return static_cast<unsigned>(std::clamp<int64_t>((C + kThreads - 1) / kThreads, 1, 1024));
+}
+
+// A per-channel parameter as a contiguous tensor of the statistics' dtype (undefined stays undefined).
+at::Tensor as_stats(const at::Tensor& p, const at::Tensor& like) {
+  return p.defined() ? p.to(like.scalar_type()).contiguous() : p;
+}
+
+template <typename acc_t>
+const acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> affine(const at::Tensor& mean, const at::Tensor& var,
+                                                      const at::Tensor& weight_, const at::Tensor& bias_, double eps) {
+  const at::Tensor weight = as_stats(weight_, mean), bias = as_stats(bias_, mean);
+  at::Tensor scale = at::empty_like(mean), shift = at::empty_like(mean), invstd = at::empty_like(mean);
+  const int64_t C = mean.numel();
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "per_channel_affine_cuda", [&] {
+    affine_kernel<scalar_t><<<per_channel_blocks(C), kThreads, 0, current_stream()>>>(
+        mean.const_data_ptr<scalar_t>(), var.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(weight),
+        ptr_or_null<scalar_t>(bias), static_cast<scalar_t>(eps), C, scale.mutable_data_ptr<scalar_t>(),
+        shift.mutable_data_ptr<scalar_t>(), invstd.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {scale, shift, invstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> coefs(
+    const at::Tensor& sum_dz, const at::Tensor& sum_dzx, const at::Tensor& invstd, const at::Tensor& mean,
+    const at::Tensor& weight_, int64_t M, bool training) {
+  const at::Tensor weight = as_stats(weight_, invstd);
+  at::Tensor alpha = at::empty_like(invstd), beta = at::empty_like(invstd), gamma = at::empty_like(invstd),
+             grad_weight = at::empty_like(invstd);
+  const int64_t C = invstd.numel();
+  AT_DISPATCH_FLOATING_TYPES(invstd.scalar_type(), "per_channel_coefs_cuda", [&] {
+    coefs_kernel<scalar_t><<<per_channel_blocks(C), kThreads, 0, current_stream()>>>(
+        sum_dz.const_data_ptr<scalar_t>(), sum_dzx.const_data_ptr<scalar_t>(), invstd.const_data_ptr<scalar_t>(),
+        mean.const_data_ptr<scalar_t>(), ptr_or_null<scalar_t>(weight), scalar_t(1) / static_cast<scalar_t>(M),
+        training, C, alpha.mutable_data_ptr<scalar_t>(), beta.mutable_data_ptr<scalar_t>(),
+        gamma.mutable_data_ptr<scalar_t>(), grad_weight.mutable_data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {alpha, beta, gamma, grad_weight, sum_dz};
+}
+
+}  // namespace per_channel
+}  // namespace lightcnn
