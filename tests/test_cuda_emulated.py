@@ -232,3 +232,23 @@ def test_64_bit_index_paths(emu, monkeypatch, kind):
     check_bn_relu_conv(emu, kind, torch.float64)
     for case in ("three features", "3x3 eval"):
         check_dense(emu, case, kind, torch.float64)
+
+
+# ---------------------------------------------------------------- batch statistics far from zero
+
+
+@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
+def test_batch_statistics_of_values_far_from_zero(emu, kind):
+    """Both ops' CUDA statistics are shifted sums (x - K, K a value of the channel), so a float32 channel of
+    mean 1000 and variance ~1 keeps its variance (E[x^2] - E[x]^2 in float32 would lose it entirely)."""
+    x = layout(1000 + torch.randn(4, 3, 32, 32, dtype=torch.float64), kind)
+    want_mean, want_var = x.mean((0, 2, 3)), x.var((0, 2, 3), unbiased=False)
+    x32 = x.float()
+    cw = torch.randn(2, 3, 1, 1)
+    _, mean, var = emu.bn_relu_conv2d(x32, None, None, None, None, cw, None, [1, 1], [0, 0], [1, 1], 1, True, 1e-5,
+                                      None, 0.0)
+    _, dmean, dvar = emu.dense_bn_relu_conv2d([x32[:, :2], x32[:, 2:]], None, None, None, None, cw, [0, 0], True,
+                                              1e-5)
+    for m, v in ((mean, var), (dmean, dvar)):
+        assert (m.double() - want_mean).abs().max().item() < 1e-4
+        assert ((v.double() - want_var).abs() / want_var).max().item() < 1e-4

@@ -1,18 +1,20 @@
 // CUDA kernels of the memory-efficient DenseNet op (torch.ops.lightcnn.dense_bn_relu_conv2d). The logic is
-// shared with the CPU in ../dense.h (batch statistics: ATen's batch-norm statistics; convolution: cuDNN);
-// here are the three list-aware primitives. One launch serves up to kMaxPieces features: blockIdx.y is
-// the feature, and the grid-stride loops walk that feature's own elements, so a feature is read
-// coalesced in its layout and its slice of the (N, C, H, W) buffer is addressed as
+// shared with the CPU in ../dense.h (convolution: cuDNN; scale/shift and the backward's coefficients:
+// per_channel_cuda.cu); here are the four list-aware primitives. One launch serves up to kMaxPieces
+// features: blockIdx.y is the feature, and the grid-stride loops walk that feature's own elements, so a
+// feature is read coalesced in its layout and its slice of the (N, C, H, W) buffer is addressed as
 //   NCHW: (n * C + c0 + c) * S + s        NHWC: (n * S + s) * C + c0 + c        (S = H * W)
 //   bn_relu_into  y[slice] = max(fma(x, scale, shift), 0)
 //   reduce_from   per channel: sum dz and sum dz * (x - mean), dz = g[slice] * [fma(x, scale, shift) > 0];
 //                 a channel's M = N * S values are split over several blocks (atomicAdd of the partial
 //                 sums: the order of float additions, and so the last bits, may vary between runs)
 //   grad_inputs   grad_x = dz * alpha + x * beta + gamma, into a new tensor per feature
+//   stats_from    per channel: mean and biased variance from shifted sums (x - K, K the channel's first
+//                 value), split and added as reduce_from, then one finishing launch
 // Arithmetic is in at::acc_type (float for half/bfloat16/float, double for double); the pre-activation
 // is computed with the same fma in every kernel, so that the backward's ReLU mask is the forward's.
 // Index arithmetic: the elementwise kernels divide by k and S with FastDiv (fast_div.cuh) when the
-// buffer has < 2^31 elements; the reduction walks its values by adding to offsets.
+// buffer has < 2^31 elements; the reductions walk their values by adding to offsets (walk_channel).
 #include "../dense.h"
 #include "fast_div.cuh"
 #include "per_channel.h"
@@ -116,60 +118,111 @@ __device__ __forceinline__ T block_sum(T v, T* smem) {
   return v;
 }
 
-// blockIdx.y: feature; blockIdx.x: (local channel, split) pairs, splits consecutive; blocks past the
-// feature's channels return at once.
+// Calls f(xi, gi) for the values m = m0 + threadIdx.x, m0 + threadIdx.x + blockDim.x, ... < m1 (m = n * S + s)
+// of local channel lc of feature j: xi is the value's offset in the feature, gi in the (N, C, H, W) buffer.
+// NCHW: x[(n * k + lc) * S + s], g[(n * C + c) * S + s]; NHWC: x[m * k + lc], g[m * C + c]. Both offsets
+// advance by addition (no division per value).
+template <typename F>
+__device__ __forceinline__ void walk_channel(const Pieces& P, int j, int64_t lc, int64_t m0, int64_t m1, F&& f) {
+  int64_t m = m0 + threadIdx.x;
+  if (m >= m1) return;
+  const int64_t k = P.k[j], c = P.c0[j] + lc, step = blockDim.x;
+  const int64_t n = m / P.S, step_n = step / P.S, step_s = step - step_n * P.S;
+  int64_t s = m - n * P.S, xi, gi, x_step, g_step, x_wrap = 0, g_wrap = 0;
+  if (P.channels_last) {
+    xi = m * k + lc;
+    gi = m * P.C + c;
+    x_step = step * k, g_step = step * P.C;
+  } else {
+    xi = (n * k + lc) * P.S + s;
+    gi = (n * P.C + c) * P.S + s;
+    x_step = step_n * k * P.S + step_s, g_step = step_n * P.C * P.S + step_s;
+    x_wrap = (k - 1) * P.S, g_wrap = (P.C - 1) * P.S;  // s passing S: the next image
+  }
+  for (; m < m1; m += step) {
+    f(xi, gi);
+    xi += x_step;
+    gi += g_step;
+    if (!P.channels_last) {
+      s += step_s;
+      if (s >= P.S) {
+        s -= P.S;
+        xi += x_wrap;
+        gi += g_wrap;
+      }
+    }
+  }
+}
+
+// The reductions' grid: blockIdx.y is the feature, blockIdx.x a (local channel, split) pair, splits
+// consecutive; blocks past the feature's channels return at once (uniformly: no thread reaches a barrier).
+// Each block sums its split of the channel's M = N * S values and adds the block's sums with atomicAdd
+// (so the order of float additions, and the last bits, may vary between runs).
+
+// (sum dz, sum dz * (x - mean)) per channel, dz = g * [fma(x, scale, shift) > 0].
 template <typename scalar_t, typename acc_t>
 __global__ void reduce_from_kernel(Pieces P, const scalar_t* __restrict__ g, const acc_t* __restrict__ scale,
                                    const acc_t* __restrict__ shift, const acc_t* __restrict__ mean,
                                    acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dzx, int splits) {
   __shared__ acc_t smem[32];
   const int j = blockIdx.y;
-  const int64_t lc = blockIdx.x / splits, split = blockIdx.x % splits, k = P.k[j];
-  if (lc >= k) return;  // uniform per block: no thread reaches block_sum's barriers
+  const int64_t lc = blockIdx.x / splits, split = blockIdx.x % splits;
+  if (lc >= P.k[j]) return;
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[j]);
   const int64_t c = P.c0[j] + lc, M = P.N * P.S;
-  const int64_t per = (M + splits - 1) / splits, m0 = split * per, m1 = std::min<int64_t>(M, m0 + per);
+  const int64_t per = (M + splits - 1) / splits, m0 = split * per, m1 = min(M, m0 + per);
   const acc_t s = scale[c], b = shift[c], mu = mean[c];
   acc_t a1 = 0, a2 = 0;
-  int64_t m = m0 + threadIdx.x;
-  if (m < m1) {
-    // NCHW: value m = n * S + s of local channel lc is x[(n * k + lc) * S + s] and g[(n * C + c) * S + s];
-    // both offsets advance by adding (no division per value). NHWC: x[m * k + lc], g[m * C + c].
-    const int64_t n = m / P.S, sp = m - n * P.S, step = blockDim.x;
-    const int64_t step_n = step / P.S, step_s = step - step_n * P.S;
-    int64_t s_cur = sp, xi, gi, x_step, g_step, x_wrap, g_wrap;
-    if (P.channels_last) {
-      xi = m * k + lc;
-      gi = m * P.C + c;
-      x_step = step * k, g_step = step * P.C, x_wrap = g_wrap = 0;
-    } else {
-      xi = (n * k + lc) * P.S + sp;
-      gi = (n * P.C + c) * P.S + sp;
-      x_step = step_n * k * P.S + step_s, g_step = step_n * P.C * P.S + step_s;
-      x_wrap = (k - 1) * P.S, g_wrap = (P.C - 1) * P.S;  // s passing S: the next image
-    }
-    for (; m < m1; m += step) {
-      const acc_t xv = static_cast<acc_t>(x[xi]);
-      const acc_t dz = preact(xv, s, b) > acc_t(0) ? static_cast<acc_t>(g[gi]) : acc_t(0);
-      a1 += dz;
-      a2 += dz * (xv - mu);
-      xi += x_step;
-      gi += g_step;
-      if (!P.channels_last) {
-        s_cur += step_s;
-        if (s_cur >= P.S) {
-          s_cur -= P.S;
-          xi += x_wrap;
-          gi += g_wrap;
-        }
-      }
-    }
-  }
+  walk_channel(P, j, lc, m0, m1, [&](int64_t xi, int64_t gi) {
+    const acc_t xv = static_cast<acc_t>(x[xi]);
+    const acc_t dz = preact(xv, s, b) > acc_t(0) ? static_cast<acc_t>(g[gi]) : acc_t(0);
+    a1 += dz;
+    a2 += dz * (xv - mu);
+  });
   a1 = block_sum(a1, smem);
   a2 = block_sum(a2, smem);
   if (threadIdx.x == 0) {
     atomicAdd(sum_dz + c, a1);
     atomicAdd(sum_dzx + c, a2);
+  }
+}
+
+// Batch statistics per channel of the concatenation, as shifted sums: sums[(0|1) * C + c] += sum of x - K and
+// of (x - K)^2, with K = the channel's first value (no cancellation whatever the mean), which block 0 of
+// the channel writes to sums[2 * C + c].
+template <typename scalar_t, typename acc_t>
+__global__ void stats_from_kernel(Pieces P, acc_t* __restrict__ sums, int splits) {
+  __shared__ acc_t smem[32];
+  const int j = blockIdx.y;
+  const int64_t lc = blockIdx.x / splits, split = blockIdx.x % splits;
+  if (lc >= P.k[j]) return;
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[j]);
+  const int64_t c = P.c0[j] + lc, M = P.N * P.S;
+  const int64_t per = (M + splits - 1) / splits, m0 = split * per, m1 = min(M, m0 + per);
+  const acc_t K = static_cast<acc_t>(x[P.channels_last ? lc : lc * P.S]);  // value (0, lc, 0)
+  acc_t a = 0, b = 0;
+  walk_channel(P, j, lc, m0, m1, [&](int64_t xi, int64_t) {
+    const acc_t d = static_cast<acc_t>(x[xi]) - K;
+    a += d;
+    b += d * d;
+  });
+  a = block_sum(a, smem);
+  b = block_sum(b, smem);
+  if (threadIdx.x == 0) {
+    atomicAdd(sums + c, a);
+    atomicAdd(sums + P.C + c, b);
+    if (split == 0) sums[2 * P.C + c] = K;
+  }
+}
+
+template <typename acc_t>
+__global__ void finish_stats_kernel(const acc_t* __restrict__ sums, int64_t C, acc_t inv_M, acc_t* __restrict__ mean,
+                                    acc_t* __restrict__ var) {
+  for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < C;
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const acc_t d = sums[c] * inv_M, v = sums[C + c] * inv_M - d * d;  // d: mean - K
+    mean[c] = sums[2 * C + c] + d;
+    var[c] = v > acc_t(0) ? v : acc_t(0);
   }
 }
 
@@ -229,19 +282,25 @@ void bn_relu_into_cuda(at::Tensor& y, const std::vector<at::Tensor>& feats, cons
   });
 }
 
+// Blocks per channel in the reductions: enough to fill the GPU when a feature has few channels (k = 12 ...
+// 48 in DenseNets), each with at least 16 values a thread.
+int reduction_splits(int64_t M, int64_t max_k) {
+  const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(64, M / (kThreads * 16))));
+  TORCH_CHECK(max_k * splits < (int64_t(1) << 31), "dense_bn_relu_conv2d: a feature has too many channels (", max_k,
+              ") for the CUDA reduction's grid");
+  return splits;
+}
+
 std::tuple<at::Tensor, at::Tensor> reduce_from_cuda(const at::Tensor& g, const std::vector<at::Tensor>& feats,
                                                     const at::Tensor& scale, const at::Tensor& shift,
                                                     const at::Tensor& mean) {
   const int64_t C = g.size(1);
   at::Tensor sum_dz = at::zeros({C}, scale.options()), sum_dzx = at::zeros({C}, scale.options());
   const int64_t M = g.size(0) * g.size(2) * g.size(3);
-  // Enough blocks per channel to fill the GPU when a feature has few channels (k = 12 ... 48 in DenseNets).
-  const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(64, M / (kThreads * 16))));
   LIGHTCNN_DENSE_DISPATCH(g.scalar_type(), "dense_bn_relu_conv2d_reduce_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     for_chunks(feats, nullptr, C, [&](const Pieces& P, int n, int64_t max_k) {
-      TORCH_CHECK(max_k * splits < (int64_t(1) << 31), "dense_bn_relu_conv2d: a feature has too many channels (",
-                  max_k, ") for the CUDA reduction's grid");
+      const int splits = reduction_splits(M, max_k);
       const dim3 grid(static_cast<unsigned>(max_k * splits), n);
       reduce_from_kernel<scalar_t, acc_t><<<grid, kThreads, 0, current_stream()>>>(
           P, g.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
@@ -250,6 +309,31 @@ std::tuple<at::Tensor, at::Tensor> reduce_from_cuda(const at::Tensor& g, const s
     });
   });
   return {sum_dz, sum_dzx};
+}
+
+std::tuple<at::Tensor, at::Tensor> stats_from_cuda(const std::vector<at::Tensor>& feats, int64_t C,
+                                                   const at::TensorOptions& stats_options) {
+  const at::Tensor& f0 = feats[0];
+  const int64_t M = f0.size(0) * f0.size(2) * f0.size(3);
+  at::Tensor sums = at::zeros({3, C}, stats_options);
+  at::Tensor mean = at::empty({C}, stats_options), var = at::empty({C}, stats_options);
+  LIGHTCNN_DENSE_DISPATCH(f0.scalar_type(), "dense_bn_relu_conv2d_stats_cuda", [&] {
+    using acc_t = at::acc_type<scalar_t, true>;
+    for_chunks(feats, nullptr, C, [&](const Pieces& P, int n, int64_t max_k) {
+      const int splits = reduction_splits(M, max_k);
+      const dim3 grid(static_cast<unsigned>(max_k * splits), n);
+      stats_from_kernel<scalar_t, acc_t><<<grid, kThreads, 0, current_stream()>>>(P, sums.mutable_data_ptr<acc_t>(),
+                                                                                   splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    finish_stats_kernel<acc_t><<<static_cast<unsigned>(std::min<int64_t>((C + kThreads - 1) / kThreads, 1024)),
+                                 kThreads, 0, current_stream()>>>(sums.const_data_ptr<acc_t>(), C,
+                                                                  acc_t(1) / static_cast<acc_t>(M),
+                                                                  mean.mutable_data_ptr<acc_t>(),
+                                                                  var.mutable_data_ptr<acc_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var};
 }
 
 std::vector<at::Tensor> grad_inputs_cuda(const at::Tensor& g, const std::vector<at::Tensor>& feats,
@@ -278,7 +362,7 @@ std::vector<at::Tensor> grad_inputs_cuda(const at::Tensor& g, const std::vector<
 }
 
 const DensePrims kCudaPrims{bn_relu_into_cuda, reduce_from_cuda, grad_inputs_cuda, per_channel::affine,
-                            per_channel::coefs};
+                            per_channel::coefs, stats_from_cuda};
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dense_bn_relu_conv2d_cuda(
     at::TensorList features, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
