@@ -50,7 +50,9 @@ def bn_relu_conv_cases(device, dtypes):
     for dtype in dtypes:
         for shape in ((2, 6, 5, 4), (3, 37, 1, 3), (2, 3, 64, 64)):
             for name, x in _formats(torch.randn(shape, device=device, dtype=dtype)):
-                for drop in (0.0, 0.3):
+                for drop, variant in ((0.0, "default"), (0.3, "default"), (0.0, "aten"), (0.3, "aten")):
+                    if variant == "aten":  # the other design of the reductions (ATen's SyncBatchNorm kernels)
+                        os.environ["LIGHTCNN_CUDA_BN_REDUCTIONS"] = "aten"
                     C = shape[1]
                     w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
                     cw = torch.randn(4, C, 3, 3, device=device, dtype=dtype)
@@ -63,7 +65,8 @@ def bn_relu_conv_cases(device, dtypes):
                                  drop_mask=mask)
                         out.sum().backward()
                         outs.append((out, xi.grad))
-                    yield f"bn_relu_conv2d {dtype} {shape} {name} drop {drop}", list(zip(*outs))
+                    os.environ.pop("LIGHTCNN_CUDA_BN_REDUCTIONS", None)
+                    yield f"bn_relu_conv2d {dtype} {shape} {name} drop {drop} {variant}", list(zip(*outs))
 
 
 def dense_cases(device, dtypes):

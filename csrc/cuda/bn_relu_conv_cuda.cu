@@ -113,6 +113,14 @@ __device__ __forceinline__ T warp_sum(T v) {
   return v;
 }
 
+// Calls f(i) for i = this thread's global index, then every gridDim.x * blockDim.x, while i < n.
+template <typename index_t, typename F>
+__device__ __forceinline__ void grid_stride(index_t n, F&& f) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    f(i);
+}
+
 // Sum over a 1-D block whose size is a multiple of 32; the result is valid in thread 0. `smem` holds one
 // value per warp.
 template <typename T>
@@ -318,8 +326,7 @@ __global__ void bn_relu_kernel(const scalar_t* __restrict__ x, scalar_t* __restr
                                const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, index_t numel,
                                Chan channel, DropIn<scalar_t, acc_t> drop) {
   using VecT = Vec<scalar_t, V>;
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel / V;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+  grid_stride(numel / V, [&](index_t i) {
     const index_t e = i * V;
     const auto c0 = channel(e);
     const VecT in = reinterpret_cast<const VecT*>(x)[i];
@@ -332,7 +339,7 @@ __global__ void bn_relu_kernel(const scalar_t* __restrict__ x, scalar_t* __restr
       out.v[k] = drop.forward(static_cast<scalar_t>(v > acc_t(0) ? v : (v != v ? v : acc_t(0))), e + k);
     }
     reinterpret_cast<VecT*>(y)[i] = out;
-  }
+  });
 }
 
 template <typename scalar_t, typename acc_t, int V, typename index_t, typename Chan>
@@ -342,8 +349,7 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ g, const scalar_t
                                   const acc_t* __restrict__ beta, const acc_t* __restrict__ gamma, index_t numel,
                                   Chan channel, DropIn<scalar_t, acc_t> drop) {
   using VecT = Vec<scalar_t, V>;
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel / V;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+  grid_stride(numel / V, [&](index_t i) {
     const index_t e = i * V;
     const auto c0 = channel(e);
     const VecT gv = reinterpret_cast<const VecT*>(g)[i], xv = reinterpret_cast<const VecT*>(x)[i];
@@ -356,7 +362,7 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ g, const scalar_t
       out.v[k] = static_cast<scalar_t>(dz * alpha[c] + (xk * beta[c] + gamma[c]));
     }
     reinterpret_cast<VecT*>(gx)[i] = out;
-  }
+  });
 }
 
 // g = g * [x * scale_c + shift_c > 0], in place: the ReLU's backward with the mask recomputed exactly as
@@ -365,11 +371,10 @@ template <typename scalar_t, typename acc_t, typename index_t, typename Chan>
 __global__ void relu_mask_kernel(scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
                                  const acc_t* __restrict__ scale, const acc_t* __restrict__ shift, index_t numel,
                                  Chan channel) {
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+  grid_stride(numel, [&](index_t i) {
     const auto c = channel(i);
     if (!(preact(static_cast<acc_t>(x[i]), scale[c], shift[c]) > acc_t(0))) g[i] = scalar_t(0);
-  }
+  });
 }
 
 unsigned elementwise_blocks(int64_t numel) {
