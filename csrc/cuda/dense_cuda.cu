@@ -159,21 +159,37 @@ __device__ __forceinline__ void walk_channel(const Pieces& P, int j, int64_t lc,
 // Each block sums its split of the channel's M = N * S values and adds the block's sums with atomicAdd
 // (so the order of float additions, and the last bits, may vary between runs).
 
+// This block's place in that grid: feature j, local channel lc (channel c of the concatenation) and its
+// range [m0, m1) of the channel's values; false for a block past the feature's channels.
+struct BlockSplit {
+  int j;
+  int64_t lc, c, m0, m1;
+};
+
+__device__ __forceinline__ bool block_split(const Pieces& P, int splits, BlockSplit& b) {
+  b.j = blockIdx.y;
+  b.lc = blockIdx.x / splits;
+  if (b.lc >= P.k[b.j]) return false;
+  const int64_t split = blockIdx.x % splits, M = P.N * P.S, per = (M + splits - 1) / splits;
+  b.c = P.c0[b.j] + b.lc;
+  b.m0 = split * per;
+  b.m1 = min(M, b.m0 + per);
+  return true;
+}
+
 // (sum dz, sum dz * (x - mean)) per channel, dz = g * [fma(x, scale, shift) > 0].
 template <typename scalar_t, typename acc_t>
 __global__ void reduce_from_kernel(Pieces P, const scalar_t* __restrict__ g, const acc_t* __restrict__ scale,
                                    const acc_t* __restrict__ shift, const acc_t* __restrict__ mean,
                                    acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dzx, int splits) {
   __shared__ acc_t smem[32];
-  const int j = blockIdx.y;
-  const int64_t lc = blockIdx.x / splits, split = blockIdx.x % splits;
-  if (lc >= P.k[j]) return;
-  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[j]);
-  const int64_t c = P.c0[j] + lc, M = P.N * P.S;
-  const int64_t per = (M + splits - 1) / splits, m0 = split * per, m1 = min(M, m0 + per);
+  BlockSplit bs;
+  if (!block_split(P, splits, bs)) return;  // uniform per block: no thread reaches block_sum's barriers
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[bs.j]);
+  const int64_t c = bs.c;
   const acc_t s = scale[c], b = shift[c], mu = mean[c];
   acc_t a1 = 0, a2 = 0;
-  walk_channel(P, j, lc, m0, m1, [&](int64_t xi, int64_t gi) {
+  walk_channel(P, bs.j, bs.lc, bs.m0, bs.m1, [&](int64_t xi, int64_t gi) {
     const acc_t xv = static_cast<acc_t>(x[xi]);
     const acc_t dz = preact(xv, s, b) > acc_t(0) ? static_cast<acc_t>(g[gi]) : acc_t(0);
     a1 += dz;
@@ -193,15 +209,13 @@ __global__ void reduce_from_kernel(Pieces P, const scalar_t* __restrict__ g, con
 template <typename scalar_t, typename acc_t>
 __global__ void stats_from_kernel(Pieces P, acc_t* __restrict__ sums, int splits) {
   __shared__ acc_t smem[32];
-  const int j = blockIdx.y;
-  const int64_t lc = blockIdx.x / splits, split = blockIdx.x % splits;
-  if (lc >= P.k[j]) return;
-  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[j]);
-  const int64_t c = P.c0[j] + lc, M = P.N * P.S;
-  const int64_t per = (M + splits - 1) / splits, m0 = split * per, m1 = min(M, m0 + per);
-  const acc_t K = static_cast<acc_t>(x[P.channels_last ? lc : lc * P.S]);  // value (0, lc, 0)
+  BlockSplit bs;
+  if (!block_split(P, splits, bs)) return;
+  const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[bs.j]);
+  const int64_t c = bs.c;
+  const acc_t K = static_cast<acc_t>(x[P.channels_last ? bs.lc : bs.lc * P.S]);  // value (0, lc, 0)
   acc_t a = 0, b = 0;
-  walk_channel(P, j, lc, m0, m1, [&](int64_t xi, int64_t) {
+  walk_channel(P, bs.j, bs.lc, bs.m0, bs.m1, [&](int64_t xi, int64_t) {
     const acc_t d = static_cast<acc_t>(x[xi]) - K;
     a += d;
     b += d * d;
@@ -211,7 +225,7 @@ __global__ void stats_from_kernel(Pieces P, acc_t* __restrict__ sums, int splits
   if (threadIdx.x == 0) {
     atomicAdd(sums + c, a);
     atomicAdd(sums + P.C + c, b);
-    if (split == 0) sums[2 * P.C + c] = K;
+    if (bs.m0 == 0) sums[2 * P.C + c] = K;
   }
 }
 
