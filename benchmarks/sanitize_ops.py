@@ -23,16 +23,14 @@ import torch
 from lightcnn import ops
 from lightcnn.ops import reference
 
-
-def _formats(x: torch.Tensor):
-    yield "nchw", x.contiguous()
-    yield "channels_last", x.contiguous(memory_format=torch.channels_last)
+FORMATS = (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last))
 
 
 def lrn_cases(device, dtypes):
     for dtype in dtypes:
         for shape, size in (((3, 96, 7, 5), 5), ((2, 300, 3, 3), 4), ((2, 7, 5, 3), 12)):
-            for name, x in _formats(torch.randn(shape, device=device, dtype=dtype)):
+            for name, fmt in FORMATS:
+                x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
                 for variant in ("default", "column"):
                     if variant == "column":
                         os.environ["LIGHTCNN_CUDA_LRN_CHANNELS_LAST"] = "column"
@@ -49,7 +47,8 @@ def lrn_cases(device, dtypes):
 def bn_relu_conv_cases(device, dtypes):
     for dtype in dtypes:
         for shape in ((2, 6, 5, 4), (3, 37, 1, 3), (2, 3, 64, 64)):
-            for name, x in _formats(torch.randn(shape, device=device, dtype=dtype)):
+            for name, fmt in FORMATS:
+                x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
                 for drop, variant in ((0.0, "default"), (0.3, "default"), (0.0, "aten"), (0.3, "aten")):
                     if variant == "aten":  # the other design of the reductions (ATen's SyncBatchNorm kernels)
                         os.environ["LIGHTCNN_CUDA_BN_REDUCTIONS"] = "aten"
@@ -72,8 +71,7 @@ def bn_relu_conv_cases(device, dtypes):
 def dense_cases(device, dtypes):
     for dtype in dtypes:
         for channels, hw in (([4, 2, 3], (5, 4)), ([1] * 35 + [2] * 35, (2, 3)), ([2, 3], (64, 64))):
-            for name, _ in _formats(torch.zeros(1, 1, 1, 1)):
-                fmt = torch.channels_last if name == "channels_last" else torch.contiguous_format
+            for name, fmt in FORMATS:
                 feats = [torch.randn(2, c, *hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
                          for c in channels]
                 C = sum(channels)

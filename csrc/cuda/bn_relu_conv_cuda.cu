@@ -50,7 +50,7 @@
 #include <type_traits>
 
 #include "../bn_relu_conv.h"
-#include "fast_div.cuh"
+#include "indexing.cuh"
 #include "per_channel.h"
 
 namespace lightcnn {
@@ -111,14 +111,6 @@ template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
   return v;
-}
-
-// Calls f(i) for i = this thread's global index, then every gridDim.x * blockDim.x, while i < n.
-template <typename index_t, typename F>
-__device__ __forceinline__ void grid_stride(index_t n, F&& f) {
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x)
-    f(i);
 }
 
 // Sum over a 1-D block whose size is a multiple of 32; the result is valid in thread 0. `smem` holds one

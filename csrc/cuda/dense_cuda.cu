@@ -13,10 +13,10 @@
 //                 value), split and added as reduce_from, then one finishing launch
 // Arithmetic is in at::acc_type (float for half/bfloat16/float, double for double); the pre-activation
 // is computed with the same fma in every kernel, so that the backward's ReLU mask is the forward's.
-// Index arithmetic: the elementwise kernels divide by k and S with FastDiv (fast_div.cuh) when the
+// Index arithmetic: the elementwise kernels divide by k and S with FastDiv (indexing.cuh) when the
 // buffer has < 2^31 elements; the reductions walk their values by adding to offsets (walk_channel).
 #include "../dense.h"
-#include "fast_div.cuh"
+#include "indexing.cuh"
 #include "per_channel.h"
 
 #include <ATen/AccumulateType.h>
@@ -78,13 +78,12 @@ __global__ void bn_relu_into_kernel(Pieces P, scalar_t* __restrict__ y, const ac
   const int j = blockIdx.y;
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[j]);
   const index_t numel = static_cast<index_t>(P.N * P.k[j] * P.S);
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+  grid_stride(numel, [&](index_t i) {
     index_t c;
     const index_t o = buffer_offset(P, j, i, c);
     const acc_t v = preact(static_cast<acc_t>(x[i]), scale[c], shift[c]);
     y[o] = static_cast<scalar_t>(v > acc_t(0) ? v : (v != v ? v : acc_t(0)));  // NaN propagates as in F.relu
-  }
+  });
 }
 
 template <typename scalar_t, typename acc_t, typename index_t>
@@ -95,14 +94,13 @@ __global__ void grad_inputs_kernel(Pieces P, const scalar_t* __restrict__ g, con
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[j]);
   scalar_t* __restrict__ gx = static_cast<scalar_t*>(P.out[j]);
   const index_t numel = static_cast<index_t>(P.N * P.k[j] * P.S);
-  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < numel;
-       i += static_cast<index_t>(gridDim.x) * blockDim.x) {
+  grid_stride(numel, [&](index_t i) {
     index_t c;
     const index_t o = buffer_offset(P, j, i, c);
     const acc_t xv = static_cast<acc_t>(x[i]);
     const acc_t dz = preact(xv, scale[c], shift[c]) > acc_t(0) ? static_cast<acc_t>(g[o]) : acc_t(0);
     gx[i] = static_cast<scalar_t>(dz * alpha[c] + (xv * beta[c] + gamma[c]));
-  }
+  });
 }
 
 template <typename T>

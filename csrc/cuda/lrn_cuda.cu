@@ -23,6 +23,7 @@
 #include <cstring>
 
 #include "../lrn.h"
+#include "indexing.cuh"
 
 namespace lightcnn {
 namespace {
@@ -110,8 +111,7 @@ __device__ __forceinline__ int64_t column(const Geometry& g, int64_t idx, int64_
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g, acc_t coef,
                                    acc_t k, acc_t beta, PowMode mode) {
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS * g.groups;
-       idx += (int64_t)gridDim.x * blockDim.x) {
+  grid_stride(g.NS * g.groups, [&](int64_t idx) {
     int64_t c0, c1;
     const int64_t base = column(g, idx, c0, c1);
     const scalar_t* xp = x + base;
@@ -121,15 +121,14 @@ __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __r
       const acc_t sum = window.next();
       yp[c * g.cs] = static_cast<scalar_t>(static_cast<acc_t>(xp[c * g.cs]) * neg_pow<acc_t>(k + coef * sum, beta, mode));
     }
-  }
+  });
 }
 
 // Kernel 1 of the backward: t = g * a * s^-beta / s, in the layout of x, in acc_t.
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_t_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                       acc_t* __restrict__ t, Geometry g, acc_t coef, acc_t k, acc_t beta, PowMode mode) {
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS * g.groups;
-       idx += (int64_t)gridDim.x * blockDim.x) {
+  grid_stride(g.NS * g.groups, [&](int64_t idx) {
     int64_t c0, c1;
     const int64_t base = column(g, idx, c0, c1);
     const scalar_t *xp = x + base, *gp = grad + base;
@@ -139,7 +138,7 @@ __global__ void lrn_backward_t_kernel(const scalar_t* __restrict__ grad, const s
       const acc_t sc = k + coef * window.next();
       tp[c * g.cs] = static_cast<acc_t>(gp[c * g.cs]) * static_cast<acc_t>(xp[c * g.cs]) * neg_pow<acc_t>(sc, beta, mode) / sc;
     }
-  }
+  });
 }
 
 // Kernel 2 of the backward: da_j = g_j s_j^-beta - coef2 * a_j * sum_{c in [j - hi, j + lo]} t_c.
@@ -147,8 +146,7 @@ template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_grad_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                          const acc_t* __restrict__ t, scalar_t* __restrict__ dx, Geometry g,
                                          acc_t coef, acc_t coef2, acc_t k, acc_t beta, PowMode mode) {
-  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < g.NS * g.groups;
-       idx += (int64_t)gridDim.x * blockDim.x) {
+  grid_stride(g.NS * g.groups, [&](int64_t idx) {
     int64_t c0, c1;
     const int64_t base = column(g, idx, c0, c1);
     const scalar_t *xp = x + base, *gp = grad + base;
@@ -160,7 +158,7 @@ __global__ void lrn_backward_grad_kernel(const scalar_t* __restrict__ grad, cons
       dp[j * g.cs] = static_cast<scalar_t>(static_cast<acc_t>(gp[j * g.cs]) * p -
                                            coef2 * static_cast<acc_t>(xp[j * g.cs]) * tsum.next());
     }
-  }
+  });
 }
 
 // ---- Channels-last (issue 10, item 2): a warp per pixel ----

@@ -9,7 +9,7 @@ Each .cu file is rewritten a little, then compiled by the host compiler:
   #include "x.cuh" (device helpers: no kernels, no shared memory)  ->  moved after cuda_emu.h
 So torch.ops.lightcnn_emu.<op> takes CPU tensors and runs the CUDA code path of torch.ops.lightcnn.<op>: the
 host logic, every kernel launch and every kernel, thread by thread. The build defines LIGHTCNN_TEST_INDEX64:
-the environment variable of that name then sends the kernels down their 64-bit index paths (fast_div.cuh).
+the environment variable of that name then sends the kernels down their 64-bit index paths (indexing.cuh).
 
 Used by tests/test_cuda_emulated.py; by hand: `python tests/cuda_emu/build.py BUILD_DIR` (builds and loads).
 """
@@ -89,10 +89,9 @@ def rewrite(src: str) -> str:
     return head + f"TORCH_LIBRARY_FRAGMENT({NAMESPACE}, m)" + tail.replace("m.impl(", "m.def(")
 
 
-def build(build_dir: str | Path, verbose: bool = False) -> list[str]:
-    """Rewrites and compiles every csrc/cuda/*.cu (and the emulator's own selftest.cu) into one library, loads
-    it and returns the op names."""
-    import torch
+def build(build_dir: str | Path, verbose: bool = False) -> None:
+    """Rewrites and compiles every csrc/cuda/*.cu (and the emulator's own selftest.cu) into one library and
+    loads it: its ops are then torch.ops.lightcnn_emu.*."""
     from torch.utils.cpp_extension import load
 
     build_dir = Path(build_dir)
@@ -107,8 +106,8 @@ def build(build_dir: str | Path, verbose: bool = False) -> list[str]:
     load(name="lightcnn_cuda_emu", sources=sources, extra_include_paths=[str(CSRC), str(CSRC / "cuda"), str(HERE)],
          extra_cflags=["-O1", "-Wno-unknown-pragmas", "-DLIGHTCNN_TEST_INDEX64"], build_directory=str(build_dir),
          is_python_module=False, verbose=verbose)
-    return sorted(name for name in dir(getattr(torch.ops, NAMESPACE)) if not name.startswith("_"))
 
 
 if __name__ == "__main__":
-    print(build(sys.argv[1], verbose=True))
+    build(sys.argv[1], verbose=True)
+    print(f"loaded: torch.ops.{NAMESPACE}.*")

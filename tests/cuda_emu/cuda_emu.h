@@ -6,9 +6,9 @@
 //   - every thread of a block is a fiber (ucontext) on one OS thread; blocks run one after another;
 //   - __syncthreads() parks a fiber until every live thread of its block has arrived (threads that have
 //     returned count as arrived, as on the GPU);
-//   - warp shuffles exchange values among the lanes of a warp (__syncwarp() is a shuffle of nothing); the mask must name exactly the lanes that
-//     exist, every named lane must reach a shuffle with the same offset, and a lane at a shuffle while
-//     another is at __syncthreads() is reported as a divergent warp;
+//   - __shfl_down_sync exchanges values among the lanes of a warp (__syncwarp() is a shuffle of nothing);
+//     the mask must name exactly the lanes that exist, every named lane must reach a shuffle with the same
+//     offset, and a lane at a shuffle while another is at __syncthreads() is reported as a divergent warp;
 //   - a block whose fibers all wait and none can go on is reported as a deadlock;
 //   - shared memory (static and dynamic) is fresh for every block and filled with 0xFF bytes (NaN for
 //     floats), so a read of shared memory no thread of the block wrote shows up in the results;
@@ -51,12 +51,6 @@ struct uint3 {
 struct dim3 {
   unsigned x, y, z;
   constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
-};
-struct alignas(16) float4 {
-  float x, y, z, w;
-};
-struct alignas(8) float2 {
-  float x, y;
 };
 using cudaStream_t = struct CUstream_st*;
 
@@ -142,7 +136,7 @@ inline void syncthreads() {
 }
 
 template <typename T>
-T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0 down, 1 xor, 2 idx, 3 up, 4 none (__syncwarp)*/) {
+T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0: down, 4: none (__syncwarp)*/) {
   static_assert(sizeof(T) <= 16, "cuda_emu: shuffle of a type wider than 16 bytes");
   Block& b = *block();
   Fiber& f = *b.current;
@@ -177,14 +171,9 @@ T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0 down, 
   }
   yield_to_scheduler();
   if (kind == 4) return v;
-  const int seg = static_cast<int>(lane) / width * width, l = static_cast<int>(lane) - seg;
-  int src;
-  switch (kind) {
-    case 0: src = l + src_lane_or_delta < width ? static_cast<int>(lane) + src_lane_or_delta : static_cast<int>(lane); break;
-    case 1: src = seg + ((l ^ src_lane_or_delta) % width); break;
-    case 2: src = seg + (src_lane_or_delta % width); break;
-    default: src = l - src_lane_or_delta >= 0 ? static_cast<int>(lane) - src_lane_or_delta : static_cast<int>(lane);
-  }
+  // __shfl_down_sync: lane + delta within the lane's segment of `width` lanes, else the lane's own value
+  const int l = static_cast<int>(lane) % width;
+  const int src = l + src_lane_or_delta < width ? static_cast<int>(lane) + src_lane_or_delta : static_cast<int>(lane);
   if (((mask >> src) & 1u) == 0) return v;  // undefined on the GPU; the emulator keeps the lane's own value
   T out;
   std::memcpy(&out, w.slots[gen & 1][src], sizeof(T));
@@ -332,7 +321,8 @@ Launcher<P...> launch(void (*kernel)(P...), C&&... cfg) {
 
 }  // namespace cuda_emu
 
-// ---- the built-in variables and device functions kernels use ----
+// ---- the built-in variables and device functions lightcnn's kernels use (a kernel that needs another
+// intrinsic fails to compile here: add it, with the GPU's semantics) ----
 #define threadIdx (::cuda_emu::fiber().tid)
 #define blockIdx (::cuda_emu::block()->idx)
 #define blockDim (::cuda_emu::block()->dim)
@@ -342,18 +332,6 @@ inline void __syncthreads() { ::cuda_emu::syncthreads(); }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T v, unsigned delta, int width = 32) {
   return ::cuda_emu::shfl(mask, v, static_cast<int>(delta), width, 0);
-}
-template <typename T>
-T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
-  return ::cuda_emu::shfl(mask, v, lane_mask, width, 1);
-}
-template <typename T>
-T __shfl_sync(unsigned mask, T v, int src_lane, int width = 32) {
-  return ::cuda_emu::shfl(mask, v, src_lane, width, 2);
-}
-template <typename T>
-T __shfl_up_sync(unsigned mask, T v, unsigned delta, int width = 32) {
-  return ::cuda_emu::shfl(mask, v, static_cast<int>(delta), width, 3);
 }
 inline void __syncwarp(unsigned mask = 0xffffffffu) { ::cuda_emu::shfl(mask, 0, -1, 32, 4); }
 template <typename T>
@@ -365,17 +343,8 @@ T atomicAdd(T* p, T v) {  // one OS thread runs every fiber: a plain add is atom
 inline unsigned __umulhi(unsigned a, unsigned b) {
   return static_cast<unsigned>((static_cast<unsigned long long>(a) * b) >> 32);
 }
-template <typename T>
-T __ldg(const T* p) {
-  return *p;
-}
-inline float rsqrtf(float x) { return 1.0f / std::sqrt(x); }
 inline float rsqrt(float x) { return 1.0f / std::sqrt(x); }
 inline double rsqrt(double x) { return 1.0 / std::sqrt(x); }
-inline float __fdividef(float a, float b) { return a / b; }
-inline float __expf(float x) { return std::exp(x); }
-inline float __logf(float x) { return std::log(x); }
-inline float __powf(float a, float b) { return std::pow(a, b); }
 using std::fma;
 using std::pow;
 using std::sqrt;

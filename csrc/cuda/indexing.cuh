@@ -1,4 +1,5 @@
-// Index arithmetic shared by lightcnn's CUDA kernels: division by a divisor fixed at launch.
+// Index arithmetic shared by lightcnn's CUDA kernels: grid-stride loops, and division by a divisor fixed
+// at launch.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +28,14 @@ inline bool fits_32_bits(int64_t extent) {
   if (std::getenv("LIGHTCNN_TEST_INDEX64") != nullptr) return false;
 #endif
   return extent < (int64_t(1) << 31);
+}
+
+// Calls f(i) for i = this thread's global index, then every gridDim.x * blockDim.x, while i < n.
+template <typename index_t, typename F>
+__device__ __forceinline__ void grid_stride(index_t n, F&& f) {
+  for (index_t i = blockIdx.x * static_cast<index_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<index_t>(gridDim.x) * blockDim.x)
+    f(i);
 }
 
 }  // namespace lightcnn
