@@ -11,6 +11,7 @@ from torch import nn
 
 from lightcnn.visualize import analysis, attribution, plots
 from lightcnn.visualize.core import (
+    POINTWISE,
     RECTIFIERS,
     Chain,
     denormalize,
@@ -45,11 +46,13 @@ def spatial_stages(model: nn.Module, x: torch.Tensor, most: int = 6) -> list[str
     nesting depth that has at least three (a residual network's stem and stages, an Inception network's
     modules), the last one always included: the layers of the empirical receptive field by default."""
     outs = attribution.module_outputs(model, x[:1])
+    mods = dict(model.named_modules())
     counts: dict[str, int] = {}
     for n, _ in outs:
         counts[n] = counts.get(n, 0) + 1
     spatial = list(dict.fromkeys(n for n, o in outs if isinstance(o, torch.Tensor) and o.dim() == 4
-                                 and counts[n] == 1 and o.shape[-1] * o.shape[-2] > 1))
+                                 and counts[n] == 1 and o.shape[-1] * o.shape[-2] > 1
+                                 and not isinstance(mods[n], POINTWISE)))  # a BN or ReLU adds no reach
     for depth in range(1, 5):
         names = [n for n in spatial if n.count(".") + 1 == depth]
         if len(names) >= 3 or depth == 4:
@@ -167,12 +170,10 @@ def visualize(model: nn.Module, x: torch.Tensor, out: str | Path, labels: Sequen
         erf_layers = layers if explicit_layers else (
             default_layers(chain) if chain.broken_at is None and default_layers(chain) else spatial_stages(model, x))
         efs = [attribution.effective_receptive_field(model, x, n) for n in erf_layers]
-        analytic = {}
-        if chain.broken_at is None or all(n in chain.spatial_names() for n in erf_layers):
-            try:
-                analytic = {f.name: f for f in receptive_fields(chain)}
-            except ValueError:
-                analytic = {}
+        try:  # the analytic field where the layer is in the plain chain (all of it for LeNet, AlexNet, VGG)
+            analytic = {f.name: f for f in receptive_fields(chain)}
+        except ValueError:
+            analytic = {}
         names = {n: short_label(model, n) for n in erf_layers}
         written["erf"] = [plots.effective_fields(
             efs, analytic, images[0], names, f"{title}: empirical receptive fields (Luo et al. 2016), mean over "

@@ -94,7 +94,7 @@ def attribute(model: nn.Module, x: torch.Tensor, targets: Sequence[int], layer: 
         return _logits(twin(inp))
 
     target = torch.as_tensor(list(targets), dtype=torch.long)
-    with default_impl("reference"):
+    with torch.enable_grad(), default_impl("reference"):
         cam = attr.LayerGradCam(forward, module).attribute(x, target=target, relu_attributions=True)
         if cam.dim() != 4:
             raise ValueError(f"Grad-CAM needs a layer with a spatial output; {layer!r} gives {tuple(cam.shape)}")
@@ -148,7 +148,8 @@ def effective_receptive_field(model: nn.Module, x: torch.Tensor, layer: str, mas
     if not isinstance(out, torch.Tensor) or out.dim() != 4:
         raise ValueError(f"layer {layer!r} has no spatial output (shape {tuple(getattr(out, 'shape', ()))})")
     h, w = out.shape[-2:]
-    (grad,) = torch.autograd.grad(out[:, :, h // 2, w // 2].sum(), inp)
+    with torch.enable_grad():
+        (grad,) = torch.autograd.grad(out[:, :, h // 2, w // 2].sum(), inp)
     g = grad.abs().sum(1).mean(0)  # (H, W)
     centre = _input_centre(g)
     return EffectiveField(layer, g, centre, _side(g, centre, mass), mass)
