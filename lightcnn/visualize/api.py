@@ -161,7 +161,7 @@ def visualize(model: nn.Module, x: torch.Tensor, out: str | Path, labels: Sequen
         if "gradcam" in what:
             written["gradcam"] = [plots.attributions(att, images, rows, f"{title}: Grad-CAM at "
                                                      f"{label(model, att.layer)} (Selvaraju et al. 2017)",
-                                                     out / "gradcam.png")]
+                                                     out / "gradcam.png", layer_label=short_label(model, att.layer))]
         if "guided" in what:
             written["guided"] = [plots.attributions(att, images, rows, f"{title}: guided backpropagation "
                                                     "(Springenberg et al. 2015)", out / "guided_backprop.png",

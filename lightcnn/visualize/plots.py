@@ -191,7 +191,7 @@ def _overlay(ax, img: np.ndarray, heat: np.ndarray, title: str):
 
 
 def attributions(att, images: torch.Tensor, row_labels: Sequence[str], title: str, path: Path,
-                 guided_only: bool = False) -> Path:
+                 guided_only: bool = False, layer_label: str | None = None) -> Path:
     """One row per image. Grad-CAM: the input, the class-activation map over it (each map scaled to its
     maximum), guided Grad-CAM; `guided_only`: the input and guided backpropagation. Signed pictures are
     grey at 0."""
@@ -208,7 +208,7 @@ def attributions(att, images: torch.Tensor, row_labels: Sequence[str], title: st
             _show(axes[i, 1], to_image(signed_image(att.guided[i])), "guided backpropagation" if i == 0 else None, 8)
             continue
         cam = att.cam[i] / att.cam[i].max().clamp_min(1e-12)
-        heat = _overlay(axes[i, 1], img, cam.numpy(), f"Grad-CAM at {att.layer}" if i == 0 else None)
+        heat = _overlay(axes[i, 1], img, cam.numpy(), f"Grad-CAM at {layer_label or att.layer}" if i == 0 else None)
         _show(axes[i, 2], to_image(signed_image(att.guided_cam[i])), "guided Grad-CAM" if i == 0 else None, 8)
     if heat is not None:
         fig.colorbar(heat, ax=axes[:, 1], fraction=0.046, label="Grad-CAM (share of its maximum)")
@@ -241,7 +241,7 @@ def effective_fields(fields, analytic: dict, image: torch.Tensor, names: dict[st
         a = analytic.get(f.layer)
         if a is not None and a.size is not None and a.out_hw is not None:
             t, b, lft, rt = a.box(a.out_hw[0] // 2, a.out_hw[1] // 2, hw)
-            ax.add_patch(Rectangle((lft - 0.5, t - 0.5), rt - lft + 1, b - t + 1, fill=False, ec="white", ls="--",
+            ax.add_patch(Rectangle((lft - 0.5, t - 0.5), rt - lft + 1, b - t + 1, fill=False, ec="lime", ls="--",
                                    lw=1.2, label="analytic"))
         if j == 0:
             ax.set_ylabel("y (pixels)", fontsize=7)
