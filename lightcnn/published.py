@@ -4,7 +4,8 @@ Sources (see each entry's note): "tv"/"timm" = counted on torchvision 0.29 / tim
 weights; "paper" = the paper's table; "built" = counted on a reimplementation that follows the paper and
 its official code; "derived" = worked out from a rule stated in the note. The tests assert the exact
 parameter count and MACs within 1% for every model listed here, and `python -m lightcnn.compare` prints
-the published accuracy beside what it measures.
+the published accuracy beside what it measures. Every published error names its `source` (paper, table,
+protocol); none is given where no paper reports one for the model and data set.
 
 Conventions: parameters are trainable ones, in the model's default configuration; `params` excludes
 the auxiliary classifier heads, `aux_params` counts them (so `create(name)` has params + aux_params and
@@ -35,13 +36,15 @@ WRN = "Zagoruyko & Komodakis 2016 (wide residual networks)"
 RESNEXT = "Xie et al. 2017 (ResNeXt), Table 7"
 SD = "Huang et al. 2016 (stochastic depth)"
 DENSE = "Huang et al. 2017 (DenseNet), Table 2 (C10+, C100+)"
+DENSE_IN = "Huang et al. 2017 (DenseNet), Table 3 (single crop, val)"
 P = Published
 MODELS: dict[str, Published] = {
     # --- ImageNet (1000 classes) ---------------------------------------------------------------------
     "alexnet": P(60_965_224, 0.724, 227, 40.7, 18.2, note="built, two towers with LRN; paper 60M",
                  source='Krizhevsky, Sutskever, Hinton 2012, Table 2 ("1 CNN", ILSVRC-2012 val)'),
     "alexnet_owt": P(61_100_840, 0.714, 224, note="tv single tower"),
-    "zfnet": P(62_357_608, 1.168, 224, note="built, Fig. 3; padding 1 on conv1, ceil-mode pools"),
+    "zfnet": P(62_357_608, 1.168, 224, 38.4, 16.5, note="built, Fig. 3; padding 1 on conv1, ceil-mode pools",
+               source='Zeiler & Fergus 2014, Table 2 ("1 convnet as per Fig. 3", val)'),
     "vgg11": P(132_863_336, 7.609, 224, note="tv"),
     "vgg13": P(133_047_848, 11.308, 224, note="tv"),
     "vgg16": P(138_357_544, 15.470, 224, 24.4, 7.2, note="tv; error multi-crop",
@@ -54,28 +57,37 @@ MODELS: dict[str, Published] = {
     "googlenet": P(6_998_552, 1.583, 224, None, 10.07, aux_params=13_378_280 - 6_998_552,
                    note="built: true 5x5, LRN, biases, no BN; tv's differs (6,624,904 / 13,004,888)",
                    source="Szegedy et al. 2015, Table 3 (1 model, 1 crop, val)"),
-    "resnet18": P(11_689_512, 1.814, 224, note="tv params; MACs of the paper's v1"),
-    "resnet34": P(21_797_672, 3.664, 224, note="tv params; MACs of the paper's v1"),
+    "resnet18": P(11_689_512, 1.814, 224, 27.88, note="tv params; MACs of the paper's v1",
+                  source="He et al. 2016 (CVPR), Table 2 (10-crop, val; top-1 only)"),
+    "resnet34": P(21_797_672, 3.664, 224, 24.52, 7.46, note="tv params; MACs of the paper's v1; option B shortcuts",
+                  source="He et al. 2016 (CVPR), Table 3 (ResNet-34 B, 10-crop, val)"),
     "resnet50": P(25_557_032, 3.858, 224, 22.85, 6.71, note="v1 MACs (tv v1.5: 4.089); error 10-crop",
-                  source="He et al. 2016 (CVPR), Table 4 (10-crop, val)"),
-    "resnet101": P(44_549_160, 7.570, 224, note="v1 MACs (tv v1.5: 7.801)"),
-    "resnet152": P(60_192_808, 11.282, 224, note="v1 MACs (tv v1.5: 11.514)"),
-    "resnext50_32x4d": P(25_028_904, 4.230, 224, note="tv (v1.5)"),
+                  source="He et al. 2016 (CVPR), Table 3 (10-crop, val)"),
+    "resnet101": P(44_549_160, 7.570, 224, 21.75, 6.05, note="v1 MACs (tv v1.5: 7.801)",
+                   source="He et al. 2016 (CVPR), Table 3 (10-crop, val)"),
+    "resnet152": P(60_192_808, 11.282, 224, 21.43, 5.71, note="v1 MACs (tv v1.5: 11.514)",
+                   source="He et al. 2016 (CVPR), Table 3 (10-crop, val)"),
+    "resnext50_32x4d": P(25_028_904, 4.230, 224, 22.2, note="tv (v1.5)",
+                         source="Xie et al. 2017 (ResNeXt), Table 3 (224 single crop, val; top-1 only)"),
     "resnext101_32x8d": P(88_791_336, 16.414, 224, note="tv (v1.5)"),
     "sd_resnet152": P(60_192_808, 11.514, 224, note="derived: resnet152 v1.5 (fb.resnet.torch); gates add none"),
     "densenet121": P(7_978_856, 2.834, 224, 25.02, 7.71, note="tv"),
-    "densenet169": P(14_149_480, 3.360, 224, note="tv"),
-    "densenet201": P(20_013_928, 4.291, 224, note="tv"),
-    "densenet264": P(33_337_704, 5.752, 224, note="tv layout: growth 32, blocks 6,12,64,48"),
-    "inception_v4": P(42_679_816, 12.254, 299, note="timm (TF-slim layout)"),
+    "densenet169": P(14_149_480, 3.360, 224, 23.80, 6.85, note="tv", source=DENSE_IN),
+    "densenet201": P(20_013_928, 4.291, 224, 22.58, 6.34, note="tv", source=DENSE_IN),
+    "densenet264": P(33_337_704, 5.752, 224, 22.15, 6.12, note="tv layout: growth 32, blocks 6,12,64,48",
+                     source=DENSE_IN),
+    "inception_v4": P(42_679_816, 12.254, 299, 20.0, 5.0, note="timm (TF-slim layout)",
+                      source="Szegedy et al. 2017, Table 2 (single crop, val)"),
     "inception_resnet_v2": P(55_843_464, 13.156, 299, 19.9, 4.9, note="timm; 10/20/10 blocks, 320/1088/2080",
                              source="Szegedy et al. 2017, Table 2 (single crop, val)"),
     "inception_resnet_v2_paper": P(32_433_928, 9.258, 299, note="built: 5/10/5 blocks, 384/1152/2144"),
-    "inception_resnet_v1": P(22_756_328, 6.206, 299, note="built: paper figures"),
+    "inception_resnet_v1": P(22_756_328, 6.206, 299, 21.3, 5.5, note="built: paper figures",
+                             source="Szegedy et al. 2017, Table 2 (single crop, val)"),
     "nasnet_a_large": P(88_753_150, 23.783, 331, 17.3, 3.8, aux_params=4_567_784,
                         note="timm (no aux head); paper 88.9M, 23.8B",
                         source="Zoph et al. 2018, Table 2 (single crop, val)"),
-    "nasnet_a_mobile": P(5_289_978, 0.5636, 224, aux_params=2_411_240, note="built; paper 5.3M, 564M"),
+    "nasnet_a_mobile": P(5_289_978, 0.5636, 224, 26.0, 8.4, aux_params=2_411_240, note="built; paper 5.3M, 564M",
+                         source="Zoph et al. 2018, Table 3 (NASNet-A 4@1056, single crop, val)"),
     "zfnet_large": P(107_627_624, 2.477, 224, 37.5, 16.0, note="derived: zfnet with conv3-5 512/1024/512; Table 2 val",
                      source="Zeiler & Fergus 2014, Table 2 (larger conv3-5, val)"),
     # --- CIFAR (10 classes; CIFAR-100 adds 90 x (classifier input + 1)) ------------------------------
@@ -119,7 +131,7 @@ MODELS: dict[str, Published] = {
                              "released path (first_cell_prev='released') passes it on untouched: 3,346,538 / 0.544",
                         source="Zoph et al. 2018, Table 1 (NASNet-A 6@768, no cutout)"),
 }
-del P, HE16, WRN, RESNEXT, SD, DENSE
+del P, HE16, WRN, RESNEXT, SD, DENSE, DENSE_IN
 
 
 def published(name: str) -> Published | None:
