@@ -8,6 +8,7 @@ from pathlib import Path
 
 import matplotlib.image as mpimg
 import pytest
+import torch
 from torch import nn
 
 from lightcnn.compare import (
@@ -211,9 +212,14 @@ def runs_folder(tmp_path_factory):
              "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
              "--trainer.limit_test_batches", "2"]
     accs = []
-    for _ in range(2):
-        cli = fit([str(DIGITS), "--run_root", str(root), *quiet])
-        accs.append(cli.trainer.callback_metrics["test/acc1"].item())
+    deterministic = torch.are_deterministic_algorithms_enabled()  # the recipe's deterministic: true is global
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        for _ in range(2):
+            cli = fit([str(DIGITS), "--run_root", str(root), *quiet])
+            accs.append(cli.trainer.callback_metrics["test/acc1"].item())
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
     first, second = sorted((root / "lenet5_digits").iterdir())
     (first / "csv" / "version_0").mkdir(parents=True)
     (first / "csv" / "version_0" / "metrics.csv").write_text(
