@@ -44,7 +44,8 @@ def default_layers(chain: Chain) -> list[str]:
 def spatial_stages(model: nn.Module, x: torch.Tensor, most: int = 6) -> list[str]:
     """Up to `most` modules with a spatial output, evenly spread over the network, at the shallowest
     nesting depth that has at least three (a residual network's stem and stages, an Inception network's
-    modules), the last one always included: the layers of the empirical receptive field by default."""
+    modules), and the last module with a spatial output (Grad-CAM's layer): the layers of the empirical
+    receptive field by default."""
     outs = attribution.module_outputs(model, x[:1])
     mods = dict(model.named_modules())
     counts: dict[str, int] = {}
@@ -58,6 +59,10 @@ def spatial_stages(model: nn.Module, x: torch.Tensor, most: int = 6) -> list[str
         if len(names) >= 3 or depth == 4:
             break
     names = names or spatial
+    last = attribution.last_spatial_layer(model, x)  # e.g. DenseNet's final BatchNorm: the last block's reach
+    if last not in names:
+        names = names[-(most - 1):] if len(names) >= most else names
+        names.append(last)
     if len(names) > most:
         idx = torch.linspace(0, len(names) - 1, most).round().long().tolist()
         names = [names[i] for i in sorted(set(idx))]
