@@ -617,8 +617,9 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted({r["model"] for r in runs if not models.is_model(r["model"])})
         if unknown:
             print(f"lightcnn.compare: note: not registered here, not plotted: {', '.join(unknown)}", file=sys.stderr)
-        names = select(args.models or ("*" if not runs else ",".join(dict.fromkeys(
-            r["model"] for r in runs if r["model"] not in unknown))))
+        run_models = list(dict.fromkeys(r["model"] for r in runs if r["model"] not in unknown))
+        names = select(args.models or ("*" if not runs else ",".join(run_models)))
+        names += [m for m in run_models if m not in names]  # a run is plotted at its own model's MACs
         out = prepare_out(args.out)
     except ValueError as e:
         print(f"lightcnn.compare: error: {e}", file=sys.stderr)

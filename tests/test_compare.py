@@ -255,3 +255,6 @@ def test_compare_results_puts_ones_own_runs_beside_the_papers(runs_folder, tmp_p
     assert [(p["kind"], p["acc"]) for p in points["digits"]] == [("run", r["acc1"]) for r in runs]
     img = mpimg.imread(tmp_path / "compare.png")
     assert img[..., :3].std() > 0.01
+    assert main(["--results", str(root), "--models", "resnet20", "--no-speed", "--out", str(tmp_path)]) == 0
+    assert [r["model"] for r in csv.DictReader((tmp_path / "compare.csv").read_text().splitlines())] == \
+        ["resnet20", "lenet5"]  # the runs' model is added to --models
