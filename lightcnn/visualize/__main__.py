@@ -66,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return _run(args)
+        with torch.no_grad():  # not set_grad_enabled: an in-process caller keeps its autograd
+            return _run(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"lightcnn.visualize: error: {e}", file=sys.stderr)
         return 2
@@ -75,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     if args.model is None and args.checkpoint is None:
         raise ValueError("give a model name or a --checkpoint of lightcnn.fit (see --help)")
-    torch.set_grad_enabled(False)
     overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
     first = snapshot_files(args.snapshots)[-1] if args.snapshots and not args.checkpoint else args.checkpoint
     model = load_model(args.model, first, **overrides)

@@ -12,6 +12,7 @@ backpropagation rather than guided.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -94,12 +95,15 @@ def attribute(model: nn.Module, x: torch.Tensor, targets: Sequence[int], layer: 
         return _logits(twin(inp))
 
     target = torch.as_tensor(list(targets), dtype=torch.long)
+    x = x.detach().clone().requires_grad_(True)  # Captum warns about inputs that do not require grad
     with torch.enable_grad(), default_impl("reference"):
         cam = attr.LayerGradCam(forward, module).attribute(x, target=target, relu_attributions=True)
         if cam.dim() != 4:
             raise ValueError(f"Grad-CAM needs a layer with a spatial output; {layer!r} gives {tuple(cam.shape)}")
         cam = F.interpolate(cam.detach(), size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        guided = attr.GuidedBackprop(twin).attribute(x, target=target).detach()
+        with warnings.catch_warnings():  # Captum announces the ReLU hooks it sets and removes again
+            warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+            guided = attr.GuidedBackprop(twin).attribute(x, target=target).detach()
     return Attribution(layer, [int(t) for t in targets], cam, guided, guided * cam[:, None])
 
 
