@@ -328,7 +328,9 @@ def read_run(run: str | Path) -> dict | None:
             cfg = yaml.safe_load(config.read_text()) or {}
         except yaml.YAMLError:
             cfg = {}
-        model = (cfg.get("model") or {}).get("model") if isinstance(cfg.get("model"), dict) else None
+        section = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+        section = section.get("init_args", section) if isinstance(section.get("init_args"), dict) else section
+        model = section.get("model") if isinstance(section.get("model"), str) else None  # a subclassed module too
         data = cfg.get("data") or {}
         cls = str(data.get("class_path", "")).rsplit(".", 1)[-1] if isinstance(data, dict) else ""
         dataset = DATA_MODULES.get(cls, cls.removesuffix("DataModule").lower() or None)

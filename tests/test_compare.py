@@ -258,3 +258,18 @@ def test_compare_results_puts_ones_own_runs_beside_the_papers(runs_folder, tmp_p
     assert main(["--results", str(root), "--models", "resnet20", "--no-speed", "--out", str(tmp_path)]) == 0
     assert [r["model"] for r in csv.DictReader((tmp_path / "compare.csv").read_text().splitlines())] == \
         ["resnet20", "lenet5"]  # the runs' model is added to --models
+
+
+def test_a_cifar100_run_of_a_subclassed_module_opens_a_panel_with_the_papers_cifar100_errors(tmp_path):
+    run = tmp_path / "wrn_c100" / "20260101-000000"
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("model:\n  class_path: mypkg.MixupModule\n  init_args:\n    model: wrn28_10\n"
+                                     "data:\n  class_path: lightcnn.data.CIFAR100DataModule\n")
+    (run / "metrics.csv").write_text("epoch,step,test/acc1\n199,78000,0.8012\n")
+    (r,) = read_runs(tmp_path)
+    assert (r["model"], r["dataset"], r["acc1"]) == ("wrn28_10", "cifar100", pytest.approx(80.12))
+    rows = [{"model": n, "family": "f", "dataset": "cifar10", "gmacs": 1.0, "params": 1, "top1_err":
+             published(n).top1_err, "c100_err": published(n).c100_err} for n in ("wrn28_10", "resnet20")]
+    points = chart_points(rows, [r])
+    assert sorted((p["kind"], p["model"], round(p["acc"], 2)) for p in points["cifar100"]) == \
+        [("published", "wrn28_10", 80.75), ("run", "wrn28_10", 80.12)]  # resnet20: no CIFAR-100 figure
