@@ -19,12 +19,15 @@ from lightcnn.visualize import (
     project_strongest,
     receptive_field_table,
     receptive_fields,
+    resolve_layer,
     trace_chain,
     visualize,
 )
 from lightcnn.visualize.__main__ import main
 from lightcnn.visualize.analysis import invariance, occlusion_map
+from lightcnn.visualize.attribution import attribute, effective_receptive_field
 from lightcnn.visualize.core import Chain
+from lightcnn.visualize.names import label, short_label
 
 PHOTOS = ["sklearn:china.jpg", "sklearn:flower.jpg"]
 
@@ -68,7 +71,7 @@ def test_visualize_writes_every_picture_non_constant_for_trained_lenet(trained_l
     x, labels = load_images(["digits:1", "digits:7"], trained_lenet)
     assert labels == [1, 7]
     written = visualize(trained_lenet, x, tmp_path, labels=labels, top=6)
-    assert set(written) == {"filters", "maps", "deconv", "occlusion", "rf", "invariance"}
+    assert set(written) == {"filters", "maps", "deconv", "occlusion", "rf", "invariance", "gradcam", "guided", "erf"}
     pngs = [p for paths in written.values() for p in paths if p.suffix == ".png"]
     assert len(written["deconv"]) == 3 and len(written["occlusion"]) == 2
     for p in pngs:
@@ -279,3 +282,134 @@ def test_chain_reports_where_a_residual_network_stops_being_a_chain():
     chain = trace_chain(models.create("resnet20").eval(), torch.randn(1, 3, 32, 32))
     assert isinstance(chain, Chain) and chain.broken_at is not None
     assert "conv1" in chain.spatial_names() and "layer2.0.conv1" not in chain.spatial_names()
+
+
+# --- any network: Grad-CAM, guided backpropagation, the empirical receptive field -------------------------
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small convolutions on a shared 2-core machine: one thread is many times faster than two."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_gradcam_equals_the_gradient_weighted_maps_of_the_last_stage_of_a_residual_network():
+    """Selvaraju et al. 2017, eq. 1-2: weights = spatial mean of d y_c / d A, map = ReLU(sum_k w_k A_k),
+    upsampled (bilinear) to the image."""
+    torch.manual_seed(0)
+    model = models.create("resnet20").eval()
+    x = torch.randn(2, 3, 32, 32)
+    att = attribute(model, x, [3, 7])
+    assert att.layer == "layer3"  # the last stage with a map larger than 1x1
+    caught = {}
+    hook = model.layer3.register_forward_hook(lambda m, a, out: caught.__setitem__("a", out))
+    with torch.enable_grad():
+        logits = model(x)
+        (g,) = torch.autograd.grad(logits[0, 3] + logits[1, 7], caught["a"])
+    hook.remove()
+    cam = F.relu((g.mean((2, 3), keepdim=True) * caught["a"]).sum(1, keepdim=True))
+    cam = F.interpolate(cam, size=(32, 32), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(att.cam, cam.detach())
+    assert att.cam.max() > 0
+
+
+class _GuidedReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * (x > 0) * (g > 0)  # Springenberg et al. 2015, Fig. 1: both the input and the signal
+
+
+def test_guided_backprop_equals_a_hand_written_guided_relu_and_differs_from_the_gradient():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(inplace=True), torch.nn.Conv2d(4, 5, 3),
+                              torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(5 * 4 * 4, 3)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    att = attribute(net, x, [2, 0])
+    xg = x.clone().requires_grad_(True)
+    with torch.enable_grad():
+        h = _GuidedReLU.apply(net[0](xg))
+        out = net[5](net[4](_GuidedReLU.apply(net[2](h))))
+        (guided,) = torch.autograd.grad(out[0, 2] + out[1, 0], xg)
+        (plain,) = torch.autograd.grad(net(xg)[[0, 1], [2, 0]].sum(), xg)
+    torch.testing.assert_close(att.guided, guided)
+    assert not torch.allclose(guided, plain)
+    torch.testing.assert_close(att.guided_cam, att.guided * att.cam[:, None])
+
+
+def test_empirical_receptive_field_of_a_residual_stage_stays_inside_its_analytic_bound():
+    """resnet20's layer1 (stride 1): the 3x3 stem and six 3x3 convolutions reach 15x15 pixels, shortcuts
+    reach less; the centre unit's input gradient is zero outside that square and not inside it."""
+    torch.manual_seed(0)
+    model = models.create("resnet20").eval()
+    f = effective_receptive_field(model, torch.randn(2, 3, 32, 32), "layer1")
+    support = (f.grad > 0).nonzero()
+    assert support.min(0).values.tolist() == [9, 9] and support.max(0).values.tolist() == [23, 23]
+    assert f.centre == (16, 16) and 1 <= f.side <= 15
+
+
+def test_empirical_receptive_field_of_a_chain_fills_the_analytic_one(trained_lenet):
+    x, _ = load_images([f"digits:{i}" for i in range(4)], trained_lenet)
+    field = {f.name: f for f in receptive_fields(trace_chain(trained_lenet, x))}["features.4"]
+    erf = effective_receptive_field(trained_lenet, x, "features.4")
+    t, b, lft, r = field.box(5, 5, (32, 32))  # the centre unit of C3's 10x10 maps
+    support = (erf.grad > 0).nonzero()
+    assert support.min(0).values.tolist() == [t, lft] and support.max(0).values.tolist() == [b, r]
+    assert erf.side < field.size[0]  # Luo et al.: the effective field is a fraction of the theoretical one
+
+
+@pytest.mark.parametrize("name,side", [("resnet20", None), ("densenet40_k12", None), ("googlenet", 64)])
+def test_cli_writes_gradcam_guided_backprop_and_effective_fields_for_residual_dense_and_inception(
+        name, side, tmp_path, capsys):
+    args = [name, "--images", "sklearn:flower.jpg", "--num-classes", "10", "--out", str(tmp_path),
+            "--what", "gradcam", "guided", "erf"] + (["--input-size", str(side)] if side else [])
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    for png in ("gradcam.png", "guided_backprop.png", "effective_receptive_fields.png"):
+        assert f"wrote {tmp_path / png}" in printed and _non_constant_png(tmp_path / png), png
+
+
+def test_cli_on_a_residual_network_writes_what_applies_and_says_what_it_skips(tmp_path, capsys):
+    assert main(["resnet20", "--images", "sklearn:china.jpg", "--out", str(tmp_path), "--occlusion-stride", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "no plain conv/ReLU/pool chain" in out and "no deconv, rf" in out
+    assert {p.name for p in tmp_path.glob("*.png")} >= {"filters.png", "gradcam.png", "guided_backprop.png",
+                                                        "effective_receptive_fields.png", "occlusion_0.png"}
+
+
+def test_layers_carry_the_papers_names(trained_lenet, tmp_path, capsys):
+    assert resolve_layer(trained_lenet, "C3") == "features.4" and resolve_layer(trained_lenet, "f6") == "fc.2"
+    assert short_label(trained_lenet, "features.4") == "C3" and label(trained_lenet, "features.1") == \
+        "C1 [features.1]"
+    alex = models.create("alexnet", num_classes=10, hidden_features=64)
+    assert [short_label(alex, f"features.relu{n}") for n in (1, 5)] == ["conv1", "conv5"]
+    assert resolve_layer(alex, "conv5") == "features.conv5"  # a module name keeps its meaning
+    assert short_label(models.create("resnet20"), "layer1.0.conv1") == "conv1"  # no paper names: the module's
+    ckpt = tmp_path / "lenet.pt"
+    torch.save(trained_lenet.state_dict(), ckpt)
+    assert main(["lenet5", "--checkpoint", str(ckpt), "--list-layers"]) == 0
+    listed = capsys.readouterr().out
+    assert any(line.split()[:2] == ["features.4", "C3"] for line in listed.splitlines())
+    assert main(["lenet5", "--checkpoint", str(ckpt), "--layers", "C3", "--what", "maps", "--out", str(tmp_path)]) == 0
+    assert _non_constant_png(tmp_path / "maps_features.4.png")
+
+
+def test_a_nan_checkpoint_is_an_error_not_blank_pictures(trained_lenet, tmp_path, capsys):
+    state = {k: v.clone() for k, v in trained_lenet.state_dict().items()}
+    state["features.3.weight"][0, 0, 0, 0] = float("nan")
+    ckpt = tmp_path / "diverged.pt"
+    torch.save(state, ckpt)
+    assert main(["lenet5", "--checkpoint", str(ckpt), "--out", str(tmp_path / "pics")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NaN or Inf in 1 of" in err and "features.3.weight" in err
+    assert not (tmp_path / "pics").exists()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        load_model("lenet5", ckpt)

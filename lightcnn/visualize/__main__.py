@@ -2,16 +2,20 @@
 
 Pictures of what a network has learnt (Zeiler & Fergus 2014), written as PNGs into --out:
 filters.png, maps_LAYER.png, deconv_LAYER.png, occlusion_I.png, receptive_fields.png (+ .md, printed),
-invariance.png, and evolution.png (from --snapshots saved by lightcnn.visualize.FeatureSnapshots).
+invariance.png, gradcam.png (Grad-CAM and guided Grad-CAM), guided_backprop.png,
+effective_receptive_fields.png (Luo et al. 2016; any network), and evolution.png (from --snapshots
+saved by lightcnn.visualize.FeatureSnapshots). A checkpoint with NaN/Inf weights is an error (exit 2).
 
     python -m lightcnn.visualize lenet5 --checkpoint runs/lenet5_digits/RUN/checkpoints/last.ckpt
     python -m lightcnn.visualize zfnet --images sklearn:china.jpg photo.jpg --layers relu1 relu5 --what deconv rf
     python -m lightcnn.visualize lenet5 --what evolution --snapshots runs/lenet5_digits/RUN/snapshots
+    python -m lightcnn.visualize resnet20 --checkpoint r20.ckpt --what gradcam guided erf
     python -m lightcnn.visualize alexnet --list-layers
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 
 import torch
@@ -19,11 +23,13 @@ import torch
 from lightcnn.visualize.api import (
     CHAIN_ONLY,
     WHAT,
+    default_layers,
     feature_evolution,
     snapshot_files,
     visualize,
 )
 from lightcnn.visualize.core import load_images, load_model, trace_chain
+from lightcnn.visualize.names import paper_names
 
 
 def parser() -> argparse.ArgumentParser:
@@ -31,7 +37,8 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m lightcnn.visualize", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Write pictures of what a network has learnt (Zeiler & Fergus 2014): deconvnet "
                     "projections, first-layer filters, feature maps, occlusion sensitivity, receptive "
-                    "fields, invariance curves, feature evolution during training.",
+                    "fields (analytic and empirical), invariance curves, Grad-CAM, guided backpropagation, "
+                    "feature evolution during training.",
         epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("model", nargs="?", help="registered model name (lightcnn.models.list_models()); "
                    "may be left out when --checkpoint is a lightcnn.fit checkpoint")
@@ -39,8 +46,9 @@ def parser() -> argparse.ArgumentParser:
                    "without it the network is randomly initialised")
     p.add_argument("--images", nargs="+", help="image files, or sklearn:china.jpg, sklearn:flower.jpg, "
                    "digits:N (default: 4 digits for a digits model, the two scikit-learn photographs otherwise)")
-    p.add_argument("--layers", nargs="+", help="module names (model.named_modules(), or a unique suffix such as "
-                   "conv5); default: the non-linearity after each convolution")
+    p.add_argument("--layers", nargs="+", help="module names (model.named_modules(), a unique suffix such as "
+                   "conv5, or the paper's name such as LeNet-5's C3); default: the non-linearity after each "
+                   "convolution; Grad-CAM uses the last one (default: the last spatial stage)")
     p.add_argument("--what", nargs="+", default=None, choices=WHAT + ("evolution",),
                    help="pictures to write (default: all but evolution; evolution needs --snapshots)")
     p.add_argument("--snapshots", nargs="+", help="a folder of FeatureSnapshots or checkpoint files, for evolution")
@@ -58,7 +66,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
-        return _run(args)
+        with torch.no_grad():  # not set_grad_enabled: an in-process caller keeps its autograd
+            return _run(args)
     except (ValueError, FileNotFoundError, TypeError) as e:
         print(f"lightcnn.visualize: error: {e}", file=sys.stderr)
         return 2
@@ -67,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     if args.model is None and args.checkpoint is None:
         raise ValueError("give a model name or a --checkpoint of lightcnn.fit (see --help)")
-    torch.set_grad_enabled(False)
     overrides = {} if args.num_classes is None else {"num_classes": args.num_classes}
     first = snapshot_files(args.snapshots)[-1] if args.snapshots and not args.checkpoint else args.checkpoint
     model = load_model(args.model, first, **overrides)
@@ -78,17 +86,24 @@ def _run(args) -> int:
     x, labels = load_images(sources, model, args.input_size)
     if args.list_layers:
         chain = trace_chain(model, x[:1])
+        papers = paper_names(model)
         for u in chain.units:
             flag = "" if u.chained else "  (not in the plain chain: no deconvnet)"
-            print(f"{u.name:32s} {type(u.module).__name__:20s} {tuple(u.output.shape[1:])}{flag}")
+            paper = papers.get(u.name, "")
+            print(f"{u.name:32s} {paper:22s} {type(u.module).__name__:20s} {tuple(u.output.shape[1:])}{flag}")
         return 0
     what = list(args.what) if args.what else list(WHAT)
     if not args.what:  # all that applies: the deconvnet and RF arithmetic need a plain chain
         chain = trace_chain(model, x[:1])
         if chain.broken_at is not None and not args.layers:
-            what = [w for w in what if w not in CHAIN_ONLY]
-            print(f"note: {name} is no plain conv/ReLU/pool chain (from {chain.broken_at}); "
-                  f"skipping {', '.join(CHAIN_ONLY)}")
+            skip = list(CHAIN_ONLY) + ([] if default_layers(chain) else ["maps", "invariance"])
+            what = [w for w in what if w not in skip]
+            print(f"note: {name} is no plain conv/ReLU/pool chain (from {chain.broken_at}): no "
+                  f"{', '.join(skip)} (give --layers for maps and invariance); the empirical receptive field "
+                  f"(erf), Grad-CAM and guided backpropagation work for any network")
+        if importlib.util.find_spec("captum") is None:
+            what = [w for w in what if w not in ("gradcam", "guided")]
+            print("note: Captum is not installed (pip install captum): no Grad-CAM or guided backpropagation")
     pictures = [w for w in what if w != "evolution"]
     written = []
     if pictures:

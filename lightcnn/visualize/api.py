@@ -9,8 +9,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lightcnn.visualize import analysis, plots
+from lightcnn.visualize import analysis, attribution, plots
 from lightcnn.visualize.core import (
+    POINTWISE,
     RECTIFIERS,
     Chain,
     denormalize,
@@ -22,9 +23,10 @@ from lightcnn.visualize.core import (
     trace_chain,
 )
 from lightcnn.visualize.deconvnet import project_strongest
+from lightcnn.visualize.names import label, short_label
 
-WHAT = ("filters", "maps", "deconv", "occlusion", "rf", "invariance")
-CHAIN_ONLY = ("deconv", "rf")
+WHAT = ("filters", "maps", "deconv", "occlusion", "rf", "invariance", "gradcam", "guided", "erf")
+CHAIN_ONLY = ("deconv", "rf")  # the deconvnet and the analytic receptive fields need a plain chain
 
 
 def default_layers(chain: Chain) -> list[str]:
@@ -37,6 +39,34 @@ def default_layers(chain: Chain) -> list[str]:
             out.append(u.name)
             after_conv = False
     return out
+
+
+def spatial_stages(model: nn.Module, x: torch.Tensor, most: int = 6) -> list[str]:
+    """Up to `most` modules with a spatial output, evenly spread over the network, at the shallowest
+    nesting depth that has at least three (a residual network's stem and stages, an Inception network's
+    modules), and the last module with a spatial output (Grad-CAM's layer): the layers of the empirical
+    receptive field by default."""
+    outs = attribution.module_outputs(model, x[:1])
+    mods = dict(model.named_modules())
+    counts: dict[str, int] = {}
+    for n, _ in outs:
+        counts[n] = counts.get(n, 0) + 1
+    spatial = list(dict.fromkeys(n for n, o in outs if isinstance(o, torch.Tensor) and o.dim() == 4
+                                 and counts[n] == 1 and o.shape[-1] * o.shape[-2] > 1
+                                 and not isinstance(mods[n], POINTWISE)))  # a BN or ReLU adds no reach
+    for depth in range(1, 5):
+        names = [n for n in spatial if n.count(".") + 1 == depth]
+        if len(names) >= 3 or depth == 4:
+            break
+    names = names or spatial
+    last = attribution.last_spatial_layer(model, x)  # e.g. DenseNet's final BatchNorm: the last block's reach
+    if last not in names:
+        names = names[-(most - 1):] if len(names) >= most else names
+        names.append(last)
+    if len(names) > most:
+        idx = torch.linspace(0, len(names) - 1, most).round().long().tolist()
+        names = [names[i] for i in sorted(set(idx))]
+    return names
 
 
 def _file(name: str) -> str:
@@ -61,12 +91,17 @@ def visualize(model: nn.Module, x: torch.Tensor, out: str | Path, labels: Sequen
     model.eval()
     out = Path(out)
     title = title or type(model).__name__
+    explicit_layers = bool(layers)
     chain = trace_chain(model, x)
+    if not torch.isfinite(chain.logits).all():
+        raise ValueError(f"{title}: the network's outputs on these images are NaN or Inf (diverged weights?); "
+                         f"the pictures would be blank")
+    by_layer = ("maps", "deconv", "invariance")
     if layers:
         layers = [resolve_layer(model, n) for n in layers]
     else:
         layers = default_layers(chain)
-        if not layers:
+        if not layers and any(w in what for w in by_layer):
             raise ValueError(f"{title}: no conv/non-linearity chain to take default layers from; give layers "
                              f"(valid: {', '.join(n for n, _ in model.named_modules() if n)})")
     preds = chain.logits.argmax(1).tolist()
@@ -90,7 +125,8 @@ def visualize(model: nn.Module, x: torch.Tensor, out: str | Path, labels: Sequen
         for n in layers:
             if outputs[n].dim() != 4:
                 raise ValueError(f"layer {n!r} has no feature maps (output shape {tuple(outputs[n].shape)})")
-            written["maps"].append(plots.feature_maps(outputs[n][0], images[0], f"{title}: {n} on image 0",
+            written["maps"].append(plots.feature_maps(outputs[n][0], images[0],
+                                                      f"{title}: {label(model, n)} on image 0",
                                                       out / f"maps_{_file(n)}.png"))
     if "deconv" in what:
         written["deconv"] = []
@@ -98,15 +134,16 @@ def visualize(model: nn.Module, x: torch.Tensor, out: str | Path, labels: Sequen
             projs = project_strongest(chain, n, top)
             written["deconv"].append(plots.projections(
                 projs, images, fields[n], f"{title}: deconvnet projections of the {len(projs)} strongest "
-                f"units of {n} (RF {fields[n].size[0]} px)", out / f"deconv_{_file(n)}.png"))
+                f"units of {label(model, n)} (RF {fields[n].size[0]} px)", out / f"deconv_{_file(n)}.png"))
     if "rf" in what:
         table = receptive_field_table(list(fields.values()), hw)
         (out / "receptive_fields.md").parent.mkdir(parents=True, exist_ok=True)
         (out / "receptive_fields.md").write_text(table + "\n")
         if verbose:
             print(f"Receptive fields of {title} at {hw[0]}x{hw[1]}:\n{table}")
+        names = {f: short_label(model, f) for f in fields}
         written["rf"] = [plots.receptive_fields(list(fields.values()), images[0], f"{title}: receptive fields",
-                                                out / "receptive_fields.png"), out / "receptive_fields.md"]
+                                                out / "receptive_fields.png", names), out / "receptive_fields.md"]
     if "occlusion" in what:
         size = occlusion_size or max(2, hw[0] // 6)
         stride = occlusion_stride or max(1, size // 4)
@@ -120,7 +157,32 @@ def visualize(model: nn.Module, x: torch.Tensor, out: str | Path, labels: Sequen
         chosen = layers if len(layers) <= 2 else [layers[0], layers[-1]]
         res = analysis.invariance(model, x, chosen, targets)
         written["invariance"] = [plots.invariance(res, [f"image {i} (class {t})" for i, t in enumerate(targets)],
-                                                  f"{title}: invariance", out / "invariance.png")]
+                                                  f"{title}: invariance", out / "invariance.png",
+                                                  {n: label(model, n) for n in chosen})]
+    if "gradcam" in what or "guided" in what:
+        cam_layer = layers[-1] if explicit_layers else None
+        att = attribution.attribute(model, x, targets, cam_layer)
+        rows = [f"image {i}, class {t}" for i, t in enumerate(targets)]
+        if "gradcam" in what:
+            written["gradcam"] = [plots.attributions(att, images, rows, f"{title}: Grad-CAM at "
+                                                     f"{label(model, att.layer)} (Selvaraju et al. 2017)",
+                                                     out / "gradcam.png", layer_label=short_label(model, att.layer))]
+        if "guided" in what:
+            written["guided"] = [plots.attributions(att, images, rows, f"{title}: guided backpropagation "
+                                                    "(Springenberg et al. 2015)", out / "guided_backprop.png",
+                                                    guided_only=True)]
+    if "erf" in what:
+        erf_layers = layers if explicit_layers else (
+            default_layers(chain) if chain.broken_at is None and default_layers(chain) else spatial_stages(model, x))
+        efs = [attribution.effective_receptive_field(model, x, n) for n in erf_layers]
+        try:  # the analytic field where the layer is in the plain chain (all of it for LeNet, AlexNet, VGG)
+            analytic = {f.name: f for f in receptive_fields(chain)}
+        except ValueError:
+            analytic = {}
+        names = {n: short_label(model, n) for n in erf_layers}
+        written["erf"] = [plots.effective_fields(
+            efs, analytic, images[0], names, f"{title}: empirical receptive fields (Luo et al. 2016), mean over "
+            f"{len(x)} image(s)", out / "effective_receptive_fields.png")]
     return written
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from lightcnn import models
 from lightcnn.layers import LocalResponseNorm
 from lightcnn.models.lenet import ScaledTanh, SparseConv2d, Subsampling
+from lightcnn.visualize.names import from_paper_name, paper_names
 
 # Pointwise non-linearities: the deconvnet rectifies its reconstruction where the forward pass had one
 # of these (Zeiler & Fergus, Sec. 2.1 for ReLU; we treat tanh, sigmoid etc. the same way).
@@ -100,7 +101,18 @@ def load_model(name: str | None, checkpoint: str | Path | None = None, **overrid
                 raise ValueError(f"checkpoint {str(checkpoint)!r} does not fit {name!r} "
                                  f"(another model or other settings?): {e}") from None
             return load_model(name, checkpoint, **{**overrides, "num_classes": n})
+        check_finite(model, f"checkpoint {str(checkpoint)!r}")
     return model.eval()
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """A ValueError when a parameter or buffer of `model` holds NaN or Inf (a diverged run's weights give
+    blank pictures, not an insight), naming the tensors."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        total = sum(1 for v in model.state_dict().values() if v.is_floating_point())
+        raise ValueError(f"{what} holds NaN or Inf in {len(bad)} of {total} weight tensors ({', '.join(bad[:3])}"
+                         f"{', ...' if len(bad) > 3 else ''}): the run diverged; pick a checkpoint from before")
 
 
 # --- images -------------------------------------------------------------------------------------------------
@@ -189,18 +201,24 @@ def load_images(sources: Sequence[str], model: nn.Module, input_size: int | None
 
 
 def resolve_layer(model: nn.Module, name: str, valid: Sequence[str] | None = None) -> str:
-    """The module name of `name`: an exact name of `model.named_modules()` or a unique dotted suffix of one
-    (`conv5` for `features.conv5`). Unknown or ambiguous names are a ValueError listing the valid ones."""
+    """The module name of `name`: an exact name of `model.named_modules()`, a unique dotted suffix of one
+    (`conv5` for `features.conv5`) or the paper's name of a layer (`C3` for LeNet-5's `features.4`, see
+    `lightcnn.visualize.names`). Unknown or ambiguous names are a ValueError listing the valid ones."""
     valid = list(valid) if valid is not None else [n for n, _ in model.named_modules() if n]
     if name in valid:
         return name
     matches = [v for v in valid if v.endswith("." + name)]
     if len(matches) == 1:
         return matches[0]
+    paper = from_paper_name(model, name)  # "C3" for LeNet-5's features.4
+    if not matches and paper in valid:
+        return paper
     what = f"ambiguous layer {name!r} (matches {', '.join(matches)})" if matches else f"unknown layer {name!r}"
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
     hint = f" Closest: {', '.join(close)}." if close and not matches else ""
-    raise ValueError(f"{what} for {type(model).__name__}.{hint} Valid layers: {', '.join(valid)}")
+    papers = [f"{p} = {m}" for m, p in paper_names(model).items() if m in valid]
+    named = f" The paper's names: {'; '.join(papers)}." if papers else ""
+    raise ValueError(f"{what} for {type(model).__name__}.{hint} Valid layers: {', '.join(valid)}.{named}")
 
 
 @dataclass

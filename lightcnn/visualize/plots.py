@@ -141,9 +141,16 @@ def occlusion(image: torch.Tensor, prob: torch.Tensor, size: int, stride: int, t
     return _save(fig, path)
 
 
-def receptive_fields(fields: Sequence[Field], image: torch.Tensor, title: str, path: Path) -> Path:
+def receptive_fields(fields: Sequence[Field], image: torch.Tensor, title: str, path: Path,
+                     names: dict[str, str] | None = None) -> Path:
     """Local to global: the receptive-field side of every layer against depth, and the fields of the
-    centre unit of each convolution and pooling layer drawn on the image."""
+    centre unit of each convolution and pooling layer drawn on the image. `names` maps module names to the
+    labels shown (the paper's layer names)."""
+    names = names or {}
+
+    def short(n: str) -> str:
+        return names.get(n) or (n if n.split(".")[-1].isdigit() else n.split(".")[-1])
+
     hw = tuple(image.shape[-2:])
     spatial = [f for f in fields if f.size is not None and f.out_hw is not None]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.5, 1]})
@@ -154,30 +161,117 @@ def receptive_fields(fields: Sequence[Field], image: torch.Tensor, title: str, p
     glob = [k for k, f in enumerate(fields) if f.size is None]
     if glob:
         ax.plot(glob, [hw[0]] * len(glob), "x", color="C3", label="global: the whole image")
-    ax.legend(fontsize=8, loc="lower right")
-    ax.axhline(hw[0], color="0.4", ls="--", lw=1)
-    ax.text(0, hw[0], f" image side {hw[0]}", va="bottom", fontsize=8, color="0.3")
+    ax.axhline(hw[0], color="0.4", ls="--", lw=1, label=f"image side ({hw[0]} px)")
+    ax.legend(fontsize=8, loc="lower right", title="receptive field of a unit", title_fontsize=8)
     ax.set_xticks(list(xs))
-    ax.set_xticklabels([f.name.split(".")[-1] for f in fields], rotation=90, fontsize=7)
+    ax.set_xticklabels([short(f.name) for f in fields], rotation=90, fontsize=7)
+    ax.set_xlabel("layer (in forward order)")
     ax.set_ylabel("receptive field side (pixels)")
-    ax.set_title("receptive field by layer", fontsize=9)
+    ax.set_title("receptive field by layer (analytic)", fontsize=9)
     ax.grid(alpha=0.3)
     ax = axes[1]
     _show(ax, to_image(image), "centre unit's field per layer", 9)
+    ax.set_xlabel("x (pixels)", fontsize=8)
+    ax.set_ylabel("y (pixels)", fontsize=8)
     windows = [f for f in spatial if f.kind not in ("ReLU", "Tanh", "LocalResponseNorm", "Dropout", "BatchNorm2d")]
     colors = plt.cm.viridis(np.linspace(0, 1, max(len(windows), 1)))
     for f, c in zip(windows, colors):
         t, b, lft, r = f.box(f.out_hw[0] // 2, f.out_hw[1] // 2, hw)
         ax.add_patch(Rectangle((lft - 0.5, t - 0.5), r - lft + 1, b - t + 1, fill=False, ec=c, lw=1.5,
-                               label=f"{f.name.split('.')[-1]} {f.size[0]}"))
-    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+                               label=f"{short(f.name)}: {f.size[0]} px"))
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False, title="layer: field side",
+              title_fontsize=7)
     fig.suptitle(title, fontsize=10)
     return _save(fig, path)
 
 
-def invariance(results: Sequence[Invariance], names: Sequence[str], title: str, path: Path) -> Path:
+def _overlay(ax, img: np.ndarray, heat: np.ndarray, title: str):
+    _show(ax, img, title, 8)
+    return ax.imshow(heat, cmap="jet", vmin=0, vmax=1, alpha=0.5, interpolation="bilinear")
+
+
+def attributions(att, images: torch.Tensor, row_labels: Sequence[str], title: str, path: Path,
+                 guided_only: bool = False, layer_label: str | None = None) -> Path:
+    """One row per image. Grad-CAM: the input, the class-activation map over it (each map scaled to its
+    maximum), guided Grad-CAM; `guided_only`: the input and guided backpropagation. Signed pictures are
+    grey at 0."""
+    n = len(images)
+    cols = 2 if guided_only else 3
+    fig, axes = plt.subplots(n, cols, figsize=(2.6 * cols + 0.8, 2.5 * n + 0.4), squeeze=False,
+                             layout="constrained")
+    heat = None
+    for i in range(n):
+        img = to_image(images[i])
+        _show(axes[i, 0], img, "input" if i == 0 else None, 8)
+        axes[i, 0].set_ylabel(row_labels[i], fontsize=7)
+        if guided_only:
+            _show(axes[i, 1], to_image(signed_image(att.guided[i])), "guided backpropagation" if i == 0 else None, 8)
+            continue
+        cam = att.cam[i] / att.cam[i].max().clamp_min(1e-12)
+        heat = _overlay(axes[i, 1], img, cam.numpy(), f"Grad-CAM at {layer_label or att.layer}" if i == 0 else None)
+        _show(axes[i, 2], to_image(signed_image(att.guided_cam[i])), "guided Grad-CAM" if i == 0 else None, 8)
+    if heat is not None:
+        fig.colorbar(heat, ax=axes[:, 1], fraction=0.046, label="Grad-CAM (share of its maximum)")
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def effective_fields(fields, analytic: dict, image: torch.Tensor, names: dict[str, str], title: str,
+                     path: Path) -> Path:
+    """Luo et al. 2016: top, for each layer, |d centre unit / d input| over the image (each on its own
+    scale) with the square that holds the chosen share of it and, for plain chains, the analytic receptive
+    field; bottom, both sides against depth."""
+    k = len(fields)
+    fig = plt.figure(figsize=(max(2.3 * k, 7), 6.2), layout="constrained")
+    grid = fig.add_gridspec(2, k, height_ratios=[1, 1])
+    hw = tuple(image.shape[-2:])
+    img = to_image(image)
+    im = None
+    for j, f in enumerate(fields):
+        ax = fig.add_subplot(grid[0, j])
+        g = (f.grad / f.grad.max().clamp_min(1e-30)).numpy()
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, alpha=0.35, interpolation="nearest")
+        im = ax.imshow(g, cmap="magma", vmin=0, vmax=1, alpha=0.8, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(names.get(f.layer, f.layer), fontsize=7)
+        r, c, half = f.centre[0], f.centre[1], f.side // 2
+        ax.add_patch(Rectangle((c - half - 0.5, r - half - 0.5), f.side, f.side, fill=False, ec="cyan", lw=1.2,
+                               label=f"empirical ({f.mass:.0%} of the gradient)"))
+        a = analytic.get(f.layer)
+        if a is not None and a.size is not None and a.out_hw is not None:
+            t, b, lft, rt = a.box(a.out_hw[0] // 2, a.out_hw[1] // 2, hw)
+            ax.add_patch(Rectangle((lft - 0.5, t - 0.5), rt - lft + 1, b - t + 1, fill=False, ec="lime", ls="--",
+                                   lw=1.2, label="analytic"))
+        if j == 0:
+            ax.set_ylabel("y (pixels)", fontsize=7)
+            ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(0, -0.02), frameon=False)
+    if im is not None:
+        fig.colorbar(im, ax=fig.axes[:k], fraction=0.03, label="|d unit / d input| (share of max)")
+    ax = fig.add_subplot(grid[1, :])
+    xs = range(k)
+    ax.plot(xs, [f.side for f in fields], "o-", color="C1", label=f"empirical: square with {fields[0].mass:.0%} "
+            "of the gradient" if fields else "empirical")
+    sides = [analytic[f.layer].size[0] if analytic.get(f.layer) is not None and analytic[f.layer].size is not None
+             else np.nan for f in fields]
+    if not all(np.isnan(sides)):
+        ax.plot(xs, sides, "s--", color="C0", label="analytic (kernel, stride, padding)")
+    ax.axhline(hw[0], color="0.4", ls=":", lw=1, label=f"image side ({hw[0]} px)")
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([names.get(f.layer, f.layer) for f in fields], rotation=30, fontsize=7, ha="right")
+    ax.set_xlabel("layer (in forward order)")
+    ax.set_ylabel("receptive field side (pixels)")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    return _save(fig, path)
+
+
+def invariance(results: Sequence[Invariance], names: Sequence[str], title: str, path: Path,
+               layer_names: dict[str, str] | None = None) -> Path:
     """Fig. 5: one column per transformation; rows: the relative feature distance of each layer, then
-    the probability of the image's class; one line per image."""
+    the probability of the image's class; one line per image. `layer_names`: the labels of the layers."""
+    layer_names = layer_names or {}
     layers = list(results[0].distance)
     rows = len(layers) + 1
     fig, axes = plt.subplots(rows, len(results), figsize=(3.4 * len(results), 2.2 * rows), squeeze=False)
@@ -188,7 +282,7 @@ def invariance(results: Sequence[Invariance], names: Sequence[str], title: str, 
             ax = axes[r, c]
             for i, name in enumerate(names):
                 ax.plot(a, res.distance[layer][i].numpy(), "o-", ms=3, label=name)
-            ax.set_title(f"{res.kind}: {layer}", fontsize=8)
+            ax.set_title(f"{res.kind}: {layer_names.get(layer, layer)}", fontsize=8)
             ax.set_ylabel("feature distance / norm", fontsize=7)
             ax.grid(alpha=0.3)
         ax = axes[-1, c]
@@ -197,8 +291,9 @@ def invariance(results: Sequence[Invariance], names: Sequence[str], title: str, 
         ax.set_ylim(-0.02, 1.02)
         ax.set_title(f"{res.kind}: p(class)", fontsize=8)
         ax.set_xlabel(units.get(res.kind, res.kind), fontsize=8)
+        ax.set_ylabel("p(class)", fontsize=7)
         ax.grid(alpha=0.3)
-    axes[0, -1].legend(fontsize=6, loc="best")
+    axes[0, -1].legend(fontsize=6, loc="best", title="image", title_fontsize=6)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
