@@ -320,7 +320,7 @@ def test_run_folder_holds_metrics_csv_full_config_params_and_macs(user_pkg, tmp_
     macs = 4 * 9 * 32 * 32 + 4 * 10  # conv3x3 1->4 on 32x32, linear 4->10
     assert hparams["model/macs"] == macs and hparams["model/params"] == 4 * 9 + 4 + 40 + 10
     assert hparams["model/optimizer/init_args/lr"] == 0.05 and hparams["data/init_args/batch_size"] == 32
-    assert hparams["trainer/max_epochs"] == 1
+    assert hparams["trainer/max_epochs"] == 1 and hparams["data/global_batch"] == 32
     from lightning.pytorch.utilities.model_summary import ModelSummary
 
     assert ModelSummary(cli.model).total_flops == 2 * macs * 1  # Lightning's summary counts the same

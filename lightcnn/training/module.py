@@ -18,6 +18,7 @@ from typing import Any, Literal
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelSummary
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
@@ -214,7 +215,7 @@ class ClassifierModule(L.LightningModule):
                                          metrics)
 
     def on_fit_start(self) -> None:
-        facts = evaluation.params_and_macs(self.net, getattr(self, "example_input_array", None))
+        facts: dict[str, int] = {}
         dm = getattr(self.trainer, "datamodule", None)
         accumulate = self.trainer.accumulate_grad_batches
         if getattr(dm, "batch_size", None):
@@ -222,10 +223,12 @@ class ClassifierModule(L.LightningModule):
             if accumulate > 1:
                 rank_zero_info(f"lightcnn: effective global batch {facts['global_batch']} per optimiser step "
                                f"(batch_size {dm.batch_size} x accumulate_grad_batches {accumulate})")
+        if not self.trainer.loggers and not any(isinstance(cb, ModelSummary) for cb in self.trainer.callbacks):
+            return  # no logger and no summary: nothing to report to, so no extra forward pass to count MACs
+        facts.update(evaluation.params_and_macs(self.net, getattr(self, "example_input_array", None)))
         rank_zero_info("lightcnn: model " + ", ".join(f"{k} {v:,}" for k, v in facts.items()))
         for logger in self.trainer.loggers:
-            logger.log_hyperparams({f"model/{k}" if k != "global_batch" else "data/global_batch": v
-                                    for k, v in facts.items()})
+            logger.log_hyperparams({("data/" if k == "global_batch" else "model/") + k: v for k, v in facts.items()})
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What `lightcnn.predict` needs to read a run's images the way its evaluation did.
