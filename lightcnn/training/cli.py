@@ -32,7 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightcnn.data.base import ClassificationDataModule
 from lightcnn.training.key_hints import key_hint
 from lightcnn.training.module import ClassifierModule
-from lightcnn.training.research import DEFAULT_MODULE, adopt_run_folder, model_subclass_mode
+from lightcnn.training.research import DEFAULT_MODULE, adopt_run_folder, defer_wandb_start, model_subclass_mode
 from lightcnn.training.wandb_utils import default_wandb_mode, finish_wandb
 
 
@@ -205,6 +205,7 @@ def main(args: list[str] | None = None, stage: Literal["fit", "test"] = "fit") -
             _user_error(stage, e)
         trainer, model, data, config = cli.trainer, cli.model, cli.datamodule, cli.config
         if stage == "fit":
+            defer_wandb_start(trainer)  # W&B starts in the run folder (research.py)
             trainer.fit(model, datamodule=data, ckpt_path=config.ckpt_path)
             if config.test_after_fit and not trainer.interrupted:
                 trainer.test(model, datamodule=data, ckpt_path="best" if config.test_weights == "best" else None)

@@ -8,9 +8,12 @@
 - `adopt_run_folder(trainer, run_dir, config)`: every file of a run under its run folder: W&B's files go to
   RUN/wandb, a CSV logger writes RUN/metrics.csv (added when the run logs at all), and the whole resolved
   configuration is logged as flat hyperparameters to every logger (W&B gets it nested from `cli.py`).
+  Lightning starts every logger's experiment before any callback's `setup`, i.e. before the run folder
+  exists; `defer_wandb_start(trainer)` (called before `fit`) holds W&B's start back until then.
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -63,6 +66,29 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("/"): config}
 
 
+@functools.cache
+def _deferred(cls: type) -> type:
+    """`cls` (a WandbLogger class) whose `experiment` does not exist until the run folder is known, so that
+    Lightning's setup (`hasattr(logger, "experiment")`) does not start the W&B run in the recipe's save_dir."""
+
+    class Deferred(cls):
+        @property
+        def experiment(self):
+            if not getattr(self, "_run_folder_known", False):
+                raise AttributeError("the W&B run starts in the run folder, once it is made")
+            return cls.experiment.fget(self)
+
+    Deferred.__name__, Deferred.__qualname__ = cls.__name__, cls.__qualname__
+    return Deferred
+
+
+def defer_wandb_start(trainer) -> None:
+    """Start the W&B runs of `trainer` in the run folder that `adopt_run_folder` gives them."""
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is None:
+            logger.__class__ = _deferred(type(logger))
+
+
 def adopt_run_folder(trainer, run_dir: str, config: dict[str, Any] | None) -> None:
     """Point the run's loggers at `run_dir` (W&B before its run starts; a CSV logger writing
     RUN/metrics.csv), and log the resolved `config` as flat hyperparameters to every logger but W&B."""
@@ -74,6 +100,8 @@ def adopt_run_folder(trainer, run_dir: str, config: dict[str, Any] | None) -> No
             # Lightning's WandbLogger has no public setter; the run has not started, so this is where it goes.
             logger._save_dir = run_dir
             logger._wandb_init["dir"] = run_dir
+        if isinstance(logger, WandbLogger):
+            logger._run_folder_known = True
         elif isinstance(logger, CSVLogger):
             loggers[i] = CSVLogger(run_dir, name="", version="", prefix=logger._prefix,
                                    flush_logs_every_n_steps=logger._flush_logs_every_n_steps)
