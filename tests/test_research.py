@@ -326,6 +326,17 @@ def test_run_folder_holds_metrics_csv_full_config_params_and_macs(user_pkg, tmp_
     assert ModelSummary(cli.model).total_flops == 2 * macs * 1  # Lightning's summary counts the same
 
 
+def test_a_resumed_run_appends_to_its_metrics_csv(tmp_path):
+    short = [DIGITS, "--run_root", str(tmp_path), "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches",
+             "1", "--test_after_fit", "false", *CSV_LOG, *QUIET]
+    first = main([*short, "--trainer.max_epochs", "1"])
+    run = _run_dir(first)
+    main([*short, "--trainer.max_epochs", "2", "--ckpt_path", str(run / "checkpoints" / "last.ckpt")])
+    with open(run / "metrics.csv") as f:
+        epochs = [int(r["epoch"]) for r in csv.DictReader(f) if r.get("val/acc1")]
+    assert epochs == [0, 1]
+
+
 def test_wandb_files_go_to_the_run_folder(tmp_path):
     from lightning.pytorch import Trainer
 
@@ -336,7 +347,7 @@ def test_wandb_files_go_to_the_run_folder(tmp_path):
     trainer = Trainer(logger=logger, enable_progress_bar=False, enable_model_summary=False)
     adopt_run_folder(trainer, str(tmp_path / "run1"), {"model": {"model": "lenet5"}})
     assert logger.save_dir == str(tmp_path / "run1") and logger._wandb_init["dir"] == str(tmp_path / "run1")
-    assert [type(lg).__name__ for lg in trainer.loggers] == ["WandbLogger", "CSVLogger"]
+    assert [type(lg).__name__ for lg in trainer.loggers] == ["WandbLogger", "RunCSVLogger"]
     assert Path(trainer.loggers[1].log_dir) == tmp_path / "run1"
 
 

@@ -13,13 +13,17 @@
 """
 from __future__ import annotations
 
+import csv
 import functools
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 _CLASS_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+\Z")
 DEFAULT_MODULE = "lightcnn.training.module.ClassifierModule"
@@ -66,6 +70,33 @@ def flatten(config: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("/"): config}
 
 
+class _AppendingWriter(ExperimentWriter):
+    def __init__(self, log_dir: str) -> None:
+        super().__init__(log_dir)
+        if os.path.isfile(self.metrics_file_path):  # a resumed run: keep the columns of the rows before
+            with open(self.metrics_file_path, newline="") as f:
+                self.metrics_keys = next(csv.reader(f), [])
+
+    def _check_log_dir_exists(self) -> None:
+        pass  # the run folder holds the run's other files, and a resumed run appends to its metrics.csv
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger writing RUN/metrics.csv and RUN/hparams.yaml; a resumed run appends its rows
+    (Lightning's own deletes the metrics of a folder that is not empty)."""
+
+    def __init__(self, run_dir: str, **kwargs):
+        super().__init__(run_dir, name="", version="", **kwargs)
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self._root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
+
+
 @functools.cache
 def _deferred(cls: type) -> type:
     """`cls` (a WandbLogger class) whose `experiment` does not exist until the run folder is known, so that
@@ -103,10 +134,10 @@ def adopt_run_folder(trainer, run_dir: str, config: dict[str, Any] | None) -> No
         if isinstance(logger, WandbLogger):
             logger._run_folder_known = True
         elif isinstance(logger, CSVLogger):
-            loggers[i] = CSVLogger(run_dir, name="", version="", prefix=logger._prefix,
-                                   flush_logs_every_n_steps=logger._flush_logs_every_n_steps)
+            loggers[i] = RunCSVLogger(run_dir, prefix=logger._prefix,
+                                      flush_logs_every_n_steps=logger._flush_logs_every_n_steps)
     if not any(isinstance(logger, CSVLogger) for logger in loggers):
-        loggers.append(CSVLogger(run_dir, name="", version=""))
+        loggers.append(RunCSVLogger(run_dir))
     trainer.loggers = loggers
     if config:
         flat = flatten(config)
