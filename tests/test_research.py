@@ -380,6 +380,23 @@ def test_wandb_sweep_parameters_are_cli_keys(capsys):
     assert printed["model"]["optimizer"]["init_args"]["weight_decay"] == 0.0005
 
 
+@pytest.mark.slow
+def test_shell_sweep_runs_the_grid_and_tabulates_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, ROOT=str(tmp_path / "sweep"), LRS="0.05 0.02", WDS="0", WANDB_MODE="disabled",
+               PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", "experiments/sweeps/lenet5_digits_lr.sh", *SHORT, *NO_LOG], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "sweep" / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["model/optimizer/lr"] for r in rows) == ["0.02", "0.05"]
+    assert sorted(Path(r["run"]).parts[0] for r in rows) == ["lr0.02_wd0", "lr0.05_wd0"]
+
+
 # --- 8. guard rails ---------------------------------------------------------------------------------------------
 
 
