@@ -108,10 +108,15 @@ def test_model_subclass_trains_and_the_saved_config_tests_it(user_pkg, tmp_path)
     run = _run_dir(cli)
     saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
     assert saved["class_path"] == "mymods.CountingModule" and saved["init_args"]["model"] == "lenet5"
+    (run / "per_class_accuracy.csv").unlink()  # written again by `lightcnn.test`, into the checkpoint's run
     test = main([str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), *NO_LOG],
                 stage="test")
     assert type(test.model).__name__ == "CountingModule"
     assert test.trainer.callback_metrics["test/acc1"].item() == cli.trainer.callback_metrics["test/acc1"].item()
+    with open(run / "per_class_accuracy.csv") as f:
+        rows = list(csv.DictReader(f))
+    correct = sum(int(r["correct"]) for r in rows) / sum(int(r["images"]) for r in rows)
+    assert correct == pytest.approx(test.trainer.callback_metrics["test/acc1"].item(), abs=1e-6)
 
 
 # --- 2. starting weights ------------------------------------------------------------------------------------
