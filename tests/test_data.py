@@ -339,7 +339,8 @@ def test_imagenet_takes_size_and_normalisation_from_the_network(tmp_path):
 
 def test_imagenet_class_count_is_checked(tmp_path):
     _write_folder_tree(tmp_path)
-    dm = ImageNetDataModule(root=str(tmp_path), batch_size=2, image_size=16, resize_size=20, num_workers=0)
+    dm = ImageNetDataModule(root=str(tmp_path), batch_size=2, image_size=16, resize_size=20, num_workers=0,
+                            num_classes=1000)
     with pytest.raises(ValueError, match="3 class folders but num_classes=1000"):
         dm.setup("fit")
 

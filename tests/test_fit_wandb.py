@@ -74,7 +74,9 @@ def test_offline_run_logs_the_metrics_to_its_run_files(tmp_path, monkeypatch, ca
     monkeypatch.delenv("WANDB_SILENT", raising=False)  # W&B's own warnings must be silent by their cause
     cli = main([DIGITS, "--run_root", str(tmp_path / "runs"), "--trainer.logger.init_args.save_dir",
                 str(tmp_path / "wb"), *SHORT])
-    (run_file,) = (tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb")
+    # W&B's files are in the run folder (RUN_ROOT/NAME/TIMESTAMP/wandb), whatever the logger's save_dir says.
+    assert not list((tmp_path / "wb").rglob("*.wandb"))
+    (run_file,) = (tmp_path / "runs").glob("lenet5_digits/*/wandb/offline-run-*/run-*.wandb")
     rows = read_wandb_history(run_file)
     metrics = cli.trainer.callback_metrics
     val = [r for r in rows if "val/acc1" in r]

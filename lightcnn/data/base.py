@@ -9,16 +9,60 @@ Input size and normalisation (timm's `resolve_data_config`): a data module's `im
 `std` default to None, meaning "as the network expects": at `setup` they are read from the
 `default_cfg` of the network being trained (`input_size` (C, H, W), `mean`, `std`), which the data
 module reaches through its trainer; without a network (a data module used alone) the data set's own
-values apply. A value the recipe sets always wins.
+values apply. A value the recipe sets always wins. `eval_config()` tells what evaluation resolved to (size,
+normalisation), which the training module saves in its checkpoints for `lightcnn.predict`.
+
+`num_workers` never exceeds the CPUs this process may use (`os.sched_getaffinity`), so a recipe written
+for a large machine does not oversubscribe a small one.
+
+`augment_ops` and `erasing_ops` build the modern augmentations that the CIFAR and folder data modules
+offer as knobs (`auto_augment`, `random_erasing`), all from torchvision.transforms.v2.
 """
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torchvision.transforms import v2
+
+AutoAugment = Literal["none", "randaugment", "trivialaugment", "autoaugment"]
+
+
+def augment_ops(auto_augment: AutoAugment, dataset: Literal["cifar10", "imagenet"] = "imagenet") -> list[v2.Transform]:
+    """The automatic augmentation policy named by `auto_augment`, for images before normalisation:
+    RandAugment (Cubuk et al. 2020, torchvision's N=2, M=9), TrivialAugmentWide (Mueller & Hutter 2021),
+    AutoAugment (Cubuk et al. 2019, with the CIFAR-10 or ImageNet policy); "none": no op."""
+    if auto_augment == "none":
+        return []
+    if auto_augment == "randaugment":
+        return [v2.RandAugment()]
+    if auto_augment == "trivialaugment":
+        return [v2.TrivialAugmentWide()]
+    if auto_augment == "autoaugment":
+        policy = v2.AutoAugmentPolicy.CIFAR10 if dataset == "cifar10" else v2.AutoAugmentPolicy.IMAGENET
+        return [v2.AutoAugment(policy)]
+    raise ValueError(f"auto_augment must be 'none', 'randaugment', 'trivialaugment' or 'autoaugment', "
+                     f"got {auto_augment!r}")
+
+
+def erasing_ops(probability: float) -> list[v2.Transform]:
+    """Random Erasing (Zhong et al. 2020) of a normalised image with `probability` (0: none); the erased
+    rectangle holds zeros, i.e. the data set's mean colour."""
+    if not 0.0 <= probability <= 1.0:
+        raise ValueError(f"random_erasing is a probability in [0, 1], got {probability}")
+    return [v2.RandomErasing(p=probability)] if probability else []
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. a SLURM or container limit)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 class EpochSeededRandomSampler(RandomSampler):
@@ -60,6 +104,10 @@ class ClassificationDataModule(L.LightningDataModule):
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        cpus = usable_cpus()
+        if num_workers > cpus:
+            rank_zero_info(f"lightcnn: num_workers {num_workers} -> {cpus}, the CPUs this process may use")
+            num_workers = cpus
         self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
@@ -109,11 +157,28 @@ class ClassificationDataModule(L.LightningDataModule):
                 if value is not None:
                     break
             out[key] = value
+        self._resolved = dict(out)
         for key in ("mean", "std"):
             if key in out and len(out[key]) != self.in_chans:
                 raise ValueError(f"{key}={tuple(out[key])} has {len(out[key])} values but the data has {self.in_chans} "
                                  f"channel(s): give one per channel (--data.init_args.{key})")
         return out
+
+    def eval_config(self) -> dict[str, Any]:
+        """How evaluation images are fed: `in_chans`, `image_size` (an int or (H, W)), `mean`/`std` when
+        resolved, and for folder data `resize_size`. Read after `setup`."""
+        cfg: dict[str, Any] = {"in_chans": self.in_chans}
+        resolved = getattr(self, "_resolved", {})
+        for key in ("image_size", "mean", "std", "resize_size"):
+            if resolved.get(key) is not None:
+                value = resolved[key]
+                cfg[key] = list(value) if isinstance(value, (tuple, list)) else value
+        if "image_size" not in cfg:  # the size of a real evaluation sample
+            dataset = self.test_set if self.test_set is not None else self.val_set
+            if dataset is not None and len(dataset):
+                h, w = dataset[0][0].shape[-2:]
+                cfg["image_size"] = int(h) if h == w else [int(h), int(w)]
+        return cfg
 
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:

@@ -28,7 +28,7 @@ from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 from lightcnn.constants import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
-from lightcnn.data.base import ClassificationDataModule
+from lightcnn.data.base import AutoAugment, ClassificationDataModule, augment_ops, erasing_ops
 
 
 class _VerifiableMixin:
@@ -84,18 +84,22 @@ PaddingMode = Literal["zero", "mean", "reflect"]
 
 
 def cifar_transforms(mean: tuple[float, ...], std: tuple[float, ...], augment: bool,
-                     padding_mode: PaddingMode = "zero", cutout: int = 0) -> v2.Compose:
+                     padding_mode: PaddingMode = "zero", cutout: int = 0, auto_augment: AutoAugment = "none",
+                     random_erasing: float = 0.0) -> v2.Compose:
     """To float and normalise; for training (`augment=True`) then a pad-4 random crop and a horizontal
     flip, then Cutout of side `cutout` (0: none). Cropping after normalising lets "mean" padding be the
-    zeros of the normalised image, as in the Torch codes that normalised first."""
+    zeros of the normalised image, as in the Torch codes that normalised first. `auto_augment` (on the
+    uint8 image, before normalising) and `random_erasing` (last) are the modern knobs, off by default."""
     fills = {"zero": [-m / s for m, s in zip(mean, std)], "mean": 0.0}  # black, or the mean colour
     if padding_mode not in ("zero", "mean", "reflect"):
         raise ValueError(f"padding_mode must be 'zero', 'mean' or 'reflect', got {padding_mode!r}")
-    ops = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    policy, erase = augment_ops(auto_augment, "cifar10"), erasing_ops(random_erasing)
+    ops = [v2.ToImage(), *(policy if augment else []), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
     if augment:
         pad = dict(padding_mode="reflect") if padding_mode == "reflect" else dict(fill=fills[padding_mode])
         ops += [v2.RandomCrop(32, padding=4, **pad), v2.RandomHorizontalFlip()]
         ops += [Cutout(cutout)] if cutout else []
+        ops += erase
     return v2.Compose(ops)
 
 
@@ -119,6 +123,9 @@ class CIFAR10DataModule(ClassificationDataModule):
         std: per-channel normalisation std; None as `mean`.
         verify_md5: check the files' MD5 sums against the official archive's.
         num_workers: loader workers per process.
+        auto_augment: "randaugment", "trivialaugment" or "autoaugment" (CIFAR-10 policy) on training
+            images; "none" (the papers). Needs `augment`.
+        random_erasing: probability of Random Erasing on a training image; 0 (the papers). Needs `augment`.
 
     The images stay 32x32 whatever the network's `default_cfg` says (no paper resizes CIFAR).
     """
@@ -143,6 +150,8 @@ class CIFAR10DataModule(ClassificationDataModule):
         std: tuple[float, ...] | None = None,
         verify_md5: bool = True,
         num_workers: int = 4,
+        auto_augment: AutoAugment = "none",
+        random_erasing: float = 0.0,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         if val_size < 0:
@@ -151,7 +160,10 @@ class CIFAR10DataModule(ClassificationDataModule):
             raise ValueError(f"cutout must be >= 0 (0 turns it off), got {cutout}")
         if cutout and not augment:
             raise ValueError("cutout is a training augmentation: it needs augment=true")
-        cifar_transforms(self._mean, self._std, augment, padding_mode, cutout)  # check the knobs now
+        if (auto_augment != "none" or random_erasing) and not augment:
+            raise ValueError("auto_augment and random_erasing are training augmentations: they need augment=true")
+        cifar_transforms(self._mean, self._std, augment, padding_mode, cutout, auto_augment, random_erasing)
+        self.auto_augment, self.random_erasing = auto_augment, random_erasing
         self.root, self.download, self.val_size, self.split_seed = root, download, val_size, split_seed
         self.augment, self.padding_mode, self.cutout, self.verify_md5 = augment, padding_mode, cutout, verify_md5
         self.mean, self.std = mean, std
@@ -183,7 +195,8 @@ class CIFAR10DataModule(ClassificationDataModule):
             return
         cfg = self.resolve_data_config(dict(mean=self._mean, std=self._std), mean=self.mean, std=self.std)
         eval_tf = cifar_transforms(cfg["mean"], cfg["std"], augment=False)
-        train_tf = cifar_transforms(cfg["mean"], cfg["std"], self.augment, self.padding_mode, self.cutout)
+        train_tf = cifar_transforms(cfg["mean"], cfg["std"], self.augment, self.padding_mode, self.cutout,
+                                    self.auto_augment, self.random_erasing)
         train_full = self._make(True, train_tf)
         self.test_set = self._make(False, eval_tf)
         if self.val_size == 0:

@@ -22,6 +22,11 @@ Evaluation: shorter side to `resize_size`, centre crop of `image_size` (single c
 
 `image_size`, `mean` and `std` default to the network's `default_cfg` (see `base.py`), and
 `resize_size` to `image_size / crop_pct` (the cfg's `crop_pct`, else 0.875: 256 for 224).
+
+Any folder of your own images in this layout trains the same way (`root/train/<class>/*`,
+`root/val/<class>/*`): `num_classes` left out is the number of class folders, and the class names (the
+folder names) are kept in the run's checkpoints. `auto_augment` and `random_erasing` add the modern
+augmentations (`base.augment_ops`, `base.erasing_ops`) to the training transform.
 """
 from __future__ import annotations
 
@@ -34,7 +39,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from lightcnn.constants import DATASETS, IMAGENET_MEAN, IMAGENET_STD
-from lightcnn.data.base import ClassificationDataModule
+from lightcnn.data.base import AutoAugment, ClassificationDataModule, augment_ops, erasing_ops
 
 DEFAULT_CROP_PCT = 0.875  # 224 / 256: the evaluation crop of AlexNet, VGG and ResNet
 
@@ -47,8 +52,11 @@ def imagenet_transforms(
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
     center_square: bool = False,
+    auto_augment: AutoAugment = "none",
+    random_erasing: float = 0.0,
 ) -> v2.Compose:
-    """The training (`augmentation` != "none") or evaluation ("none") transform of an ImageNet image."""
+    """The training (`augmentation` != "none") or evaluation ("none") transform of an ImageNet image;
+    training adds `auto_augment` after the crop and flip, and `random_erasing` after normalising."""
     if resize_size < image_size:
         raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
     if center_square and augmentation not in ("alexnet", "none"):
@@ -68,7 +76,11 @@ def imagenet_transforms(
         ops = [v2.Resize(resize_size), v2.CenterCrop(image_size)]
     else:
         raise ValueError(f"augmentation must be 'alexnet', 'scale', 'inception' or 'none', got {augmentation!r}")
-    return v2.Compose([v2.ToImage(), *ops, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+    extra, erase = augment_ops(auto_augment), erasing_ops(random_erasing)
+    if augmentation == "none":
+        extra, erase = [], []
+    return v2.Compose([v2.ToImage(), *ops, *extra, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
+                       *erase])
 
 
 class ImageNetDataModule(ClassificationDataModule):
@@ -87,8 +99,12 @@ class ImageNetDataModule(ClassificationDataModule):
             ZFNet papers did.
         mean: per-channel normalisation mean; None: the network's `default_cfg`, else ImageNet's.
         std: per-channel normalisation std; None as `mean`.
-        num_classes: class count the tree must have (checked at setup).
+        num_classes: class count the tree must have (checked at setup); None: the number of class folders
+            in `root/train` (1000 when the folder is missing).
         num_workers: loader workers per process.
+        auto_augment: "randaugment", "trivialaugment" or "autoaugment" (ImageNet policy) on training
+            images; "none" (the papers).
+        random_erasing: probability of Random Erasing on a training image; 0 (the papers) turns it off.
     """
 
     in_chans = 3
@@ -104,17 +120,28 @@ class ImageNetDataModule(ClassificationDataModule):
         center_square: bool = False,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
-        num_classes: int = 1000,
+        num_classes: int | None = None,
         num_workers: int = 8,
+        auto_augment: AutoAugment = "none",
+        random_erasing: float = 0.0,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
         self.root, self.augmentation, self.image_size = root, augmentation, image_size
+        self.class_names = self._class_folders()
+        if num_classes is None:
+            num_classes = len(self.class_names) if self.class_names else 1000
         self.resize_size, self.scale_range, self.num_classes = resize_size, tuple(scale_range), num_classes
+        self.auto_augment, self.random_erasing = auto_augment, random_erasing
         self.center_square, self.mean, self.std = center_square, mean, std
         # Check the knobs the recipe sets now (an unset size counts as 1 px, which passes every check);
         # setup checks again once the sizes are resolved against the network.
         imagenet_transforms(augmentation, image_size or 1, resize_size or image_size or 1, self.scale_range,
-                            center_square=center_square)
+                            center_square=center_square, auto_augment=auto_augment, random_erasing=random_erasing)
+
+    def _class_folders(self) -> list[str] | None:
+        """The class folders of `root/train`, sorted as ImageFolder sorts them (None without the folder)."""
+        path = os.path.join(self.root, "train")
+        return datasets.folder.find_classes(path)[0] if os.path.isdir(path) else None
 
     def _transforms(self) -> tuple[v2.Compose, v2.Compose]:
         """(training, evaluation) transforms with the sizes and normalisation resolved against the network."""
@@ -125,8 +152,10 @@ class ImageNetDataModule(ClassificationDataModule):
         size = cfg["image_size"]
         resize = self.resize_size or math.floor(size / cfg["crop_pct"])
         norm = dict(mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+        self._resolved["resize_size"] = resize
         train = imagenet_transforms(self.augmentation, size, resize, self.scale_range, **norm,
-                                    center_square=self.center_square)
+                                    center_square=self.center_square, auto_augment=self.auto_augment,
+                                    random_erasing=self.random_erasing)
         return train, imagenet_transforms("none", size, resize, **norm)
 
     def _folder(self, split: str, transform) -> datasets.ImageFolder:
@@ -155,3 +184,4 @@ class ImageNetDataModule(ClassificationDataModule):
         self.val_set = self.test_set = self._folder("val", eval_tf)
         if self.val_set.classes != self.train_set.classes:
             raise ValueError(f"{self.root}/train and {self.root}/val have different class folders")
+        self.class_names = list(self.train_set.classes)

@@ -3,12 +3,20 @@
 A builder is a function registered with `@register_model` (its name is the model's name) that takes
 keyword overrides of the paper's numbers. A family that accepts any depth/width in its name (e.g.
 `wrn{depth}_{k}`) registers a pattern with `register_model_pattern`.
+
+Networks defined outside lightcnn are named in two more ways, so every tool (fit, test, predict, compare)
+takes them: `"pkg.module:builder"` (any callable returning an `nn.Module`, called with `num_classes`,
+`in_chans` when given and the overrides) and a package's entry point in the group `lightcnn.models`
+(`[project.entry-points."lightcnn.models"] mynet = "mypkg.nets:mynet"`), looked up when a name is not
+registered here.
 """
 from __future__ import annotations
 
 import collections.abc
 import difflib
 import fnmatch
+import importlib
+import importlib.metadata
 import inspect
 import numbers
 import re
@@ -46,12 +54,47 @@ def list_models(pattern: str = "*") -> list[str]:
 
 
 def is_model(name: str) -> bool:
-    return name in _MODELS or any(p.match(name) for p, _, _ in _PATTERNS)
+    return name in _MODELS or any(p.match(name) for p, _, _ in _PATTERNS) or _entry_point(name) is not None
+
+ENTRY_POINT_GROUP = "lightcnn.models"
+
+
+def _entry_point(name: str) -> importlib.metadata.EntryPoint | None:
+    """The installed entry point `name` of the group `lightcnn.models`, if a package declares one."""
+    found = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP).select(name=name)
+    return next(iter(found), None)
+
+
+def _import_builder(path: str) -> Callable[..., nn.Module]:
+    """`pkg.module:attr` (attr may be dotted, e.g. `Class.build`) -> the object, or a ValueError saying why."""
+    module_name, _, attr = path.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"model {path!r}: an external builder is written 'package.module:callable'")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"model {path!r}: cannot import {module_name!r} ({e}); is its package installed "
+                         f"or on PYTHONPATH?") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"model {path!r}: module {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"model {path!r}: {attr!r} is not callable")
+    return obj
+
+
+def _create_external(name: str, builder: Callable[..., nn.Module], overrides: dict) -> nn.Module:
+    net = builder(**overrides)
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"model {name!r}: the builder returned {type(net).__name__}, not an nn.Module")
+    return net
 
 
 def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
     """Build a registered model. `num_classes` defaults to the class count of the paper's data set;
     other keyword arguments override the builder's defaults (e.g. `drop_rate=0.3`, `impl="reference"`).
+    `name` may also be `"pkg.module:builder"` or an entry point of the group `lightcnn.models`.
 
     An unknown name is a ValueError listing the closest names. An override that the model does not take,
     or whose value does not fit the knob's annotation, is a TypeError naming the model, the knob and what
@@ -60,6 +103,8 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     if num_classes is not None:
         overrides["num_classes"] = num_classes
+    if ":" in name:
+        return _create_external(name, _import_builder(name), overrides)
     if name in _MODELS:
         _check_overrides(name, _MODELS[name], overrides)
         return _MODELS[name](**overrides)
@@ -68,11 +113,15 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
         if m:
             _check_overrides(name, fn, overrides)
             return fn(*(int(g) for g in m.groups()), **overrides)
+    entry = _entry_point(name)
+    if entry is not None:
+        return _create_external(name, entry.load(), overrides)
     close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.5)
     hint = f" Closest registered names: {', '.join(close)}." if close else ""
     patterns = "".join(f" Also accepted: names like {ex}." for _, _, ex in _PATTERNS)
     raise ValueError(
-        f"Unknown model {name!r}.{hint}{patterns} See lightcnn.models.list_models() for all {len(_MODELS)} names."
+        f"Unknown model {name!r}.{hint}{patterns} See lightcnn.models.list_models() for all {len(_MODELS)} names; "
+        f"a network of your own is named 'package.module:builder'."
     )
 
 

@@ -32,6 +32,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightcnn.data.base import ClassificationDataModule
 from lightcnn.training.key_hints import key_hint
 from lightcnn.training.module import ClassifierModule
+from lightcnn.training.research import DEFAULT_MODULE, adopt_run_folder, defer_wandb_start, model_subclass_mode
 from lightcnn.training.wandb_utils import default_wandb_mode, finish_wandb
 
 
@@ -72,6 +73,7 @@ class SaveRunConfig(SaveConfigCallback):
             if callback.dirpath is None:
                 callback.dirpath = os.path.join(run_dir, "checkpoints")
         self.run_dir = run_dir
+        adopt_run_folder(trainer, run_dir, json.loads(self.parser.dump(self.config, format="json")))
         if trainer.is_global_zero:
             self.parser.save(self.config, os.path.join(run_dir, config_name))
             self.save_config(trainer, pl_module, stage)
@@ -102,6 +104,7 @@ class LightCNNCLI(LightningCLI):
         super().__init__(
             ClassifierModule,
             ClassificationDataModule,
+            subclass_mode_model=model_subclass_mode(args),  # `--model pkg.module.MyModule` (research.py)
             subclass_mode_data=True,
             parser_class=_Parser,
             save_config_callback=SaveRunConfig if stage == "fit" else None,
@@ -114,8 +117,11 @@ class LightCNNCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.in_chans", "model.in_chans", apply_on="instantiate")
+        model = "model.init_args" if self.subclass_mode_model else "model"
+        if self.subclass_mode_model:  # a recipe's `model:` without class_path is ClassifierModule's init_args
+            parser.set_defaults({"model": {"class_path": DEFAULT_MODULE}})
+        parser.link_arguments("data.num_classes", f"{model}.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.in_chans", f"{model}.in_chans", apply_on="instantiate")
         parser.add_argument("--name", type=str, default=self.experiment_name,
                             help="experiment name: runs go to RUN_ROOT/NAME/TIMESTAMP "
                                  "(default: the config file's name)")
@@ -138,6 +144,8 @@ class LightCNNCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         if self.stage == "test" and not self.config.ckpt_path:
             self.parser.error("python -m lightcnn.test needs --ckpt_path PATH/TO/CHECKPOINT.ckpt")
+        if self.stage == "test":  # the checkpoint holds the weights: a run's starting weights are not read again
+            (self.config.model.init_args if self.subclass_mode_model else self.config.model).init_weights = None
         if self.stage == "test":  # a test writes no checkpoints
             self.config.trainer.enable_checkpointing = False
             self.config.trainer.callbacks = [
@@ -197,6 +205,7 @@ def main(args: list[str] | None = None, stage: Literal["fit", "test"] = "fit") -
             _user_error(stage, e)
         trainer, model, data, config = cli.trainer, cli.model, cli.datamodule, cli.config
         if stage == "fit":
+            defer_wandb_start(trainer)  # W&B starts in the run folder (research.py)
             trainer.fit(model, datamodule=data, ckpt_path=config.ckpt_path)
             if config.test_after_fit and not trainer.interrupted:
                 trainer.test(model, datamodule=data, ckpt_path="best" if config.test_weights == "best" else None)
