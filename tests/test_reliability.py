@@ -307,3 +307,34 @@ def test_failed_resume_writes_no_resumed_config(tmp_path, monkeypatch, capsys):
                       "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), *SHORT)
     assert code == 2, err
     assert sorted(p.name for p in run.iterdir()) == ["checkpoints", "config.yaml"]
+
+
+# --- SLURM requeue ---------------------------------------------------------------------------------------
+
+def test_slurm_requeue_resumes_in_the_same_run_folder_and_wandb_run(tmp_path, monkeypatch, capsys):
+    # A stand-in `scontrol`: records the requeue, then ends the job the way SLURM does (SIGTERM).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {tmp_path}/requeued\nkill -TERM $PPID\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "lenet", "SLURM_PROCID": "0",
+                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "node1"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    runs, wb = str(tmp_path / "runs"), tmp_path / "wb"
+    args = [DIGITS, "--run_root", runs, "--trainer.max_epochs", "2", *SHORT[:-6], "--trainer.enable_progress_bar",
+            "false", "--trainer.logger.init_args.save_dir", str(wb)]
+    code, err = _exit(capsys, *args, "--trainer.callbacks+=tests._fault_helpers.SignalAtStep",
+                      "--trainer.callbacks.step=4", f"--trainer.callbacks.signum={int(signal.SIGUSR1)}")
+    assert code == 143, err
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
+    (run,) = Path(runs, "lenet5_digits").iterdir()
+    assert [p.name for p in run.glob("hpc_ckpt_*.ckpt")] == ["hpc_ckpt_1.ckpt"]  # Lightning's, in the run folder
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")  # SLURM starts the same command again
+    cli = main(args)
+    assert _run_dir(cli) == run and len(list(Path(runs, "lenet5_digits").iterdir())) == 1
+    assert cli.trainer.global_step == 6 and "test/acc1" in cli.trainer.callback_metrics
+    assert len(list(run.glob("config-resumed-*.yaml"))) == 1 and not list(run.glob("hpc_ckpt_*.ckpt"))
+    ids = {p.name.rsplit("-", 1)[1] for p in (wb / "wandb").glob("offline-run-*")}
+    assert len(list((wb / "wandb").glob("offline-run-*"))) == 2 and ids == {(run / "wandb_run_id").read_text().strip()}
