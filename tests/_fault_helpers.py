@@ -57,11 +57,13 @@ def second_save(run_root: str):
 class SignalAtStep(L.Callback):
     """Send `signum` to this process after training step `step` (global) of rank `rank`."""
 
-    def __init__(self, step: int, signum: int = int(signal.SIGTERM), rank: int = 0):
-        self.step, self.signum, self.rank = step, signum, rank
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM), rank: int = 0, pid_file: str | None = None):
+        self.step, self.signum, self.rank, self.pid_file = step, signum, rank, pid_file
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            if self.pid_file:  # tells the test which process it is and that the signal is on its way
+                Path(self.pid_file).write_text(str(os.getpid()))
             os.kill(os.getpid(), self.signum)
 
 

@@ -338,3 +338,59 @@ def test_slurm_requeue_resumes_in_the_same_run_folder_and_wandb_run(tmp_path, mo
     assert len(list(run.glob("config-resumed-*.yaml"))) == 1 and not list(run.glob("hpc_ckpt_*.ckpt"))
     ids = {p.name.rsplit("-", 1)[1] for p in (wb / "wandb").glob("offline-run-*")}
     assert len(list((wb / "wandb").glob("offline-run-*"))) == 2 and ids == {(run / "wandb_run_id").read_text().strip()}
+
+
+# --- DDP: no rank left behind ----------------------------------------------------------------------------
+
+def _ddp_cmd(tmp_path, *extra) -> list[str]:
+    return [sys.executable, "-m", "lightcnn.fit", DIGITS, "--run_root", str(tmp_path / "runs"),
+            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+            "--trainer.max_epochs", "50", "--trainer.limit_val_batches", "1", "--test_after_fit", "false", *QUIET,
+            *extra]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie has ended
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["sigterm", "timeout"])
+def test_ddp_rank_blocked_by_a_stopped_peer_ends_on_sigterm_or_the_timeout(how, tmp_path):
+    pid_file = tmp_path / "stopped.pid"
+    extra = ["--trainer.callbacks+=tests._fault_helpers.SignalAtStep", "--trainer.callbacks.step=3",
+             f"--trainer.callbacks.signum={int(signal.SIGSTOP)}", "--trainer.callbacks.rank=1",
+             f"--trainer.callbacks.pid_file={pid_file}"]
+    if how == "timeout":  # what a recipe sets: strategy: {class_path: ...DDPStrategy, init_args: {timeout: "0:00:15"}}
+        extra = ["--trainer.strategy", "lightning.pytorch.strategies.DDPStrategy",
+                 "--trainer.strategy.init_args.timeout", "0:00:15", *extra]
+    cmd = _ddp_cmd(tmp_path, *extra)
+    if how == "timeout":
+        i = cmd.index("--trainer.strategy")
+        del cmd[i:i + 2]  # the plain "ddp" of _ddp_cmd
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env={**_env(), "LIGHTCNN_SIGTERM_GRACE": "3"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not pid_file.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert pid_file.exists(), proc.communicate(timeout=30)[1][-3000:]
+        stopped = int(pid_file.read_text())
+        start = time.monotonic()
+        if how == "sigterm":
+            time.sleep(2)  # rank 0 is now waiting in the next all-reduce
+            proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=90)
+        took = time.monotonic() - start
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    if how == "sigterm":
+        assert proc.returncode == 143 and took < 30, (proc.returncode, took, err[-3000:])
+    else:
+        assert proc.returncode != 0 and 10 < took < 80, (proc.returncode, took, err[-3000:])
+    time.sleep(0.5)
+    assert _gone(stopped), "the stopped rank was left behind"

@@ -353,11 +353,13 @@ def main(args: list[str] | None = None, stage: Literal["fit", "test"] = "fit") -
         except (ValueError, TypeError) as e:  # e.g. an unknown model name or knob: the registry's message
             _user_error(stage, e)
         try:
-            _fit_or_test(cli, stage)
+            with reliability.SigtermWatchdog(lambda: cli.trainer):
+                _fit_or_test(cli, stage)
         except BaseException:
             saver = _save_config_callback(cli)
             if saver is not None and _rank_zero():
                 saver.remove_if_unused()
+            reliability.end_other_ranks(cli.trainer)  # no rank stays behind, stopped or blocked
             raise
     except NonFiniteLossError as e:
         _user_error(stage, e, code=1)

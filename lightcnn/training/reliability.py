@@ -10,12 +10,18 @@
   network (and, for a resume, the optimiser) the config asks for.
 - `check_config_file`: an empty or malformed experiment file is an error naming the file.
 - `slurm_requeued_run`: the run folder a requeued SLURM job continues in.
+- `SigtermWatchdog`, `end_other_ranks`: SIGTERM or a failure ends every DDP rank, also one blocked in a
+  collective.
 """
 from __future__ import annotations
 
 import importlib
 import os
 import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -233,3 +239,77 @@ def resume_point(run: Path) -> str | None:
         return str(hpc[-1])
     last = run / "checkpoints" / "last.ckpt"
     return str(last) if last.is_file() else None
+
+
+def other_ranks(trainer: L.Trainer | None) -> list:
+    """The processes of the other ranks when Lightning launched them from this one (`Popen` objects)."""
+    from lightning.pytorch.strategies.launchers import _SubprocessScriptLauncher
+
+    launcher = getattr(getattr(trainer, "strategy", None), "launcher", None)
+    return list(launcher.procs) if isinstance(launcher, _SubprocessScriptLauncher) else []
+
+
+def end_other_ranks(trainer: L.Trainer | None, wait: float = 5.0) -> None:
+    """After this rank failed or stopped: give the ranks it launched `wait` seconds, then kill them (a stopped
+    or blocked rank would otherwise stay behind, holding its GPU)."""
+    procs = [p for p in other_ranks(trainer) if p.poll() is None]
+    deadline = time.monotonic() + wait
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+class SigtermWatchdog:
+    """Ends the process `grace` seconds after a SIGTERM that Python could not act on.
+
+    Lightning handles SIGTERM at the next batch boundary; a rank blocked in a collective (waiting for a
+    stopped or dead peer, up to the process group's timeout) never gets there. The C-level signal handler
+    still writes the signal number to `signal.set_wakeup_fd`; a thread reading it kills the ranks this
+    process launched and exits with 143 once the grace period is over. `LIGHTCNN_SIGTERM_GRACE` sets it
+    (seconds, default 30: SLURM's usual wait between SIGTERM and SIGKILL).
+    """
+
+    def __init__(self, trainer_of, grace: float | None = None):
+        self.grace = float(os.environ.get("LIGHTCNN_SIGTERM_GRACE", "30")) if grace is None else grace
+        self.trainer_of, self.done = trainer_of, threading.Event()
+        self._read = self._write = None
+        self._old_fd = -1
+
+    def __enter__(self):
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        self._read, self._write = os.pipe()
+        os.set_blocking(self._write, False)
+        self._old_fd = signal.set_wakeup_fd(self._write, warn_on_full_buffer=False)
+        threading.Thread(target=self._watch, name="lightcnn-sigterm-watchdog", daemon=True).start()
+        return self
+
+    def _watch(self) -> None:
+        try:
+            self._wait_for_sigterm()
+        finally:
+            os.close(self._read)
+
+    def _wait_for_sigterm(self) -> None:
+        while not self.done.is_set():
+            try:
+                data = os.read(self._read, 64)
+            except OSError:
+                return
+            if not data or self.done.is_set():
+                return
+            if signal.SIGTERM in data and not self.done.wait(self.grace):
+                print(f"lightcnn: SIGTERM not handled within {self.grace:g} s (a process is blocked, e.g. in a DDP "
+                      "collective waiting for a stopped rank): exiting", file=sys.stderr, flush=True)
+                for p in other_ranks(self.trainer_of()):
+                    p.kill()
+                os._exit(EXIT_SIGTERM)
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        if self._write is not None:
+            signal.set_wakeup_fd(self._old_fd)
+            os.close(self._write)  # ends the thread's read
+            self._write = None
