@@ -34,7 +34,7 @@ from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightcnn.data.base import ClassificationDataModule
@@ -285,7 +285,8 @@ def _positional_config(args: list[str]) -> tuple[list[str], str]:
 
 
 def _rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("LOCAL_RANK", "0")))) == 0
+    # Lightning sets the rank once the strategy knows it; before that it reads RANK, LOCAL_RANK, SLURM_PROCID.
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def _user_error(stage: str, error: BaseException, code: int = 2) -> NoReturn:
