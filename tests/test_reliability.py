@@ -136,12 +136,16 @@ def test_empty_or_truncated_checkpoint_is_one_line_naming_the_intact_ones(damage
 
 # --- divergence ------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("step", [4, 6])  # mid-epoch (the next loss is NaN); last step (finite loss, NaN weights)
-def test_diverged_run_stops_with_exit_1_and_keeps_the_good_checkpoint(step, tmp_path, capsys):
+@pytest.mark.parametrize("step, says", [
+    (4, "the training loss is nan at epoch 1, step 5"),  # mid-epoch: the next loss is NaN
+    (6, "the weights are not finite at epoch 1, step 6"),  # the epoch's last step: finite loss, NaN weights saved
+])
+def test_diverged_run_stops_with_exit_1_and_keeps_the_good_checkpoint(step, says, tmp_path, capsys):
     code, err = _exit(capsys, DIGITS, "--run_root", str(tmp_path / "runs"), "--trainer.max_epochs", "3", *SHORT,
                       "--trainer.callbacks+=tests._fault_helpers.BlowUpAfterStep", f"--trainer.callbacks.step={step}")
     assert code == 1, err
-    assert "lightcnn.fit: error:" in err and "not finite" in err or "loss is nan" in err, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith(f"lightcnn.fit: error: {says}"), line
     ckpts = sorted((tmp_path / "runs").glob("*/*/checkpoints/*.ckpt"))
     assert sorted(p.name for p in ckpts) == ["epoch=0-step=3.ckpt", "last.ckpt"]
     for p in ckpts:
@@ -364,9 +368,10 @@ def test_ddp_rank_blocked_by_a_stopped_peer_ends_on_sigterm_or_the_timeout(how, 
     extra = ["--trainer.callbacks+=tests._fault_helpers.SignalAtStep", "--trainer.callbacks.step=3",
              f"--trainer.callbacks.signum={int(signal.SIGSTOP)}", "--trainer.callbacks.rank=1",
              f"--trainer.callbacks.pid_file={pid_file}"]
-    if how == "timeout":  # what a recipe sets: strategy: {class_path: ...DDPStrategy, init_args: {timeout: "0:00:15"}}
+    if how == "timeout":  # what a recipe sets: strategy: {class_path: ...DDPStrategy, init_args: {timeout: "0:01:30"}}
+        # (the rendezvous at start-up waits as long, so a loaded machine needs a minute to start the other rank)
         extra = ["--trainer.strategy", "lightning.pytorch.strategies.DDPStrategy",
-                 "--trainer.strategy.init_args.timeout", "0:00:15", *extra]
+                 "--trainer.strategy.init_args.timeout", "0:01:30", *extra]
     cmd = _ddp_cmd(tmp_path, *extra)
     if how == "timeout":
         i = cmd.index("--trainer.strategy")
@@ -383,7 +388,7 @@ def test_ddp_rank_blocked_by_a_stopped_peer_ends_on_sigterm_or_the_timeout(how, 
         if how == "sigterm":
             time.sleep(2)  # rank 0 is now waiting in the next all-reduce
             proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=90)
+        out, err = proc.communicate(timeout=300)
         took = time.monotonic() - start
     finally:
         if proc.poll() is None:
@@ -391,6 +396,16 @@ def test_ddp_rank_blocked_by_a_stopped_peer_ends_on_sigterm_or_the_timeout(how, 
     if how == "sigterm":
         assert proc.returncode == 143 and took < 30, (proc.returncode, took, err[-3000:])
     else:
-        assert proc.returncode != 0 and 10 < took < 80, (proc.returncode, took, err[-3000:])
+        assert proc.returncode != 0 and 80 < took < 240, (proc.returncode, took, err[-3000:])
     time.sleep(0.5)
     assert _gone(stopped), "the stopped rank was left behind"
+
+
+@pytest.mark.slow
+def test_ddp_user_error_inside_fit_is_one_line_from_rank_0(tmp_path):
+    proc = subprocess.run(_ddp_cmd(tmp_path, "--data.init_args.batch_size", "33", "--trainer.max_epochs", "1"),
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("lightcnn.fit: error: batch_size=33"), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
