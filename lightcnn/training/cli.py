@@ -52,9 +52,13 @@ def _run_dir_of(ckpt_path: str | None) -> Path | None:
     if not ckpt_path or ckpt_path in ("best", "last", "hpc"):
         return None
     ckpt = Path(ckpt_path)
-    run = ckpt.parent if ckpt.name.startswith("hpc_ckpt_") else ckpt.parent.parent
-    return run if (ckpt.parent.name == "checkpoints" or run == ckpt.parent) and (run / "config.yaml").is_file() \
-        else None
+    if ckpt.name.startswith("hpc_ckpt_"):
+        run = ckpt.parent
+    elif ckpt.parent.name == "checkpoints":
+        run = ckpt.parent.parent
+    else:
+        return None
+    return run if (run / "config.yaml").is_file() else None
 
 
 class SaveRunConfig(SaveConfigCallback):
