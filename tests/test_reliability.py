@@ -282,10 +282,11 @@ def test_empty_or_malformed_experiment_file_is_named(text, says, tmp_path, capsy
 def test_impl_kernel_without_a_compiled_kernel_is_an_error(monkeypatch):
     from lightcnn.layers import LocalResponseNorm
     from lightcnn.ops import lrn
+    from lightcnn.ops._library import KernelUnavailableError
 
     monkeypatch.setitem(lrn.OP.compiled, "cpu", False)  # as if lightcnn._C were missing
     x = torch.randn(1, 8, 2, 2)
-    with pytest.raises(RuntimeError, match='impl="kernel"'):
+    with pytest.raises(KernelUnavailableError, match='impl="kernel": .* no CPU kernel for lrn'):
         LocalResponseNorm(3, impl="kernel")(x)
     torch.testing.assert_close(LocalResponseNorm(3, impl="reference")(x), torch.nn.functional.local_response_norm(x, 3))
 

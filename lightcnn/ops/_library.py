@@ -156,12 +156,16 @@ def _missing_reason(op: KernelOp, device_type: str) -> str:
     return why
 
 
+class KernelUnavailableError(RuntimeError):
+    """impl="kernel" asked for a compiled kernel that this build does not have."""
+
+
 def require_kernel(op: KernelOp | str, device_type: str) -> None:
     """impl="kernel" forces the compiled op: raise (never fall back) when this device type has none."""
     op = _get(op)
     if not op.compiled.get(device_type, False):
-        raise RuntimeError(f'impl="kernel": {_missing_reason(op, device_type)}. Use impl="auto" or "reference" '
-                           "to run on the PyTorch reference instead.")
+        raise KernelUnavailableError(f'impl="kernel": {_missing_reason(op, device_type)}. Use impl="auto" or '
+                                     '"reference" to run on the PyTorch reference instead.')
 
 
 def _fallback(op: KernelOp, device_type: str) -> bool:

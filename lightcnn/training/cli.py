@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightcnn.data.base import ClassificationDataModule
+from lightcnn.ops._library import KernelUnavailableError
 from lightcnn.training import reliability
 from lightcnn.training.checkpoint import AtomicCheckpointIO, CheckpointError, NonFiniteLossError
 from lightcnn.training.key_hints import key_hint
@@ -306,7 +307,7 @@ def _user_error(stage: str, error: BaseException, code: int = 2) -> NoReturn:
 
 # Errors raised inside trainer.fit/test that the user can fix (configuration, files, data): one line, exit 2.
 _USER_ERRORS = (ValueError, TypeError, MisconfigurationException, FileNotFoundError, NotADirectoryError,
-                PermissionError, IsADirectoryError)
+                PermissionError, IsADirectoryError, KernelUnavailableError)
 
 
 def _stopped(stage: str, cli: LightCNNCLI | None, how: str, code: int) -> NoReturn:
