@@ -410,3 +410,15 @@ def test_ddp_user_error_inside_fit_is_one_line_from_rank_0(tmp_path):
     lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
     assert len(lines) == 1 and lines[0].startswith("lightcnn.fit: error: batch_size=33"), proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_saves_a_resumable_checkpoint_and_ends_every_rank(tmp_path):
+    pid_file = tmp_path / "rank0.pid"
+    proc = subprocess.run(_ddp_cmd(tmp_path, "--trainer.callbacks+=tests._fault_helpers.SignalAtStep",
+                                   "--trainer.callbacks.step=3", f"--trainer.callbacks.pid_file={pid_file}"),
+                          cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr[-3000:]
+    assert proc.stderr.count("stopped by SIGTERM") == 1, proc.stderr[-3000:]  # said once, by rank 0
+    (last,) = (tmp_path / "runs").glob("*/*/checkpoints/last.ckpt")
+    assert load_checkpoint(last)["global_step"] in (3, 4)  # the step the ranks agreed to stop at
