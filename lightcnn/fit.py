@@ -4,12 +4,15 @@
     python -m lightcnn.fit experiments/wrn28_10.yaml --trainer.max_epochs 1      # override any key
     python -m lightcnn.fit experiments/wrn28_10.yaml --help                      # every knob, typed
     python -m lightcnn.fit experiments/wrn28_10.yaml --print_config              # the resolved config
-    python -m lightcnn.fit experiments/wrn28_10.yaml --ckpt_path runs/wrn28_10/RUN/checkpoints/last.ckpt  # resume
+    python -m lightcnn.fit experiments/wrn28_10.yaml --ckpt_path last   # resume the newest run's last.ckpt
+    python -m lightcnn.fit experiments/wrn28_10.yaml --ckpt_path runs/wrn28_10/RUN/checkpoints/last.ckpt  # or this one
     python -m lightcnn.fit experiments/wrn28_10.yaml --trainer.devices 8 --trainer.strategy ddp  # one node, 8 GPUs
     torchrun --nproc_per_node 8 -m lightcnn.fit experiments/wrn28_10.yaml --trainer.devices 8 --trainer.strategy ddp
 
 Each run writes runs/NAME/TIMESTAMP/{config.yaml,checkpoints/} and, after training, tests the final
 weights on the test split (`--test_after_fit false` to skip). See lightcnn/training/cli.py.
+Exit codes (docs/reliability.md): 0 finished and tested, 1 diverged (non-finite loss), 2 an error to fix
+(one line), 130 Ctrl-C, 143 SIGTERM (after saving a resumable last.ckpt).
 """
 from lightcnn.training.cli import main
 

@@ -142,6 +142,8 @@ def test_credentials_or_a_chosen_mode_are_respected(how, tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    # A reachable server (tests never talk to a network; an unreachable one: tests/test_reliability.py).
+    monkeypatch.setattr("lightcnn.training.wandb_utils.wandb_server_reachable", lambda timeout=3.0: True)
     if how == "api_key":
         monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     elif how == "netrc":

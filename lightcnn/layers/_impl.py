@@ -3,7 +3,7 @@
   "auto"       (the default) per call, the kernel where it was measured no slower than the reference, the
                reference elsewhere: the op's choice table in lightcnn.ops (by device type, dtype, layout and
                TF32; `lightcnn.ops.backend_info()["ops"][op]["auto"]` prints it, README "Kernels" explains it)
-  "kernel"     always lightcnn._C (falling back to the reference with a warning where none is compiled)
+  "kernel"     always lightcnn._C (an error where none is compiled for the input's device type)
   "reference"  the pure PyTorch ops
 
 A layer built with `impl=None` follows the process-wide default at every call, so a whole network can be
@@ -52,11 +52,14 @@ def resolve_impl(impl: str | None) -> str:
 
 def runs_kernel(impl: str | None, op: _library.KernelOp, x: torch.Tensor) -> bool:
     """Whether a layer with this `impl` runs `op`'s kernel path on input `x` ("auto" asks the op's table;
-    the kernel path itself still falls back to the reference where no kernel is compiled)."""
+    "kernel" raises where no kernel is compiled for x's device type; "auto" falls back with a warning)."""
     impl = resolve_impl(impl)
     if impl == "auto":
         return _library.auto_uses_kernel(op, _library.config_of(x, op.autocast))
-    return impl == "kernel"
+    if impl == "kernel":
+        _library.require_kernel(op, x.device.type)
+        return True
+    return False
 
 
 # Layer type -> the op it runs (each layer module adds itself), for backend_info().

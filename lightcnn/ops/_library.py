@@ -143,8 +143,7 @@ def has_kernel(op: KernelOp | str, device_type: str) -> bool:
     return _get(op).compiled.get(device_type, False)
 
 
-def _fallback(op: KernelOp, device_type: str) -> bool:
-    """Say (once) why the kernel cannot serve this device, or raise under LIGHTCNN_REQUIRE_KERNELS=1."""
+def _missing_reason(op: KernelOp, device_type: str) -> str:
     if _load_error is not None:
         why = _load_error
     elif not op.defined:
@@ -154,6 +153,24 @@ def _fallback(op: KernelOp, device_type: str) -> bool:
         why = f"lightcnn._C has no {device_type.upper()} kernel for {op.name}" + (
             " (it was built without CUDA: rebuild on a machine with nvcc, or set LIGHTCNN_FORCE_CUDA=1)"
             if device_type == "cuda" else "")
+    return why
+
+
+class KernelUnavailableError(RuntimeError):
+    """impl="kernel" asked for a compiled kernel that this build does not have."""
+
+
+def require_kernel(op: KernelOp | str, device_type: str) -> None:
+    """impl="kernel" forces the compiled op: raise (never fall back) when this device type has none."""
+    op = _get(op)
+    if not op.compiled.get(device_type, False):
+        raise KernelUnavailableError(f'impl="kernel": {_missing_reason(op, device_type)}. Use impl="auto" or '
+                                     '"reference" to run on the PyTorch reference instead.')
+
+
+def _fallback(op: KernelOp, device_type: str) -> bool:
+    """Say (once) why the kernel cannot serve this device, or raise under LIGHTCNN_REQUIRE_KERNELS=1."""
+    why = _missing_reason(op, device_type)
     if require_kernels():
         raise RuntimeError(f"{why}. LIGHTCNN_REQUIRE_KERNELS=1 forbids falling back to the PyTorch reference.")
     if (op.name, device_type) not in _warned:

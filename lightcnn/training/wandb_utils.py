@@ -1,7 +1,10 @@
 """W&B for lightcnn runs: offline without credentials, always finished, and quiet on a first run.
 
 - `default_wandb_mode()`: logs offline unless the user chose a `WANDB_MODE` or has credentials
-  (`WANDB_API_KEY` or a netrc entry from `wandb login`), so a run never waits for a login prompt.
+  (`WANDB_API_KEY` or a netrc entry from `wandb login`), so a run never waits for a login prompt; with
+  credentials but no reachable server it logs offline too, instead of stalling and failing.
+- `wandb_run_id_file(run_dir)`: where a run folder keeps its W&B run id, so that a resumed or requeued
+  run logs to the same W&B run.
 - `finish_wandb()`: closes the run (also after an error, so no process hangs at exit) and says how to
   upload an offline run.
 - `WandbLogger`: Lightning's logger, minus the two warnings it makes W&B print on every first run.
@@ -10,6 +13,7 @@ from __future__ import annotations
 
 import netrc
 import os
+import socket
 import sys
 from pathlib import Path
 from urllib.parse import urlparse
@@ -30,11 +34,35 @@ def have_wandb_credentials() -> bool:
         return False
 
 
+def wandb_server_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the W&B server (`WANDB_BASE_URL`) opens within `timeout` seconds."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname, port), timeout=timeout):
+            return True
+    except OSError:  # refused, unreachable, unknown host, timed out
+        return False
+
+
 def default_wandb_mode() -> None:
-    """Offline unless the user chose a mode or has credentials: a run must never wait for a login prompt."""
-    if "WANDB_MODE" not in os.environ and not have_wandb_credentials():
+    """Offline unless the user chose a mode or has credentials and the server answers: a run must never wait
+    for a login prompt, nor stall on a server it cannot reach."""
+    if "WANDB_MODE" in os.environ:
+        return
+    if not have_wandb_credentials():
         os.environ["WANDB_MODE"] = "offline"
         rank_zero_info("lightcnn: no W&B credentials (WANDB_API_KEY or `wandb login`): W&B logs offline")
+    elif not wandb_server_reachable():
+        os.environ["WANDB_MODE"] = "offline"
+        server = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+        rank_zero_info(f"lightcnn: the W&B server {server} cannot be reached: W&B logs offline "
+                       "(upload the run later with `wandb sync`)")
+
+
+def wandb_run_id_file(run_dir: str | os.PathLike) -> Path:
+    """The file in a run folder that holds its W&B run id."""
+    return Path(run_dir) / "wandb_run_id"
 
 
 def finish_wandb() -> None:
