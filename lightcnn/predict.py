@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torchvision.transforms import v2
 
+from lightcnn.training.checkpoint import verify_checkpoint
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
@@ -59,6 +61,7 @@ def _module_class(ckpt: Path):
 def load_run(path: str | Path, device: str = "cpu"):
     """(module in eval mode, its evaluation facts, class names) of a run folder or checkpoint."""
     ckpt = find_checkpoint(Path(path))
+    verify_checkpoint(ckpt)
     module = _module_class(ckpt).load_from_checkpoint(ckpt, map_location=device)
     module.eval()
     facts: dict[str, Any] = dict(getattr(module, "eval_config", None) or {})

@@ -341,8 +341,9 @@ def test_slurm_requeue_resumes_in_the_same_run_folder_and_wandb_run(tmp_path, mo
     assert _run_dir(cli) == run and len(list(Path(runs, "lenet5_digits").iterdir())) == 1
     assert cli.trainer.global_step == 6 and "test/acc1" in cli.trainer.callback_metrics
     assert len(list(run.glob("config-resumed-*.yaml"))) == 1 and not list(run.glob("hpc_ckpt_*.ckpt"))
-    ids = {p.name.rsplit("-", 1)[1] for p in (wb / "wandb").glob("offline-run-*")}
-    assert len(list((wb / "wandb").glob("offline-run-*"))) == 2 and ids == {(run / "wandb_run_id").read_text().strip()}
+    # Both attempts log to the same W&B run, whose files are in the run folder (RUN/wandb).
+    ids = {p.name.rsplit("-", 1)[1] for p in (run / "wandb").glob("offline-run-*")}
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2 and ids == {(run / "wandb_run_id").read_text().strip()}
 
 
 # --- DDP: no rank left behind ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 from lightcnn.models.weights import TWINS
+from lightcnn.training.checkpoint import verify_checkpoint
 
 _WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "net")
 
@@ -27,6 +28,7 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint or state_dict file, unwrapped and without `net.`/`module.` prefixes."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"init_weights: no file {path!r}")
+    verify_checkpoint(path)  # a damaged lightcnn checkpoint is one line naming the intact ones beside it
     try:
         obj = torch.load(path, map_location="cpu", weights_only=False)  # a file the user chose to trust
     except Exception as e:

@@ -232,7 +232,8 @@ class ClassifierModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # What `lightcnn.predict` needs to read a run's images the way its evaluation did.
-        checkpoint["lightcnn"] = {"class_names": self.class_names, "eval": getattr(self, "eval_config", None)}
+        facts = checkpoint.setdefault("lightcnn", {})
+        facts.update(class_names=self.class_names, eval=getattr(self, "eval_config", None))
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         facts = checkpoint.get("lightcnn") or {}

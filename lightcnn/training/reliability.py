@@ -73,7 +73,7 @@ class RunGuard(L.Callback):
                 f"the weights are not finite at epoch {trainer.current_epoch}, step {trainer.global_step} (the run "
                 "diverged); the checkpoint was not written: lower the learning rate and resume from the last good "
                 "checkpoint with --ckpt_path")
-        checkpoint["lightcnn"] = {"optimizers": [_class_path(type(o)) for o in trainer.optimizers]}
+        checkpoint.setdefault("lightcnn", {})["optimizers"] = [_class_path(type(o)) for o in trainer.optimizers]
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):

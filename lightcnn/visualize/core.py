@@ -26,6 +26,7 @@ from torch import nn
 from lightcnn import models
 from lightcnn.layers import LocalResponseNorm
 from lightcnn.models.lenet import ScaledTanh, SparseConv2d, Subsampling
+from lightcnn.training.checkpoint import verify_checkpoint
 from lightcnn.visualize.names import from_paper_name, paper_names
 
 # Pointwise non-linearities: the deconvnet rectifies its reconstruction where the forward pass had one
@@ -48,6 +49,7 @@ def _read(path: str | Path) -> object:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist (give a .ckpt of lightcnn.fit, a "
                                 f"snapshot .pt of FeatureSnapshots, or a saved state_dict)")
+    verify_checkpoint(path)  # a damaged file is one line naming the intact checkpoints beside it
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:  # a Lightning checkpoint may hold objects beyond tensors: load it as Lightning does
