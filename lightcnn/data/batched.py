@@ -149,20 +149,20 @@ class BatchAugment:
     def _keep(self, params: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """(B, 1, H, W) float: 0 on the "mean" padding and the Cutout square, 1 elsewhere."""
         rows, cols = torch.arange(h, device=params.device), torch.arange(w, device=params.device)
-        keep = torch.ones(params.shape[1], 1, h, w, device=params.device)
+        keep = None
         if self.augment and self.padding_mode == "mean":
             p, flip = self.padding, params[FLIP].bool()
             dx = torch.where(flip, 2 * p - params[DX], params[DX])
             r, c = params[DY, :, None] + rows - p, dx[:, None] + cols - p
-            inside = ((r >= 0) & (r < h))[:, :, None] & ((c >= 0) & (c < w))[:, None, :]
-            keep = keep * inside[:, None]
+            keep = ((r >= 0) & (r < h))[:, :, None] & ((c >= 0) & (c < w))[:, None, :]
         if self.cutout:
             half = self.cutout // 2
             top, left = params[CY, :, None] - half, params[CX, :, None] - half
             in_rows = (rows >= top) & (rows < top + self.cutout)
             in_cols = (cols >= left) & (cols < left + self.cutout)
-            keep = keep * ~(in_rows[:, :, None] & in_cols[:, None, :])[:, None]
-        return keep
+            outside = ~(in_rows[:, :, None] & in_cols[:, None, :])
+            keep = outside if keep is None else keep & outside
+        return keep[:, None].to(torch.float32)
 
 
 class EpochBatches:
