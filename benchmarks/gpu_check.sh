@@ -4,7 +4,8 @@
 # at batch 128 in bf16 autocast + channels-last, fp32 TF32 on and off, drop_rate 0 and 0.3; PreAct-ResNet-164;
 # LRN at 96x55x55, 256x27x27, 64x56x56, 192x56x56 in fp32 and bf16, NCHW and channels-last, each layout's
 # torch.compile baseline in a fresh process); prints every target as MET/MISSED (summary at the end); then
-# the CUDA kernel tests. JSON and the log go to $OUT when set. Budget: under 5 minutes after the build.
+# the CUDA kernel tests; the batched CIFAR pipeline feeding ResNet-20/110 bf16 steps against a batch already
+# in GPU memory (>= 90%). JSON and the log go to $OUT when set. Budget: under 5 minutes after the build.
 # Imports neither jsonargparse nor wandb (the GPU image has neither).
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine
@@ -50,6 +51,8 @@ BENCHMARKS=(
   "python $L $LRN --dtype float32 --channels-last --json {out}_lrn_fp32_cl.json"
   "python $L $LRN --dtype bfloat16 --channels-last --json {out}_lrn_bf16_cl.json"
   "python $L $LRN --dtype bfloat16 --json {out}_lrn_bf16_nchw.json"
+  # The batched CIFAR pipeline: ResNet-20/110 bf16 channels-last steps fed by it vs a batch already in GPU memory.
+  "python benchmarks/bench_data.py --device cuda --gpu-only --rounds 3 --gpu-steps 50 --json {out}_data_pipeline.json"
   "python $P $WRN --precision bf16 --channels-last --drop-rate 0.3 --json {out}_wrn_bf16_cl_drop03.json"
   "python $P $WRN --precision tf32 --drop-rate 0.3 --json {out}_wrn_tf32_drop03.json"
   "python $P $WRN --precision fp32 --drop-rate 0.3 --json {out}_wrn_fp32_drop03.json"
@@ -72,6 +75,7 @@ QUICK_BENCHMARKS=(
   "python $L --device cpu --shapes all --batch-size 1 --rounds 1 --dtype bfloat16 --channels-last --no-compile --json {out}_lrn_bf16_cl.json"
   "python benchmarks/sanitize_ops.py --device cpu"
   "python $P $QW --fit-memory-gib 1 --json {out}_fit.json"
+  "python benchmarks/bench_data.py --device cpu --gpu-only --rounds 1 --gpu-steps 1 --batch-size 8 --json {out}_data_pipeline.json"
 )
 
 run() {

@@ -164,7 +164,7 @@ def test_cifar_reads_the_official_pickle_format(tmp_path, hundred):
     raw = torch.as_tensor(files[test_name]["data"][2].reshape(3, 32, 32), dtype=torch.float32) / 255
     torch.testing.assert_close(x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None], raw)
     assert y == files[test_name][label_key][2]
-    xb, yb = next(iter(dm.train_dataloader()))
+    xb, yb = dm.materialise(next(iter(dm.train_dataloader())))  # the batched pipeline's batch as a tensor
     assert xb.shape == (4, 3, 32, 32) and xb.dtype == torch.float32 and yb.shape == (4,)
 
 

@@ -20,13 +20,14 @@ offer as knobs (`auto_augment`, `random_erasing`), all from torchvision.transfor
 """
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Any, Iterator, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from torchvision.transforms import v2
 
 AutoAugment = Literal["none", "randaugment", "trivialaugment", "autoaugment"]
@@ -65,24 +66,62 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-class EpochSeededRandomSampler(RandomSampler):
-    """A `RandomSampler` whose order depends only on (seed, epoch), not on the global RNG.
+class EpochSeededRandomSampler(DistributedSampler):
+    """A shuffled order that depends only on (seed, epoch), not on the global RNG; this process's share of
+    it under DDP; and resumable in the middle of an epoch.
 
-    Lightning calls `set_epoch` at the start of every epoch, so a run resumed from a checkpoint sees
-    the same sample order as an uninterrupted one. Under DDP Lightning replaces it (it is a
-    `RandomSampler`) by a `DistributedSampler`, which is seeded the same way.
+    Lightning calls `set_epoch` at the start of every epoch, so a run resumed from a checkpoint sees the
+    same sample order as an uninterrupted one. On one process the order is `torch.randperm(n)` seeded with
+    `seed + epoch` (that of a `RandomSampler` with such a generator); with `num_replicas` processes each
+    takes every `num_replicas`-th index of it, as Lightning's own `DistributedSampler` would (being one,
+    it is kept by Lightning instead of replaced). `start` skips the first indices of the next pass only:
+    `ResumableDataLoader` sets it to resume mid-epoch.
     """
 
-    def __init__(self, data_source: Dataset, seed: int = 0):
-        super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def __init__(self, data_source: Dataset, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(data_source, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.start = 0
 
     def __iter__(self) -> Iterator[int]:
-        self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return super().__iter__()
+        start, self.start = self.start, 0
+        return itertools.islice(super().__iter__(), start, None)
+
+
+class ResumableDataLoader(DataLoader):
+    """A `DataLoader` whose position in the epoch is saved in checkpoints (Lightning saves the state of a
+    training loader that has `state_dict`/`load_state_dict`), so that a checkpoint saved in the middle of
+    an epoch resumes with the next batch: its state is the epoch and the batches handed out in it, and
+    the next pass over that epoch skips those batches' indices in the sampler (nothing is loaded twice).
+    Iteration starts lazily, after Lightning's `set_epoch`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.epoch, self.handed_out = 0, 0
+        self._resume: dict[str, int] | None = None
+
+    def __iter__(self) -> Iterator[Any]:
+        epoch = getattr(self.sampler, "epoch", 0)
+        resume, self._resume = self._resume, None
+        skip = resume["handed_out"] if resume is not None and resume["epoch"] == epoch else 0
+        if skip and hasattr(self.sampler, "start"):
+            self.sampler.start = skip * (self.batch_size or 1)
+        self.epoch, self.handed_out = epoch, skip
+        for batch in super().__iter__():
+            self.handed_out += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "handed_out": self.handed_out}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self._resume = dict(state)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(state["epoch"])
+
+
+class UnreadableDataError(FileNotFoundError):
+    """A data file that is there but cannot be read (truncated or corrupt). A `FileNotFoundError`, so that the
+    command line reports it in one line as it does a missing file: the remedy is the same, get it again."""
 
 
 class ClassificationDataModule(L.LightningDataModule):
@@ -183,8 +222,13 @@ class ClassificationDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not been called")
-        sampler = EpochSeededRandomSampler(dataset, seed=int(os.environ.get("PL_GLOBAL_SEED", 0))) if train else None
-        return DataLoader(
+        if train:
+            trainer = self.trainer
+            sampler = EpochSeededRandomSampler(dataset, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+                                               num_replicas=self.world_size, rank=getattr(trainer, "global_rank", 0))
+        else:
+            sampler = None
+        return (ResumableDataLoader if train else DataLoader)(
             dataset,
             batch_size=self.batch_size_per_device,
             sampler=sampler,

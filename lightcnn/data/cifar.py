@@ -12,15 +12,23 @@ recipe says which its paper used:
 `cutout=L` adds Cutout (DeVries & Taylor 2017): one LxL square, centred at a random pixel and clipped
 at the border, is zeroed after normalisation (so it holds the data set's mean).
 
+Two pipelines do this (`pipeline`): "batched" (the default) keeps the set as one uint8 tensor on the
+training device and augments whole batches there (`lightcnn/data/batched.py`), so that no recipe waits
+on its loader; "torchvision" runs the v2 transforms below per image in loader workers (for custom
+transforms, and for comparison). Given the same crops, flips and Cutout squares both give the same
+tensors; `num_workers` only concerns the torchvision pipeline.
+
 The data is read from `root/cifar-10-batches-py` (or `root/cifar-100-python`), the layout of the
 official python archives. Nothing is downloaded unless `download=True`.
 """
 from __future__ import annotations
 
 import os
-from typing import Literal
+import pickle
+from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import Subset
 from torchvision import datasets
@@ -28,7 +36,8 @@ from torchvision.datasets.utils import check_integrity
 from torchvision.transforms import v2
 
 from lightcnn.constants import CIFAR10_MEAN, CIFAR10_STD, CIFAR100_MEAN, CIFAR100_STD
-from lightcnn.data.base import AutoAugment, ClassificationDataModule, augment_ops, erasing_ops
+from lightcnn.data.base import AutoAugment, ClassificationDataModule, UnreadableDataError, augment_ops, erasing_ops
+from lightcnn.data.batched import BatchAugment, BatchedLoader, EpochBatches, ImageSet, free_memory, place
 
 
 class _VerifiableMixin:
@@ -73,14 +82,27 @@ class Cutout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
-        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
-        half = self.length // 2
+        return self.erase(x, int(torch.randint(h, ())), int(torch.randint(w, ())), self.length)
+
+    @staticmethod
+    def erase(x: torch.Tensor, cy: int, cx: int, length: int) -> torch.Tensor:
+        """A copy of `x` with the `length` x `length` square centred at (cy, cx) zeroed (clipped at the border)."""
+        h, w = x.shape[-2:]
+        half = length // 2
         x = x.clone()
-        x[..., max(cy - half, 0):min(cy - half + self.length, h), max(cx - half, 0):min(cx - half + self.length, w)] = 0
+        x[..., max(cy - half, 0):min(cy - half + length, h), max(cx - half, 0):min(cx - half + length, w)] = 0
         return x
 
 
 PaddingMode = Literal["zero", "mean", "reflect"]
+Pipeline = Literal["batched", "torchvision"]
+
+
+def normalised_black(mean: tuple[float, ...], std: tuple[float, ...]) -> list[float]:
+    """The value of a black pixel after `ToDtype(scale=True)` and `Normalize`, computed by those transforms (in
+    float32, so that "zero" padding holds exactly the value of a black pixel of the image)."""
+    black = torch.zeros(len(mean), 1, 1, dtype=torch.uint8)
+    return v2.Normalize(mean, std)(v2.ToDtype(torch.float32, scale=True)(black)).flatten().tolist()
 
 
 def cifar_transforms(mean: tuple[float, ...], std: tuple[float, ...], augment: bool,
@@ -90,7 +112,7 @@ def cifar_transforms(mean: tuple[float, ...], std: tuple[float, ...], augment: b
     flip, then Cutout of side `cutout` (0: none). Cropping after normalising lets "mean" padding be the
     zeros of the normalised image, as in the Torch codes that normalised first. `auto_augment` (on the
     uint8 image, before normalising) and `random_erasing` (last) are the modern knobs, off by default."""
-    fills = {"zero": [-m / s for m, s in zip(mean, std)], "mean": 0.0}  # black, or the mean colour
+    fills = {"zero": normalised_black(mean, std), "mean": 0.0}  # black, or the mean colour
     if padding_mode not in ("zero", "mean", "reflect"):
         raise ValueError(f"padding_mode must be 'zero', 'mean' or 'reflect', got {padding_mode!r}")
     policy, erase = augment_ops(auto_augment, "cifar10"), erasing_ops(random_erasing)
@@ -122,10 +144,14 @@ class CIFAR10DataModule(ClassificationDataModule):
         mean: per-channel normalisation mean; None: the network's `default_cfg`, else the data set's.
         std: per-channel normalisation std; None as `mean`.
         verify_md5: check the files' MD5 sums against the official archive's.
-        num_workers: loader workers per process.
+        pipeline: "batched" (the set as one uint8 tensor on the training device, augmented a batch at a
+            time there; host memory when it does not fit) or "torchvision" (per-image v2 transforms in
+            `num_workers` loader processes).
+        num_workers: loader workers per process (torchvision pipeline only).
         auto_augment: "randaugment", "trivialaugment" or "autoaugment" (CIFAR-10 policy) on training
-            images; "none" (the papers). Needs `augment`.
-        random_erasing: probability of Random Erasing on a training image; 0 (the papers). Needs `augment`.
+            images; "none" (the papers). Needs `augment`; runs on the torchvision pipeline.
+        random_erasing: probability of Random Erasing on a training image; 0 (the papers). Needs `augment`;
+            runs on the torchvision pipeline.
 
     The images stay 32x32 whatever the network's `default_cfg` says (no paper resizes CIFAR).
     """
@@ -149,11 +175,14 @@ class CIFAR10DataModule(ClassificationDataModule):
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         verify_md5: bool = True,
+        pipeline: Pipeline = "batched",
         num_workers: int = 4,
         auto_augment: AutoAugment = "none",
         random_erasing: float = 0.0,
     ):
         super().__init__(batch_size=batch_size, num_workers=num_workers)
+        if pipeline not in ("batched", "torchvision"):
+            raise ValueError(f"pipeline must be 'batched' or 'torchvision', got {pipeline!r}")
         if val_size < 0:
             raise ValueError(f"val_size must be >= 0, got {val_size}")
         if cutout < 0:
@@ -166,12 +195,28 @@ class CIFAR10DataModule(ClassificationDataModule):
         self.auto_augment, self.random_erasing = auto_augment, random_erasing
         self.root, self.download, self.val_size, self.split_seed = root, download, val_size, split_seed
         self.augment, self.padding_mode, self.cutout, self.verify_md5 = augment, padding_mode, cutout, verify_md5
-        self.mean, self.std = mean, std
+        if pipeline == "batched" and (auto_augment != "none" or random_erasing):
+            # The policies are per-image torchvision transforms with no batched form here.
+            rank_zero_info("lightcnn: auto_augment / random_erasing run on the torchvision pipeline "
+                           "(--data.pipeline torchvision chosen for this run)")
+            pipeline = "torchvision"
+        self.mean, self.std, self.pipeline = mean, std, pipeline
+        self.images: dict[str, ImageSet] = {}
+        self.batch_augment: dict[str, BatchAugment] = {}
 
     def _make(self, train: bool, transform, download: bool = False):
         cls = self._dataset
         try:
             return cls(self.root, train=train, transform=transform, download=download, verify_md5=self.verify_md5)
+        except (pickle.UnpicklingError, EOFError, ValueError, KeyError, UnicodeDecodeError) as e:
+            names = [name for name, _ in (cls.train_list if train else cls.test_list)] + [cls.meta["filename"]]
+            path = next((p for p in (os.path.join(self.root, cls.base_folder, n) for n in names) if not _readable(p)),
+                        os.path.join(self.root, cls.base_folder))
+            raise UnreadableDataError(
+                f"{path} is not a readable CIFAR batch ({type(e).__name__}: {e}): the file is truncated or "
+                f"corrupt. Download and extract {self._archive} again (or run with --data.download true after "
+                f"deleting {os.path.join(self.root, cls.base_folder)}); keep verify_md5 true to catch this at start."
+            ) from e
         except RuntimeError as e:
             if "not found or corrupted" not in str(e):
                 raise
@@ -201,12 +246,117 @@ class CIFAR10DataModule(ClassificationDataModule):
         self.test_set = self._make(False, eval_tf)
         if self.val_size == 0:
             self.train_set, self.val_set = train_full, self.test_set
-            return
+        else:
+            self._split(train_full, eval_tf)
+        if self.pipeline == "batched":
+            self._setup_batched(cfg["mean"], cfg["std"])
+
+    def _split(self, train_full, eval_tf) -> None:
         if self.val_size >= len(train_full):
             raise ValueError(f"val_size={self.val_size} leaves no training images (the set has {len(train_full)})")
         order = torch.randperm(len(train_full), generator=torch.Generator().manual_seed(self.split_seed)).tolist()
         self.train_set = Subset(train_full, order[self.val_size:])
         self.val_set = Subset(self._make(True, eval_tf), order[: self.val_size])  # same images, no augmentation
+
+    # --- the batched pipeline ------------------------------------------------------------------------------
+
+    def _setup_batched(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        """The three splits as uint8 tensors on the training device (host memory when they do not fit)."""
+        def tensors(ds) -> tuple[torch.Tensor, torch.Tensor]:
+            base, index = (ds.dataset, torch.as_tensor(ds.indices)) if isinstance(ds, Subset) else (ds, None)
+            images = torch.from_numpy(base.data).permute(0, 3, 1, 2)  # N x 32 x 32 x 3 uint8 -> N x 3 x 32 x 32
+            labels = torch.as_tensor(base.targets, dtype=torch.int64)
+            return (images, labels) if index is None else (images[index], labels[index])
+
+        splits = {"train": self.train_set, "val": self.val_set, "test": self.test_set}
+        augment = BatchAugment(mean, std, self.augment, 4, self.padding_mode, self.cutout)
+        self.batch_augment = {"train": augment, "val": BatchAugment(mean, std, augment=False)}
+        self.batch_augment["test"] = self.batch_augment["val"]
+        built: dict[int, ImageSet] = {}
+        for split, ds in splits.items():
+            if id(ds) not in built:  # val is the test set when val_size is 0
+                built[id(ds)] = ImageSet(*tensors(ds), mirror=split == "train" and self.augment)
+            self.images[split] = built[id(ds)]
+        device = self._device()
+        nbytes = sum(s.nbytes for s in built.values())
+        where, message = place(nbytes, device, free_memory(device))
+        if message:
+            rank_zero_info(message)
+        for s in built.values():
+            s.to(where)
+
+    def _device(self) -> torch.device:
+        strategy = getattr(self.trainer, "strategy", None)
+        return getattr(strategy, "root_device", None) or torch.device("cpu")
+
+    def _batched_loader(self, split: str) -> BatchedLoader:
+        if split not in self.images:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not been called")
+        train = split == "train"
+        sampler = EpochBatches(len(self.images[split]), self.batch_size, shuffle=train,
+                               seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+                               rank=getattr(self.trainer, "global_rank", 0), world_size=self.world_size,
+                               augment=self.batch_augment[split] if train and self.augment else None)
+        return BatchedLoader(split, sampler)
+
+    def _input_format(self) -> tuple[torch.dtype, bool]:
+        """The dtype and memory format the network runs in: those of its first convolution's weight."""
+        module = getattr(self.trainer, "lightning_module", None)
+        weight = next((p for p in module.parameters() if p.dim() == 4), None) if module is not None else None
+        if weight is None:
+            return torch.float32, False
+        channels_last = weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+        return (weight.dtype if weight.is_floating_point() else torch.float32), channels_last
+
+    def materialise(self, batch: dict[str, Any], device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+        """A batch of a `BatchedLoader` as (images, labels) on `device` (by default the set's)."""
+        batch = self._crop_on_set_device(batch)
+        if device is not None:
+            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return self._finish(batch)
+
+    def _crop_on_set_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        images = self.images[batch["split"]]
+        crop = self.batch_augment[batch["split"]].crop_flip(images, batch["index"], batch.get("params"))
+        return {**batch, "pixels": crop, "labels": images.labels.index_select(0, batch["index"].to(images.device))}
+
+    def _finish(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        if "pixels" not in batch:
+            batch = self._crop_on_set_device(batch)
+        dtype, channels_last = self._input_format()
+        x = self.batch_augment[batch["split"]].normalise(batch["pixels"], batch.get("params"), dtype, channels_last)
+        return x, batch["labels"].to(x.device)
+
+    @staticmethod
+    def _is_batched(batch: Any) -> bool:
+        return isinstance(batch, dict) and "index" in batch and "split" in batch
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        # A set kept in host memory is cropped here, so only the uint8 crop travels to the device.
+        if self._is_batched(batch) and self.images[batch["split"]].device.type == "cpu":
+            batch = self._crop_on_set_device(batch)
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        return self._finish(batch) if self._is_batched(batch) else batch
+
+    def train_dataloader(self):
+        return self._batched_loader("train") if self.pipeline == "batched" else super().train_dataloader()
+
+    def val_dataloader(self):
+        return self._batched_loader("val") if self.pipeline == "batched" else super().val_dataloader()
+
+    def test_dataloader(self):
+        return self._batched_loader("test") if self.pipeline == "batched" else super().test_dataloader()
+
+
+def _readable(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            pickle.load(f, encoding="latin1")
+        return True
+    except Exception:  # noqa: BLE001 - any failure to unpickle means the file is not a readable batch
+        return False
 
 
 class CIFAR100DataModule(CIFAR10DataModule):

@@ -39,9 +39,20 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from lightcnn.constants import DATASETS, IMAGENET_MEAN, IMAGENET_STD
-from lightcnn.data.base import AutoAugment, ClassificationDataModule, augment_ops, erasing_ops
+from lightcnn.data.base import AutoAugment, ClassificationDataModule, UnreadableDataError, augment_ops, erasing_ops
 
 DEFAULT_CROP_PCT = 0.875  # 224 / 256: the evaluation crop of AlexNet, VGG and ResNet
+
+
+def load_image(path: str):
+    """torchvision's PIL loader (RGB), with a file that cannot be decoded named in the error."""
+    try:
+        return datasets.folder.pil_loader(path)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL: truncated or not an image
+        raise UnreadableDataError(
+            f"{path} cannot be read as an image ({e}): the file is truncated or corrupt. Replace it with an "
+            f"intact copy (e.g. from the original archive) or delete it, then run again."
+        ) from e
 
 
 def imagenet_transforms(
@@ -167,7 +178,7 @@ class ImageNetDataModule(ClassificationDataModule):
                 f"and {self.root}/val/<wnid>/*.JPEG (sort the validation images into class folders, e.g. with "
                 f"valprep.sh), or point --data.root at such a tree."
             )
-        ds = datasets.ImageFolder(path, transform=transform)
+        ds = datasets.ImageFolder(path, transform=transform, loader=load_image)
         if len(ds.classes) != self.num_classes:
             raise ValueError(
                 f"{path} has {len(ds.classes)} class folders but num_classes={self.num_classes}; "
