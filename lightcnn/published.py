@@ -91,9 +91,9 @@ MODELS: dict[str, Published] = {
     "densenet_bc190_k40": P(25_624_430, 9.302, 32, 3.46, c100_err=17.18),
     "fractalnet20": P(33_734_922, 0.845, 32, 4.60, c100_err=23.73,
                       note="with drop-path; paper says 38.6M, the authors' own generator gives 33.7M"),
-    "nasnet_a_cifar": P(3_328_234, 0.526, 32, 3.41, aux_params=1_631_498,
-                        note="6@768; the first cell's h-1 is the stem output through ReLU-1x1-BN; TF-slim's "
-                             "released path (first_cell_prev='released') passes it on untouched: 3,346,538 / 0.544"),
+    "nasnet_a_cifar": P(3_346_538, 0.544, 32, 3.41, aux_params=1_631_498,
+                        note="6@768 as released: the first cell's h-1 is the stem output, untouched; paper 3.3M "
+                             "(first_cell_prev='relu_conv_bn', ReLU-1x1-BN on that input: 3,328,234 / 0.526)"),
 }
 del P
 
