@@ -52,7 +52,8 @@ MODELS: dict[str, Published] = {
     "resnext50_32x4d": P(25_028_904, 4.230, 224, note="tv (v1.5)"),
     "resnext101_32x8d": P(88_791_336, 16.414, 224, note="tv (v1.5)"),
     "sd_resnet152": P(60_192_808, 11.514, 224, note="derived: resnet152 v1.5 (fb.resnet.torch); gates add none"),
-    "densenet121": P(7_978_856, 2.834, 224, 25.02, 7.71, note="tv"),
+    "densenet121": P(7_978_856, 2.834, 224, 25.02, 7.71,
+                     note="tv params; error: the paper's single crop (Table 3); torchvision's weights 25.57/8.03"),
     "densenet169": P(14_149_480, 3.360, 224, note="tv"),
     "densenet201": P(20_013_928, 4.291, 224, note="tv"),
     "densenet264": P(33_337_704, 5.752, 224, note="tv layout: growth 32, blocks 6,12,64,48"),
@@ -90,7 +91,8 @@ MODELS: dict[str, Published] = {
     "densenet_bc250_k24": P(15_324_406, 5.419, 32),
     "densenet_bc190_k40": P(25_624_430, 9.302, 32, 3.46, c100_err=17.18),
     "fractalnet20": P(33_734_922, 0.845, 32, 4.60, c100_err=23.73,
-                      note="with drop-path; paper says 38.6M, the authors' own generator gives 33.7M"),
+                      note="built, affine BN (ours); paper says 38.6M; the authors' generator, BN without "
+                           "scale/shift (bn_affine=False), gives 33,714,314"),
     "nasnet_a_cifar": P(3_346_538, 0.544, 32, 3.41, aux_params=1_631_498,
                         note="6@768 as released: the first cell's h-1 is the stem output, untouched; paper 3.3M "
                              "(first_cell_prev='relu_conv_bn', ReLU-1x1-BN on that input: 3,328,234 / 0.526)"),
