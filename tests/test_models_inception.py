@@ -286,3 +286,66 @@ def test_recipe_is_the_papers(recipe, tmp_path, monkeypatch):
     assert (sched.step_size, sched.gamma) == (2, 0.94) and cfg["lr_scheduler"].get("interval", "epoch") == "epoch"
     assert cli.datamodule.image_size == 299
     assert any(isinstance(cb, EMAWeightAveraging) for cb in cli.trainer.callbacks)  # "running average"
+
+
+# --- initialisation: TF-slim's ---------------------------------------------------------------------------
+
+def _truncated_std_factor(a: float = 2.0) -> float:
+    """std of a unit normal truncated to [-a, a]."""
+    import math
+
+    pdf, mass = math.exp(-a * a / 2) / math.sqrt(2 * math.pi), math.erf(a / math.sqrt(2))
+    return math.sqrt(1 - 2 * a * pdf / mass)
+
+
+@pytest.mark.parametrize("name, conv_init", [
+    ("inception_v4", "variance_scaling"), ("inception_resnet_v1", "variance_scaling"),
+    ("inception_resnet_v2_paper", "variance_scaling"), ("inception_resnet_v2", "xavier")])
+def test_init_is_tf_slims_per_layer_type(name, conv_init):
+    """inception_utils' variance_scaling_initializer(): N(0, sqrt(2.6 / fan_in)) truncated at 2 std (draws'
+    std sqrt(2.6 * 0.774 / fan_in) ~ He); the released Inception-ResNet-v2's arg scope leaves slim.conv2d's
+    Glorot uniform. Both: zero biases (the BN-free residual 1x1s), BN at 1/0, Glorot-uniform logits."""
+    import math
+
+    torch.manual_seed(0)
+    model = create(name, num_blocks=(1, 1, 1))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    residual = [m.Conv2d_1x1 for m in model.modules() if isinstance(m, InceptionResNetBlock)]
+    assert len(residual) == (0 if name == "inception_v4" else 3) and all(c.bias is not None for c in residual)
+    pooled = []
+    for conv in convs:
+        w = conv.weight.detach().double()
+        fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+        if conv_init == "variance_scaling":
+            bound = 2 * math.sqrt(2.6 / fan_in)
+            std = math.sqrt(2.6 / fan_in) * _truncated_std_factor()
+        else:
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            std = bound / math.sqrt(3)
+        assert w.abs().max() <= bound + 1e-7
+        assert abs(w.mean()) < 5 * std / math.sqrt(w.numel())
+        if w.numel() >= 20_000:
+            assert w.std() == pytest.approx(std, rel=0.05), conv
+        pooled.append((w / std).flatten())
+        if conv.bias is not None:
+            assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    assert torch.cat(pooled).std() == pytest.approx(1.0, rel=0.005)
+    assert all(torch.equal(b.weight, torch.ones_like(b.weight)) and torch.equal(b.bias, torch.zeros_like(b.bias))
+               for b in model.modules() if isinstance(b, nn.BatchNorm2d))
+    logits = model.Logits.weight.detach().double()
+    bound = math.sqrt(6 / sum(logits.shape))
+    assert logits.abs().max() <= bound and logits.std() == pytest.approx(bound / math.sqrt(3), rel=0.01)
+    assert torch.equal(model.Logits.bias, torch.zeros(1000))
+
+
+def test_init_knob_keeps_pytorch_defaults_and_refuses_unknown_names():
+    torch.manual_seed(0)
+    model = create("inception_resnet_v1", num_blocks=(1, 1, 1), weight_init="pytorch")
+    conv = model.features.Repeat.block35_1.Conv2d_1x1
+    assert conv.bias.abs().max() > 0  # PyTorch's default bias init, untouched
+    assert conv.weight.std().item() == pytest.approx(1 / (3 * conv.weight[0].numel()) ** 0.5, rel=0.05)
+    with pytest.raises(TypeError, match="weight_init"):
+        create("inception_v4", num_blocks=(1, 1, 1), weight_init="he")
+    from lightcnn.models.inception_v4 import init_tf_slim_
+    with pytest.raises(ValueError, match="weight_init must be"):
+        init_tf_slim_(model, "he")
