@@ -349,3 +349,40 @@ def test_init_knob_keeps_pytorch_defaults_and_refuses_unknown_names():
     from lightcnn.models.inception_v4 import init_tf_slim_
     with pytest.raises(ValueError, match="weight_init must be"):
         init_tf_slim_(model, "he")
+
+
+# --- TF-slim's training setup: auxiliary head, BN decay and scale -----------------------------------------
+
+@pytest.mark.parametrize("name, grid_width", [("inception_v4", 1024), ("inception_resnet_v2", 1088)])
+def test_tf_slim_aux_head_on_the_17x17_grid(name, grid_width):
+    """AuxLogits: 5x5/3 valid avg-pool (17 -> 5), 1x1 conv-BN 128, 5x5 conv-BN 768, linear; counted by formula.
+    Training mode returns (logits, aux_logits); eval the logits alone; off by default (timm's layout)."""
+    model = build_meta(name, aux_logits=True)
+    head = 128 * grid_width + 2 * 128 + 768 * 128 * 25 + 2 * 768 + 768 * 1000 + 1000
+    assert n_params(model) - published(name).params == head
+    assert model.AuxLogits.Conv2d_2a.conv.kernel_size == (5, 5)
+    assert build_meta(name).AuxLogits is None
+
+
+@pytest.mark.slow  # ~3-10 s: a 139x139 forward on the shared CPUs
+def test_aux_head_reads_the_input_of_mixed_7a_in_training_only():
+    torch.manual_seed(0)
+    small = create("inception_resnet_v1", aux_logits=True, num_blocks=(1, 1, 1), input_size=139).train()
+    seen = {}
+    small.features.Mixed_7a.register_forward_hook(lambda m, inp, out: seen.update(grid=inp[0]))
+    with torch.no_grad():
+        out = small(torch.randn(2, 3, 139, 139))  # the smallest input with a 5x5 window on the 17x17 grid: 7x7
+        assert out.logits.shape == out.aux_logits.shape == (2, 1000)
+        torch.testing.assert_close(out.aux_logits, small.AuxLogits(seen["grid"]))
+        assert isinstance(small.eval()(torch.randn(1, 3, 139, 139)), torch.Tensor)
+    with pytest.raises(ValueError, match="aux_logits needs"):
+        create("inception_resnet_v1", aux_logits=True, num_blocks=(1, 1, 1), input_size=75)
+
+
+def test_bn_decay_and_scale_as_tf_slim():
+    """bn_momentum 0.0003 = TF-slim's decay 0.9997; bn_scale=False keeps every gamma at 1, untrained."""
+    model = build_meta("inception_resnet_v2", bn_momentum=0.0003, bn_scale=False)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {b.momentum for b in bns} == {0.0003} and not any(b.weight.requires_grad for b in bns)
+    assert n_params(model) == published("inception_resnet_v2").params - sum(b.num_features for b in bns)
+    assert list(model.state_dict()) == list(build_meta("inception_resnet_v2").state_dict())

@@ -161,6 +161,10 @@ class InceptionResNet(InceptionClassifier):
             convolutions), "xavier" (Glorot uniform convolutions: what the released v2's own
             `inception_resnet_v2_arg_scope` leaves to `slim.conv2d`) or "pytorch"; the logits are Glorot uniform
             and every bias starts at 0 in the first two (`lightcnn.models.inception_v4.init_tf_slim_`).
+        aux_logits: build TF-slim's auxiliary head on the 17x17 grid (Repeat_1's output; not in the paper nor
+            in timm, whose weights import only without it).
+        bn_momentum: PyTorch's BN momentum, 1 - TF's decay (TF-slim trains with decay 0.9997: 0.0003).
+        bn_scale: BN learns a scale (True) or keeps gamma at 1, frozen, as TF-slim's batch_norm (False).
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3,
@@ -171,7 +175,8 @@ class InceptionResNet(InceptionClassifier):
                  reduction_b: Sequence[int] = (256, 384, 256, 288, 256, 288, 320),
                  residual_scales: Sequence[float] = (0.17, 0.10, 0.20), last_block_linear: bool = False,
                  final_conv: int | None = None, drop_rate: float = 0.2, bn_eps: float = BN_EPS,
-                 input_size: int = 299, weight_init: WeightInit = "variance_scaling"):
+                 input_size: int = 299, weight_init: WeightInit = "variance_scaling", aux_logits: bool = False,
+                 bn_momentum: float | None = 0.1, bn_scale: bool = True):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {', '.join(STEMS)}; got {stem!r}")
@@ -203,7 +208,8 @@ class InceptionResNet(InceptionClassifier):
         if final_conv is not None:
             layers.append(("Conv2d_7b_1x1", _unit(c, "Conv2d_7b_1x1", final_conv, bn_eps=bn_eps)))
             c = final_conv
-        self._build(layers, c, num_classes, in_chans, drop_rate, input_size, weight_init)
+        self._build(layers, c, num_classes, in_chans, drop_rate, input_size, weight_init, aux_logits, bn_momentum,
+                    bn_scale, bn_eps)
 
 
 @register_model
