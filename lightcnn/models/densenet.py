@@ -19,9 +19,9 @@ state_dict, the outputs, the gradients and the running statistics are the same e
   blocks.
 - CIFAR (Sec. 3, "Implementation Details", and Sec. 4.2): a 3x3 conv to 16 channels (2k for DenseNet-BC), as
   the paper says (the authors' Lua, `models/densenet.lua`, uses 2k for every variant: 24 for L=40, k=12,
-  which `num_init_features=24` reproduces), three blocks at 32, 16 and 8 pixels. `densenet40_k12`, `densenet100_k12`: (L - 4) / 3 plain 3x3 layers per block, no
-  compression; `densenet_bc100_k12`, `densenet_bc250_k24`, `densenet_bc190_k40`: (L - 4) / 6 bottleneck
-  layers per block, theta = 0.5.
+  which `num_init_features=24` reproduces), three blocks at 32, 16 and 8 pixels. `densenet40_k12`,
+  `densenet100_k12`: (L - 4) / 3 plain 3x3 layers per block, no compression; `densenet_bc100_k12`,
+  `densenet_bc250_k24`, `densenet_bc190_k40`: (L - 4) / 6 bottleneck layers per block, theta = 0.5.
 
 Torchvision twins (`lightcnn.models.weights.from_torchvision`): densenet121, densenet161, densenet169,
 densenet201.
