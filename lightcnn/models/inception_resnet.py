@@ -18,7 +18,7 @@ uniform logits.
   import: TF-slim's own stem ending in Mixed_5b (320 channels), 10/20/10 modules of 320/1088/2080
   channels, the last module linear with scale 1, a 1x1 convolution to 1536, average pooling, dropout
   (keep 0.8). 55,843,464 parameters, 13.16 GMACs at 299. Its auxiliary head (TF-slim, on Mixed_6a's
-  Repeat_1) is left out, as timm does and the paper describes none.
+  Repeat_1) is left out unless `aux_logits=True`, as timm does and the paper describes none.
 * `inception_resnet_v2_paper`: as drawn in Fig. 15: the Inception-v4 stem (Fig. 3, 384 channels),
   5 x Inception-ResNet-A (Fig. 16), Reduction-A (Fig. 7; k, l, m, n = 256, 256, 384, 384), 10 x B
   (Fig. 17), Reduction-B (Fig. 18), 5 x C (Fig. 19). The residual 1x1 convolutions project to the

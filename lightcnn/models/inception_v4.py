@@ -10,7 +10,8 @@ the pooling branches average over the valid (unpadded) inputs, and the modules a
 TF-slim's names (Mixed_5b, Branch_1, Conv2d_0b_1x7, ...). 42,679,816 parameters, 12.25 GMACs. Weights start
 as TF-slim's inception arg scope draws them (`init_tf_slim_`: He fan-in truncated normal convolutions, Glorot
 uniform logits, zero biases). TF-slim
-also builds an auxiliary head on Mixed_6h, which the paper does not describe; like timm we leave it out.
+also builds an auxiliary head on Mixed_6h, which the paper does not describe; like timm we leave it out
+unless `aux_logits=True` (the recipe builds it, as TF-slim trained the released checkpoint).
 
 The building blocks (`ConvBNReLU`, `branch`, `Mixed`, `block_reduction_a`, named as TF-slim's functions) are shared with
 `lightcnn.models.inception_resnet`.
