@@ -79,3 +79,17 @@ def test_fractalnet_recipe_is_the_authors_caffe_network(tmp_path):
     net = _build("fractalnet20_cifar10", tmp_path).model.net
     assert sum(p.numel() for p in net.parameters() if p.requires_grad) == 33_714_314
     assert not any(m.affine for m in net.modules() if isinstance(m, nn.BatchNorm2d))
+
+
+@pytest.mark.parametrize("name", ["inception_v4_imagenet", "inception_resnet_v2_imagenet", "nasnet_a_cifar10"])
+def test_tf_slim_recipes_decay_conv_and_linear_weights_only(name, tmp_path):
+    """TF-slim's regularisers act on convolution and linear weights: no decay on BN and biases."""
+    module = _build(name, tmp_path).model
+    assert module.hparams.weight_decay_norm_bias is False
+    cfg = module.configure_optimizers()
+    optimizer = cfg["optimizer"] if isinstance(cfg, dict) else cfg
+    no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    for m in module.net.modules():
+        for p in m.parameters(recurse=False):
+            decayed = id(p) not in no_decay
+            assert decayed == (isinstance(m, (nn.Conv2d, nn.Linear)) and p is m.weight), (type(m).__name__, p.shape)
