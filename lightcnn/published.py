@@ -71,7 +71,9 @@ MODELS: dict[str, Published] = {
                          source="Xie et al. 2017 (ResNeXt), Table 3 (224 single crop, val; top-1 only)"),
     "resnext101_32x8d": P(88_791_336, 16.414, 224, note="tv (v1.5)"),
     "sd_resnet152": P(60_192_808, 11.514, 224, note="derived: resnet152 v1.5 (fb.resnet.torch); gates add none"),
-    "densenet121": P(7_978_856, 2.834, 224, 25.02, 7.71, note="tv"),
+    "densenet121": P(7_978_856, 2.834, 224, 25.02, 7.71,
+                     note="tv params; error: the paper's single crop (Table 3); torchvision's weights 25.57/8.03",
+                     source=DENSE_IN),
     "densenet169": P(14_149_480, 3.360, 224, 23.80, 6.85, note="tv", source=DENSE_IN),
     "densenet201": P(20_013_928, 4.291, 224, 22.58, 6.34, note="tv", source=DENSE_IN),
     "densenet264": P(33_337_704, 5.752, 224, 22.15, 6.12, note="tv layout: growth 32, blocks 6,12,64,48",
@@ -123,12 +125,13 @@ MODELS: dict[str, Published] = {
     "densenet_bc250_k24": P(15_324_406, 5.419, 32, 3.62, c100_err=17.60, source=DENSE),
     "densenet_bc190_k40": P(25_624_430, 9.302, 32, 3.46, c100_err=17.18, source=DENSE),
     "fractalnet20": P(33_734_922, 0.845, 32, 4.60, c100_err=23.73,
-                      note="with drop-path and dropout (without: 5.22, C100 23.30); paper says 38.6M, the "
-                           "authors' own generator gives 33.7M",
+                      note="with drop-path and dropout (without: 5.22, C100 23.30); built, affine BN (ours); "
+                           "paper says 38.6M; the authors' generator, BN without scale/shift (bn_affine=False), "
+                           "gives 33,714,314",
                       source="Larsson, Maire, Shakhnarovich 2017 (FractalNet), Table 1 (C10+, C100+)"),
-    "nasnet_a_cifar": P(3_328_234, 0.526, 32, 3.41, aux_params=1_631_498,
-                        note="6@768; the first cell's h-1 is the stem output through ReLU-1x1-BN; TF-slim's "
-                             "released path (first_cell_prev='released') passes it on untouched: 3,346,538 / 0.544",
+    "nasnet_a_cifar": P(3_346_538, 0.544, 32, 3.41, aux_params=1_631_498,
+                        note="6@768 as released: the first cell's h-1 is the stem output, untouched; paper 3.3M "
+                             "(first_cell_prev='relu_conv_bn', ReLU-1x1-BN on that input: 3,328,234 / 0.526)",
                         source="Zoph et al. 2018, Table 1 (NASNet-A 6@768, no cutout)"),
 }
 del P, HE16, WRN, RESNEXT, SD, DENSE, DENSE_IN

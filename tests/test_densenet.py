@@ -229,6 +229,100 @@ def test_saved_memory_grows_linearly_with_depth():
     assert e64 < 0.2 * n64
 
 
+def _units(model):
+    """The convolutions in forward order: the stem's, then every DenseConv2d / fused 3x3 unit."""
+    from lightcnn.layers import PreActConv2d
+    return [model.stem.conv0] + [m for m in model.modules() if isinstance(m, PreActConv2d)]
+
+
+@pytest.mark.parametrize("name, per_layer", [("densenet40_k12", 1), ("densenet_bc100_k12", 2)])
+def test_dropout_follows_every_convolution_but_the_stem(name, per_layer):
+    """Sec. 4.2 and the authors' Lua: dropout after each layer's bottleneck 1x1 and 3x3 and after each
+    transition's 1x1, none after the stem. Hooks record the forward order: every convolution unit but the
+    stem is followed at once by a Dropout(p=0.2) that reads exactly that unit's output."""
+    model = create(name, impl="reference", drop_rate=0.2).train()
+    units = _units(model)
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    n_layers = sum(model.block_config)
+    assert len(units) == 1 + per_layer * n_layers + 2  # stem, the layers' convolutions, two transitions
+    assert len(drops) == len(units) - 1 == per_layer * n_layers + 2 and {d.p for d in drops} == {0.2}
+    events = []
+    for u in units:
+        u.register_forward_hook(lambda m, inp, out: events.append(("conv", m, out)))
+    for d in drops:
+        d.register_forward_hook(lambda m, inp, out: events.append(("drop", m, inp[0])))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert [e[0] for e in events] == ["conv"] + ["conv", "drop"] * (len(units) - 1)
+    for (_, unit, out), (_, drop, inp) in zip(events[1::2], events[2::2]):
+        assert inp is out  # the dropout reads that convolution's own output
+    assert events[0][1] is model.stem.conv0 and events[1][1] is not model.stem.conv0
+    assert not any(isinstance(m, torch.nn.Dropout) for m in create(name, impl="reference").modules())
+
+
+def _lua_forward(m, x, p):
+    """The authors' Lua sequence written out: BN-ReLU-Conv1x1-Dropout-BN-ReLU-Conv3x3-Dropout per layer,
+    BN-ReLU-Conv1x1-Dropout-AvgPool per transition."""
+    def unit(u, h):
+        return u.conv(F.relu(u.bn(h)))
+
+    feats = [m.stem(x)]
+    for i, block in enumerate(m.blocks):
+        for layer in block.layers:
+            h = torch.cat(feats, 1)
+            if layer.bottleneck is not None:
+                h = F.dropout(unit(layer.bottleneck, h), p, True)
+            feats.append(F.dropout(unit(layer.conv, h), p, True))
+        if i < len(m.transitions):
+            feats = [F.avg_pool2d(F.dropout(unit(m.transitions[i].conv, torch.cat(feats, 1)), p, True), 2)]
+    return m.fc(torch.flatten(F.adaptive_avg_pool2d(F.relu(m.norm(torch.cat(feats, 1))), 1), 1))
+
+
+@pytest.mark.parametrize("impl", ["reference", pytest.param("kernel", marks=needs_kernel)])
+def test_training_forward_is_the_lua_sequence_and_eval_ignores_dropout(impl):
+    import copy
+
+    model = _small(impl, drop_rate=0.2)
+    ref = copy.deepcopy(model)
+    x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
+    torch.manual_seed(5)
+    out = model.train()(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(out, _lua_forward(ref.train(), x, 0.2), atol=1e-10, rtol=1e-10)
+    torch.manual_seed(5)
+    assert not torch.allclose(out, _small(impl, drop_rate=0.0).train()(x))  # the masks do act in training
+    no_drop = _small(impl, drop_rate=0.0)
+    no_drop.load_state_dict(model.state_dict())
+    assert list(no_drop.state_dict()) == list(model.state_dict())  # dropout adds no state
+    torch.testing.assert_close(model.eval()(x), no_drop.eval()(x), atol=0, rtol=0)
+
+
+def test_dropout_saves_only_its_masks():
+    """Autograd keeps the same activations with dropout as without, plus one mask per dropout (what
+    F.dropout saves: a bool mask on GPU, the scaled mask on CPU); the undropped convolution outputs are
+    not kept, so the activation memory stays linear in depth."""
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    probe = torch.randn(2, 4, 8, 8, dtype=torch.float64, requires_grad=True)
+    with_probe = _saved_activation_bytes(torch.nn.Sequential(torch.nn.Dropout(0.2)), probe)
+    per_element = with_probe / probe.numel()
+    assert per_element in (1, 8)
+    masked = []
+    model = _small(None, drop_rate=0.2)
+    for d in model.modules():
+        if isinstance(d, torch.nn.Dropout):
+            d.register_forward_hook(lambda m, inp, out: masked.append(out.numel()))
+    extra = _saved_activation_bytes(model, x) - _saved_activation_bytes(_small(None, drop_rate=0.0), x)
+    assert len(masked) == 2 * 5 + 1 and extra == sum(masked) * per_element
+
+
+@needs_kernel
+def test_saved_memory_with_dropout_grows_linearly_with_depth():
+    x = torch.randn(2, 3, 8, 8)
+    saved = [_saved_activation_bytes(DenseNet(growth_rate=4, block_config=(L,), num_init_features=8, stem="cifar",
+                                              drop_rate=0.2, impl="kernel"), x) for L in (16, 32, 64)]
+    assert (saved[2] - saved[1]) == pytest.approx(2 * (saved[1] - saved[0]), rel=0.02)
+
+
 def _ddp_worker(rank, world, port, results):
     import torch.distributed as dist
 

@@ -55,6 +55,9 @@ def test_fractalnet20_params_by_formula():
         total += 3 * (9 * c_in * c + 3 * c) + 4 * (9 * c * c + 3 * c)
         c_in = c
     assert n_params(build_meta("fractalnet20")) == total
+    # the authors' Caffe BatchNorm has no scale and shift: 2 c fewer per convolution
+    no_affine = total - sum(2 * 7 * c for c in (64, 128, 256, 512, 512))
+    assert n_params(build_meta("fractalnet20", bn_affine=False)) == no_affine == 33_714_314
 
 
 def test_fractal_layout_follows_the_expansion_rule():

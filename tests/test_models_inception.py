@@ -286,3 +286,103 @@ def test_recipe_is_the_papers(recipe, tmp_path, monkeypatch):
     assert (sched.step_size, sched.gamma) == (2, 0.94) and cfg["lr_scheduler"].get("interval", "epoch") == "epoch"
     assert cli.datamodule.image_size == 299
     assert any(isinstance(cb, EMAWeightAveraging) for cb in cli.trainer.callbacks)  # "running average"
+
+
+# --- initialisation: TF-slim's ---------------------------------------------------------------------------
+
+def _truncated_std_factor(a: float = 2.0) -> float:
+    """std of a unit normal truncated to [-a, a]."""
+    import math
+
+    pdf, mass = math.exp(-a * a / 2) / math.sqrt(2 * math.pi), math.erf(a / math.sqrt(2))
+    return math.sqrt(1 - 2 * a * pdf / mass)
+
+
+@pytest.mark.parametrize("name, conv_init", [
+    ("inception_v4", "variance_scaling"), ("inception_resnet_v1", "variance_scaling"),
+    ("inception_resnet_v2_paper", "variance_scaling"), ("inception_resnet_v2", "xavier")])
+def test_init_is_tf_slims_per_layer_type(name, conv_init):
+    """inception_utils' variance_scaling_initializer(): N(0, sqrt(2.6 / fan_in)) truncated at 2 std (draws'
+    std sqrt(2.6 * 0.774 / fan_in) ~ He); the released Inception-ResNet-v2's arg scope leaves slim.conv2d's
+    Glorot uniform. Both: zero biases (the BN-free residual 1x1s), BN at 1/0, Glorot-uniform logits."""
+    import math
+
+    torch.manual_seed(0)
+    model = create(name, num_blocks=(1, 1, 1))
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    residual = [m.Conv2d_1x1 for m in model.modules() if isinstance(m, InceptionResNetBlock)]
+    assert len(residual) == (0 if name == "inception_v4" else 3) and all(c.bias is not None for c in residual)
+    pooled = []
+    for conv in convs:
+        w = conv.weight.detach().double()
+        fan_in, fan_out = w[0].numel(), w.shape[0] * w[0, 0].numel()
+        if conv_init == "variance_scaling":
+            bound = 2 * math.sqrt(2.6 / fan_in)
+            std = math.sqrt(2.6 / fan_in) * _truncated_std_factor()
+        else:
+            bound = math.sqrt(6 / (fan_in + fan_out))
+            std = bound / math.sqrt(3)
+        assert w.abs().max() <= bound + 1e-7
+        assert abs(w.mean()) < 5 * std / math.sqrt(w.numel())
+        if w.numel() >= 20_000:
+            assert w.std() == pytest.approx(std, rel=0.05), conv
+        pooled.append((w / std).flatten())
+        if conv.bias is not None:
+            assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+    assert torch.cat(pooled).std() == pytest.approx(1.0, rel=0.005)
+    assert all(torch.equal(b.weight, torch.ones_like(b.weight)) and torch.equal(b.bias, torch.zeros_like(b.bias))
+               for b in model.modules() if isinstance(b, nn.BatchNorm2d))
+    logits = model.Logits.weight.detach().double()
+    bound = math.sqrt(6 / sum(logits.shape))
+    assert logits.abs().max() <= bound and logits.std() == pytest.approx(bound / math.sqrt(3), rel=0.01)
+    assert torch.equal(model.Logits.bias, torch.zeros(1000))
+
+
+def test_init_knob_keeps_pytorch_defaults_and_refuses_unknown_names():
+    torch.manual_seed(0)
+    model = create("inception_resnet_v1", num_blocks=(1, 1, 1), weight_init="pytorch")
+    conv = model.features.Repeat.block35_1.Conv2d_1x1
+    assert conv.bias.abs().max() > 0  # PyTorch's default bias init, untouched
+    assert conv.weight.std().item() == pytest.approx(1 / (3 * conv.weight[0].numel()) ** 0.5, rel=0.05)
+    with pytest.raises(TypeError, match="weight_init"):
+        create("inception_v4", num_blocks=(1, 1, 1), weight_init="he")
+    from lightcnn.models.inception_v4 import init_tf_slim_
+    with pytest.raises(ValueError, match="weight_init must be"):
+        init_tf_slim_(model, "he")
+
+
+# --- TF-slim's training setup: auxiliary head, BN decay and scale -----------------------------------------
+
+@pytest.mark.parametrize("name, grid_width", [("inception_v4", 1024), ("inception_resnet_v2", 1088)])
+def test_tf_slim_aux_head_on_the_17x17_grid(name, grid_width):
+    """AuxLogits: 5x5/3 valid avg-pool (17 -> 5), 1x1 conv-BN 128, 5x5 conv-BN 768, linear; counted by formula.
+    Training mode returns (logits, aux_logits); eval the logits alone; off by default (timm's layout)."""
+    model = build_meta(name, aux_logits=True)
+    head = 128 * grid_width + 2 * 128 + 768 * 128 * 25 + 2 * 768 + 768 * 1000 + 1000
+    assert n_params(model) - published(name).params == head
+    assert model.AuxLogits.Conv2d_2a.conv.kernel_size == (5, 5)
+    assert build_meta(name).AuxLogits is None
+
+
+@pytest.mark.slow  # ~3-10 s: a 139x139 forward on the shared CPUs
+def test_aux_head_reads_the_input_of_mixed_7a_in_training_only():
+    torch.manual_seed(0)
+    small = create("inception_resnet_v1", aux_logits=True, num_blocks=(1, 1, 1), input_size=139).train()
+    seen = {}
+    small.features.Mixed_7a.register_forward_hook(lambda m, inp, out: seen.update(grid=inp[0]))
+    with torch.no_grad():
+        out = small(torch.randn(2, 3, 139, 139))  # the smallest input with a 5x5 window on the 17x17 grid: 7x7
+        assert out.logits.shape == out.aux_logits.shape == (2, 1000)
+        torch.testing.assert_close(out.aux_logits, small.AuxLogits(seen["grid"]))
+        assert isinstance(small.eval()(torch.randn(1, 3, 139, 139)), torch.Tensor)
+    with pytest.raises(ValueError, match="aux_logits needs"):
+        create("inception_resnet_v1", aux_logits=True, num_blocks=(1, 1, 1), input_size=75)
+
+
+def test_bn_decay_and_scale_as_tf_slim():
+    """bn_momentum 0.0003 = TF-slim's decay 0.9997; bn_scale=False keeps every gamma at 1, untrained."""
+    model = build_meta("inception_resnet_v2", bn_momentum=0.0003, bn_scale=False)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert {b.momentum for b in bns} == {0.0003} and not any(b.weight.requires_grad for b in bns)
+    assert n_params(model) == published("inception_resnet_v2").params - sum(b.num_features for b in bns)
+    assert list(model.state_dict()) == list(build_meta("inception_resnet_v2").state_dict())

@@ -100,6 +100,9 @@ def test_cifar_first_cell_reads_the_stem_output_untouched_as_released():
     as_released = build_meta("nasnet_a_cifar", aux_head=False, first_cell_prev="released")
     wired = build_meta("nasnet_a_cifar", aux_head=False, first_cell_prev="relu_conv_bn")
     assert n_params(as_released) - n_params(wired) == param_gap == 18_304
+    # the default is the released wiring, and its counts are the published ones
+    assert n_params(build_meta("nasnet_a_cifar", aux_head=False)) == n_params(as_released) == 3_346_538
+    assert n_params(wired) == 3_328_234
     assert macs(as_released, side) - macs(wired, side) == (released - variant) * side * side
     assert sum(NORMAL_CELL.hiddenstate_indices[i] == 1 for i in range(10)) == 6  # the six ops on h-1 counted above
 

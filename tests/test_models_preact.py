@@ -184,3 +184,19 @@ def test_he_init_fan_of_the_authors_code_and_zero_classifier_bias(name, mode):
             checked += 1
     assert checked
     assert torch.count_nonzero(m.fc.bias) == 0
+
+
+@pytest.mark.parametrize("name", ["wrn16_8", "sd_resnet110"])
+def test_bn_scale_starts_as_torch7s_reset_in_the_authors_cifar_code(name):
+    """WRN's and stochastic depth's Torch code never re-initialise BN, so Torch7's reset applies: scale
+    U(0, 1), shift 0. `bn_weight_init="ones"` gives PyTorch's 1; other lightcnn networks keep 1."""
+    torch.manual_seed(0)
+    bns = [m for m in create(name).modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    w = torch.cat([b.weight.detach() for b in bns]).double()
+    assert w.numel() > 3000 and 0 <= w.min() and w.max() <= 1
+    assert w.mean().item() == pytest.approx(0.5, abs=0.03) and w.var().item() == pytest.approx(1 / 12, rel=0.1)
+    assert all(torch.count_nonzero(b.bias) == 0 for b in bns)
+    ones = [m.weight for m in create(name, bn_weight_init="ones").modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(o, torch.ones_like(o)) for o in ones)
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for m in create("preact_resnet164").modules()
+               if isinstance(m, torch.nn.BatchNorm2d))

@@ -17,7 +17,13 @@ Training augmentations (`augmentation`):
 - "scale": shorter side drawn uniformly from `scale_range`, a random crop, flip: VGG's scale jittering
   (Simonyan & Zisserman 2015, Sec. 3.1, S in [256, 512]) and ResNet's (He et al. 2016, Sec. 3.4, [256, 480]).
 - "inception": a random crop of 8%-100% of the area with aspect ratio in [3/4, 4/3], resized to
-  `image_size`, flip (Szegedy et al. 2015, Sec. 6).
+  `image_size`, flip (Szegedy et al. 2015, Sec. 6). `crop_scale_min` moves the 8% (TF-slim's
+  inception_preprocessing draws from 5%).
+Colour noise on top of any training augmentation (off by default): `color_jitter` scales brightness,
+contrast and saturation by factors in [1 - c, 1 + c], in random order (fb.resnet.torch's ColorJitter, c=0.4);
+`lighting` adds AlexNet's PCA lighting noise, alpha ~ N(0, lighting) per eigenvector of ImageNet's RGB
+covariance (Krizhevsky et al. 2012, Sec. 4.1; fb.resnet.torch's Lighting, 0.1). Both act on the [0, 1]
+image before normalisation, as in fb.resnet.torch.
 Evaluation: shorter side to `resize_size`, centre crop of `image_size` (single crop).
 
 `image_size`, `mean` and `std` default to the network's `default_cfg` (see `base.py`), and
@@ -42,6 +48,27 @@ from lightcnn.constants import DATASETS, IMAGENET_MEAN, IMAGENET_STD
 from lightcnn.data.base import AutoAugment, ClassificationDataModule, UnreadableDataError, augment_ops, erasing_ops
 
 DEFAULT_CROP_PCT = 0.875  # 224 / 256: the evaluation crop of AlexNet, VGG and ResNet
+# ImageNet's RGB covariance, as fb.resnet.torch's Lighting uses it: eigenvalues and eigenvectors (columns)
+PCA_EIGVAL = (0.2175, 0.0188, 0.0045)
+PCA_EIGVEC = ((-0.5675, 0.7192, 0.4009), (-0.5808, -0.0045, -0.8140), (-0.5836, -0.6948, 0.4203))
+
+
+class Lighting(torch.nn.Module):
+    """AlexNet's PCA lighting noise on a float (3, H, W) image: adds eigvec @ (alpha * eigval) to every pixel,
+    alpha ~ N(0, std) drawn per image."""
+
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = std
+        self.register_buffer("eigval", torch.tensor(PCA_EIGVAL), persistent=False)
+        self.register_buffer("eigvec", torch.tensor(PCA_EIGVEC), persistent=False)
+
+    def forward(self, img: torch.Tensor) -> torch.Tensor:
+        if self.std == 0:
+            return img
+        alpha = torch.randn(3) * self.std
+        return img + (self.eigvec @ (alpha * self.eigval)).to(img.dtype).view(3, 1, 1)
+
 
 
 def load_image(path: str):
@@ -65,9 +92,19 @@ def imagenet_transforms(
     center_square: bool = False,
     auto_augment: AutoAugment = "none",
     random_erasing: float = 0.0,
+    crop_scale_min: float = 0.08,
+    color_jitter: float = 0.0,
+    lighting: float = 0.0,
 ) -> v2.Compose:
     """The training (`augmentation` != "none") or evaluation ("none") transform of an ImageNet image;
-    training adds `auto_augment` after the crop and flip, and `random_erasing` after normalising."""
+    training adds `auto_augment` after the crop and flip, colour jitter and `lighting` noise on the [0, 1]
+    image, and `random_erasing` after normalising."""
+    if not 0.0 < crop_scale_min <= 1.0:
+        raise ValueError(f"crop_scale_min must be in (0, 1] (a fraction of the image area), got {crop_scale_min}")
+    if crop_scale_min != 0.08 and augmentation not in ("inception", "none"):
+        raise ValueError(f"crop_scale_min is the 'inception' crop's smallest area; augmentation is {augmentation!r}")
+    if not (0.0 <= color_jitter < 1.0 and lighting >= 0.0):
+        raise ValueError(f"color_jitter must be in [0, 1) and lighting >= 0, got {color_jitter} and {lighting}")
     if resize_size < image_size:
         raise ValueError(f"resize_size ({resize_size}) must be >= image_size ({image_size})")
     if center_square and augmentation not in ("alexnet", "none"):
@@ -82,16 +119,21 @@ def imagenet_transforms(
             raise ValueError(f"scale_range must satisfy image_size <= low <= high, got {scale_range}")
         ops = [v2.RandomShortestSize(list(range(lo, hi + 1))), v2.RandomCrop(image_size), v2.RandomHorizontalFlip()]
     elif augmentation == "inception":
-        ops = [v2.RandomResizedCrop(image_size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)), v2.RandomHorizontalFlip()]
+        ops = [v2.RandomResizedCrop(image_size, scale=(crop_scale_min, 1.0), ratio=(3 / 4, 4 / 3)),
+               v2.RandomHorizontalFlip()]
     elif augmentation == "none":
         ops = [v2.Resize(resize_size), v2.CenterCrop(image_size)]
     else:
         raise ValueError(f"augmentation must be 'alexnet', 'scale', 'inception' or 'none', got {augmentation!r}")
-    extra, erase = augment_ops(auto_augment), erasing_ops(random_erasing)
+    extra, erase, colour = augment_ops(auto_augment), erasing_ops(random_erasing), []
     if augmentation == "none":
         extra, erase = [], []
-    return v2.Compose([v2.ToImage(), *ops, *extra, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std),
-                       *erase])
+    if augmentation != "none" and color_jitter:
+        colour.append(v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter))
+    if augmentation != "none" and lighting:
+        colour.append(Lighting(lighting))
+    return v2.Compose([v2.ToImage(), *ops, *extra, v2.ToDtype(torch.float32, scale=True), *colour,
+                       v2.Normalize(mean, std), *erase])
 
 
 class ImageNetDataModule(ClassificationDataModule):
@@ -108,6 +150,10 @@ class ImageNetDataModule(ClassificationDataModule):
         scale_range: range of the random shorter side for "scale".
         center_square: "alexnet" only: crop inside the central `resize_size` square, as the AlexNet and
             ZFNet papers did.
+        crop_scale_min: "inception" only: the smallest crop area, a fraction of the image (0.08; TF-slim 0.05).
+        color_jitter: brightness/contrast/saturation strength c, factors in [1 - c, 1 + c] (0: off;
+            fb.resnet.torch 0.4).
+        lighting: std of AlexNet's PCA lighting noise (0: off; AlexNet and fb.resnet.torch 0.1).
         mean: per-channel normalisation mean; None: the network's `default_cfg`, else ImageNet's.
         std: per-channel normalisation std; None as `mean`.
         num_classes: class count the tree must have (checked at setup); None: the number of class folders
@@ -129,6 +175,9 @@ class ImageNetDataModule(ClassificationDataModule):
         resize_size: int | None = None,
         scale_range: tuple[int, int] = (256, 480),
         center_square: bool = False,
+        crop_scale_min: float = 0.08,
+        color_jitter: float = 0.0,
+        lighting: float = 0.0,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         num_classes: int | None = None,
@@ -144,10 +193,12 @@ class ImageNetDataModule(ClassificationDataModule):
         self.resize_size, self.scale_range, self.num_classes = resize_size, tuple(scale_range), num_classes
         self.auto_augment, self.random_erasing = auto_augment, random_erasing
         self.center_square, self.mean, self.std = center_square, mean, std
+        self.colour = dict(crop_scale_min=crop_scale_min, color_jitter=color_jitter, lighting=lighting)
         # Check the knobs the recipe sets now (an unset size counts as 1 px, which passes every check);
         # setup checks again once the sizes are resolved against the network.
         imagenet_transforms(augmentation, image_size or 1, resize_size or image_size or 1, self.scale_range,
-                            center_square=center_square, auto_augment=auto_augment, random_erasing=random_erasing)
+                            center_square=center_square, auto_augment=auto_augment, random_erasing=random_erasing,
+                            **self.colour)
 
     def _class_folders(self) -> list[str] | None:
         """The class folders of `root/train`, sorted as ImageFolder sorts them (None without the folder)."""
@@ -166,7 +217,7 @@ class ImageNetDataModule(ClassificationDataModule):
         self._resolved["resize_size"] = resize
         train = imagenet_transforms(self.augmentation, size, resize, self.scale_range, **norm,
                                     center_square=self.center_square, auto_augment=self.auto_augment,
-                                    random_erasing=self.random_erasing)
+                                    random_erasing=self.random_erasing, **self.colour)
         return train, imagenet_transforms("none", size, resize, **norm)
 
     def _folder(self, split: str, transform) -> datasets.ImageFolder:

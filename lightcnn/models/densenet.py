@@ -17,10 +17,11 @@ state_dict, the outputs, the gradients and the running statistics are the same e
 - ImageNet (Table 1; torchvision's layout): `densenet121/169/201/264` (k=32, 64 stem channels) and
   `densenet161` (k=48, 96 stem channels): a 7x7/2 conv, BN, ReLU, 3x3/2 max pooling, four DenseNet-BC
   blocks.
-- CIFAR (Sec. 4.2; the authors' Lua code): a 3x3 conv to 16 channels (2k for DenseNet-BC), three blocks
-  at 32, 16 and 8 pixels. `densenet40_k12`, `densenet100_k12`: (L - 4) / 3 plain 3x3 layers per block, no
-  compression; `densenet_bc100_k12`, `densenet_bc250_k24`, `densenet_bc190_k40`: (L - 4) / 6 bottleneck
-  layers per block, theta = 0.5.
+- CIFAR (Sec. 3, "Implementation Details", and Sec. 4.2): a 3x3 conv to 16 channels (2k for DenseNet-BC), as
+  the paper says (the authors' Lua, `models/densenet.lua`, uses 2k for every variant: 24 for L=40, k=12,
+  which `num_init_features=24` reproduces), three blocks at 32, 16 and 8 pixels. `densenet40_k12`,
+  `densenet100_k12`: (L - 4) / 3 plain 3x3 layers per block, no compression; `densenet_bc100_k12`,
+  `densenet_bc250_k24`, `densenet_bc190_k40`: (L - 4) / 6 bottleneck layers per block, theta = 0.5.
 
 Torchvision twins (`lightcnn.models.weights.from_torchvision`): densenet121, densenet161, densenet169,
 densenet201.
@@ -42,22 +43,33 @@ from lightcnn.models.weights import register_twin
 
 
 class DenseLayer(nn.Module):
-    """One dense layer: k new channels from the list of the block's feature maps so far."""
+    """One dense layer: k new channels from the list of the block's feature maps so far.
+
+    Dropout (`drop_rate` > 0) follows every convolution, as Sec. 4.2 says and the authors' Lua
+    (`DenseConnectLayer.lua`) does: after the bottleneck 1x1 (`drop_bottleneck`) and after the layer's
+    3x3 (`drop`). The bottleneck's dropout acts on the op's output, which nothing else keeps: autograd saves
+    only its mask, and the fused 3x3 keeps the dropped 4k channels as its input, so a layer still keeps
+    O(k) channels and a block's activation memory stays linear in its depth."""
 
     def __init__(self, in_channels: int, growth_rate: int, bn_size: int | None, drop_rate: float,
                  impl: str | None, concat_impl: str | None):
         super().__init__()
         if bn_size:  # DenseNet-B: 1x1 to bn_size * k, then the 3x3 (the fused pre-activation unit)
             self.bottleneck = DenseConv2d(in_channels, bn_size * growth_rate, 1, impl=concat_impl)
+            self.drop_bottleneck = nn.Dropout(drop_rate) if drop_rate else None
             self.conv = PreActConv2d(bn_size * growth_rate, growth_rate, 3, padding=1, impl=impl)
         else:
-            self.bottleneck = None
+            self.bottleneck = self.drop_bottleneck = None
             self.conv = DenseConv2d(in_channels, growth_rate, 3, padding=1, impl=concat_impl)
-        self.drop_rate = drop_rate
+        self.drop = nn.Dropout(drop_rate) if drop_rate else None
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        out = self.conv(self.bottleneck(features)) if self.bottleneck is not None else self.conv(features)
-        return F.dropout(out, self.drop_rate, self.training) if self.drop_rate else out
+        if self.bottleneck is not None:
+            x = self.bottleneck(features)
+            out = self.conv(self.drop_bottleneck(x) if self.drop_bottleneck is not None else x)
+        else:
+            out = self.conv(features)
+        return self.drop(out) if self.drop is not None else out
 
 
 class DenseBlock(nn.Module):
@@ -77,14 +89,17 @@ class DenseBlock(nn.Module):
 
 
 class Transition(nn.Module):
-    """BN-ReLU-Conv1x1 over the block's feature maps, then 2x2 average pooling (Sec. 3)."""
+    """BN-ReLU-Conv1x1 over the block's feature maps, dropout (`drop_rate` > 0, as after every convolution
+    but the stem: Sec. 4.2 and the authors' `models/densenet.lua`), then 2x2 average pooling (Sec. 3)."""
 
-    def __init__(self, in_channels: int, out_channels: int, impl: str | None):
+    def __init__(self, in_channels: int, out_channels: int, impl: str | None, drop_rate: float = 0.0):
         super().__init__()
         self.conv = DenseConv2d(in_channels, out_channels, 1, impl=impl)
+        self.drop = nn.Dropout(drop_rate) if drop_rate else None
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
-        return F.avg_pool2d(self.conv(features), 2)
+        x = self.conv(features)
+        return F.avg_pool2d(self.drop(x) if self.drop is not None else x, 2)
 
 
 class DenseNet(Classifier):
@@ -97,7 +112,8 @@ class DenseNet(Classifier):
             on CIFAR).
         bn_size: the bottleneck width in units of k (4 in DenseNet-B/BC), or None for plain 3x3 layers.
         compression: theta, a transition keeps floor(theta * C) channels (0.5 in DenseNet-C/BC, 1 otherwise).
-        drop_rate: dropout after each layer's new features (0.2 in the paper's runs without augmentation).
+        drop_rate: dropout after every convolution but the stem's: a layer's bottleneck 1x1 and its 3x3, and
+            each transition's 1x1 (Sec. 4.2: 0.2 in the runs without data augmentation).
         stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max pooling) or "cifar" (one 3x3 conv).
         num_classes: classifier outputs.
         in_chans: input image channels.
@@ -140,7 +156,7 @@ class DenseNet(Classifier):
             c += n * growth_rate
             if i < len(block_config) - 1:
                 out = int(c * compression)
-                transitions.append(Transition(c, out, concat_impl))
+                transitions.append(Transition(c, out, concat_impl, drop_rate))
                 c = out
         self.blocks, self.transitions = nn.ModuleList(blocks), nn.ModuleList(transitions)
         self.norm = nn.BatchNorm2d(c)  # the last BN before pooling
@@ -206,7 +222,8 @@ def convert_torchvision_state_dict(model: DenseNet,
 
 @register_model
 def densenet121(**kwargs) -> DenseNet:
-    """DenseNet-121 (k=32; blocks 6, 12, 24, 16): 25.02/7.71% ImageNet error; 7,978,856 params, 2.83 GMACs."""
+    """DenseNet-121 (k=32; blocks 6, 12, 24, 16): 25.02/7.71% ImageNet error (the paper's single-crop Table 3;
+    torchvision's weights: 25.57/8.03); 7,978,856 params, 2.83 GMACs."""
     return DenseNet(**dict(dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64), **kwargs))
 
 

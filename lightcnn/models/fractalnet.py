@@ -11,8 +11,9 @@ The layout is that of the authors' generator (gustavla/fractalnet, `generation/f
 `globals.crox`): each convolution is a 3x3 conv with bias -> dropout (the block's rate) -> BatchNorm ->
 ReLU, the pool is applied to every column before the block's last join, the classifier reads the
 flattened 512 x 1 x 1 map (average-pooled to 1 x 1 for larger inputs), and weights start from Caffe's
-"xavier" filler. Their Caffe BatchNorm has no scale and shift; here BN is affine, which gives the
-33,734,922 parameters published for the generator (the paper's 38.6M is not reproduced by its own code).
+"xavier" filler. Their Caffe BatchNorm has no scale and shift (`bn_affine=False`: 33,714,314 parameters);
+by default BN is affine here, 33,734,922 parameters, our count and the one `lightcnn.published` holds. The
+paper's 38.6M is reproduced by neither.
 
 Drop-path (Sec. 3.1), training mode only, drawn once per mini-batch:
 * local: each join drops each of its inputs with probability `drop_path_rate` (0.15) and averages the
@@ -38,11 +39,11 @@ from lightcnn.models.registry import register_model
 class ConvUnit(nn.Sequential):
     """One layer of a column: 3x3 conv (with bias) -> dropout -> BN -> ReLU, the authors' order."""
 
-    def __init__(self, in_channels: int, out_channels: int, drop_rate: float):
+    def __init__(self, in_channels: int, out_channels: int, drop_rate: float, bn_affine: bool = True):
         super().__init__(OrderedDict(
             conv=nn.Conv2d(in_channels, out_channels, 3, padding=1),
             dropout=nn.Dropout(drop_rate),
-            bn=nn.BatchNorm2d(out_channels),
+            bn=nn.BatchNorm2d(out_channels, affine=bn_affine),
             relu=nn.ReLU(inplace=True),
         ))
 
@@ -74,11 +75,11 @@ class FractalBlock(nn.Module):
     2^(C-k), and the columns that have one join after it (the last join after the pools)."""
 
     def __init__(self, in_channels: int, out_channels: int, num_columns: int, drop_rate: float,
-                 drop_path_rate: float):
+                 drop_path_rate: float, bn_affine: bool = True):
         super().__init__()
         self.num_columns, self.depth = num_columns, 2 ** (num_columns - 1)
         self.columns = nn.ModuleList(
-            nn.Sequential(*[ConvUnit(in_channels if i == 0 else out_channels, out_channels, drop_rate)
+            nn.Sequential(*[ConvUnit(in_channels if i == 0 else out_channels, out_channels, drop_rate, bn_affine)
                             for i in range(2 ** k)])
             for k in range(num_columns))
         # one join after every depth where at least two columns end (depth - 1 joins in all)
@@ -124,13 +125,15 @@ class FractalNet(Classifier):
             `set_column` changes it later.
         input_size: the native input side (32 for CIFAR), recorded in `default_cfg`.
         init: "caffe" (the authors' Caffe "xavier" filler, U(+-sqrt(3 / fan_in)), biases 0) or "pytorch".
+        bn_affine: BN with a learned scale and shift (True, 33,734,922 parameters for FractalNet-20) or
+            without, as the authors' Caffe BatchNorm (False, 33,714,314).
     """
 
     def __init__(self, num_classes: int = 10, in_chans: int = 3, num_columns: int = 3,
                  channels: Sequence[int] = (64, 128, 256, 512, 512),
                  drop_rates: Sequence[float] = (0.0, 0.1, 0.2, 0.3, 0.4), drop_path_rate: float = 0.15,
                  global_drop_ratio: float = 0.5, column: int | None = None, input_size: int = 32,
-                 init: Literal["caffe", "pytorch"] = "caffe"):
+                 init: Literal["caffe", "pytorch"] = "caffe", bn_affine: bool = True):
         super().__init__()
         if num_columns < 1:
             raise ValueError(f"num_columns must be >= 1, got {num_columns}")
@@ -152,7 +155,7 @@ class FractalNet(Classifier):
         self.blocks = nn.ModuleList()
         c_in = in_chans
         for c_out, p in zip(channels, drop_rates):
-            self.blocks.append(FractalBlock(c_in, c_out, num_columns, p, drop_path_rate))
+            self.blocks.append(FractalBlock(c_in, c_out, num_columns, p, drop_path_rate, bn_affine))
             c_in = c_out
         self.num_features = c_in
         self.head_pool = nn.AdaptiveAvgPool2d(1)  # the identity on CIFAR, where the last map is 512 x 1 x 1
@@ -196,7 +199,8 @@ class FractalNet(Classifier):
 @register_model
 def fractalnet20(**kwargs) -> FractalNet:
     """FractalNet-20 for CIFAR (Sec. 4): 5 blocks of 3 columns, 64-128-256-512-512 channels, dropout
-    0/0.1/0.2/0.3/0.4, local drop-path 0.15, global drop-path on half the batches; 33,734,922 parameters."""
+    0/0.1/0.2/0.3/0.4, local drop-path 0.15, global drop-path on half the batches; 33,734,922 parameters
+    with affine BN (ours; the authors' BN without scale and shift, `bn_affine=False`: 33,714,314)."""
     model_args = dict(num_columns=3, channels=(64, 128, 256, 512, 512), drop_rates=(0.0, 0.1, 0.2, 0.3, 0.4),
                       drop_path_rate=0.15, global_drop_ratio=0.5)
     return FractalNet(**dict(model_args, **kwargs))

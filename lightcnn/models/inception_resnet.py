@@ -8,11 +8,17 @@ scaled by s (Sec. 3.3: 0.1 to 0.3 "stabilises" training; the released v2 uses 0.
 35x35, 17x17 and 8x8, which the paper-figure models here reuse because the paper gives no per-network
 value). BatchNorm (eps 0.001 as TF-slim) sits on the conv units only, "not on top of the summations".
 
+Initialisation (`weight_init`): TF-slim's. The released v2 (`inception_resnet_v2_arg_scope`) sets no
+initialiser, so its convolutions get `slim.conv2d`'s default, Glorot uniform ("xavier"); the paper-figure
+models, which have no released code, take the shared Inception arg scope (`inception_utils`: He fan-in
+truncated normal, "variance_scaling"), as Inception-v4. Both: zero biases (the residual 1x1s) and Glorot
+uniform logits.
+
 * `inception_resnet_v2`: as released in TF-slim (`nets/inception_resnet_v2.py`) and timm, whose weights
   import: TF-slim's own stem ending in Mixed_5b (320 channels), 10/20/10 modules of 320/1088/2080
   channels, the last module linear with scale 1, a 1x1 convolution to 1536, average pooling, dropout
   (keep 0.8). 55,843,464 parameters, 13.16 GMACs at 299. Its auxiliary head (TF-slim, on Mixed_6a's
-  Repeat_1) is left out, as timm does and the paper describes none.
+  Repeat_1) is left out unless `aux_logits=True`, as timm does and the paper describes none.
 * `inception_resnet_v2_paper`: as drawn in Fig. 15: the Inception-v4 stem (Fig. 3, 384 channels),
   5 x Inception-ResNet-A (Fig. 16), Reduction-A (Fig. 7; k, l, m, n = 256, 256, 384, 384), 10 x B
   (Fig. 17), Reduction-B (Fig. 18), 5 x C (Fig. 19). The residual 1x1 convolutions project to the
@@ -34,6 +40,7 @@ from lightcnn.models.inception_v4 import (
     BN_EPS,
     InceptionClassifier,
     Mixed,
+    WeightInit,
     block_reduction_a,
     branch,
     max_pool_branch,
@@ -150,6 +157,14 @@ class InceptionResNet(InceptionClassifier):
         drop_rate: dropout before the classifier (Fig. 15: keep 0.8).
         bn_eps: BatchNorm epsilon (TF-slim: 0.001).
         input_size: the native input side (299), recorded in `default_cfg`.
+        weight_init: "variance_scaling" (TF-slim's `inception_utils` arg scope: He fan-in truncated normal
+            convolutions), "xavier" (Glorot uniform convolutions: what the released v2's own
+            `inception_resnet_v2_arg_scope` leaves to `slim.conv2d`) or "pytorch"; the logits are Glorot uniform
+            and every bias starts at 0 in the first two (`lightcnn.models.inception_v4.init_tf_slim_`).
+        aux_logits: build TF-slim's auxiliary head on the 17x17 grid (Repeat_1's output; not in the paper nor
+            in timm, whose weights import only without it).
+        bn_momentum: PyTorch's BN momentum, 1 - TF's decay (TF-slim trains with decay 0.9997: 0.0003).
+        bn_scale: BN learns a scale (True) or keeps gamma at 1, frozen, as TF-slim's batch_norm (False).
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3,
@@ -160,7 +175,8 @@ class InceptionResNet(InceptionClassifier):
                  reduction_b: Sequence[int] = (256, 384, 256, 288, 256, 288, 320),
                  residual_scales: Sequence[float] = (0.17, 0.10, 0.20), last_block_linear: bool = False,
                  final_conv: int | None = None, drop_rate: float = 0.2, bn_eps: float = BN_EPS,
-                 input_size: int = 299):
+                 input_size: int = 299, weight_init: WeightInit = "variance_scaling", aux_logits: bool = False,
+                 bn_momentum: float | None = 0.1, bn_scale: bool = True):
         super().__init__()
         if stem not in STEMS:
             raise ValueError(f"stem must be one of {', '.join(STEMS)}; got {stem!r}")
@@ -192,16 +208,19 @@ class InceptionResNet(InceptionClassifier):
         if final_conv is not None:
             layers.append(("Conv2d_7b_1x1", _unit(c, "Conv2d_7b_1x1", final_conv, bn_eps=bn_eps)))
             c = final_conv
-        self._build(layers, c, num_classes, in_chans, drop_rate, input_size)
+        self._build(layers, c, num_classes, in_chans, drop_rate, input_size, weight_init, aux_logits, bn_momentum,
+                    bn_scale, bn_eps)
 
 
 @register_model
 def inception_resnet_v2(**kwargs) -> InceptionResNet:
     """Inception-ResNet-v2 as released (TF-slim = timm): 10/20/10 modules of 320/1088/2080 channels, scales
-    0.17/0.10/0.20, a linear last module and a 1x1 conv to 1536; 55,843,464 parameters."""
+    0.17/0.10/0.20, a linear last module and a 1x1 conv to 1536; 55,843,464 parameters. Initialised as the
+    released code: its arg scope names no initialiser, so every convolution is Glorot uniform (`xavier`)."""
     model_args = dict(stem="tf_slim_v2", num_blocks=(10, 20, 10), block_a=(32, 32, 32, 32, 48, 64),
                       block_b=(192, 128, 160, 192), block_c=(192, 192, 224, 256), reduction_a=(256, 256, 384, 384),
-                      reduction_b=(256, 384, 256, 288, 256, 288, 320), last_block_linear=True, final_conv=1536)
+                      reduction_b=(256, 384, 256, 288, 256, 288, 320), last_block_linear=True, final_conv=1536,
+                      weight_init="xavier")
     return InceptionResNet(**dict(model_args, **kwargs))
 
 

@@ -7,16 +7,20 @@ Built as released in TF-slim (`nets/inception_v4.py`), whose layout timm's `ince
 its weights import (`lightcnn.models.weights_timm.from_timm`): every convolution is conv (no bias) ->
 BatchNorm (eps 0.001, as TF-slim's arg scope) -> ReLU, the stem's 7x1/1x7 pair is ordered 1x7 first,
 the pooling branches average over the valid (unpadded) inputs, and the modules and layers carry
-TF-slim's names (Mixed_5b, Branch_1, Conv2d_0b_1x7, ...). 42,679,816 parameters, 12.25 GMACs. TF-slim
-also builds an auxiliary head on Mixed_6h, which the paper does not describe; like timm we leave it out.
+TF-slim's names (Mixed_5b, Branch_1, Conv2d_0b_1x7, ...). 42,679,816 parameters, 12.25 GMACs. Weights start
+as TF-slim's inception arg scope draws them (`init_tf_slim_`: He fan-in truncated normal convolutions, Glorot
+uniform logits, zero biases). TF-slim
+also builds an auxiliary head on Mixed_6h, which the paper does not describe; like timm we leave it out
+unless `aux_logits=True` (the recipe builds it, as TF-slim trained the released checkpoint).
 
 The building blocks (`ConvBNReLU`, `branch`, `Mixed`, `block_reduction_a`, named as TF-slim's functions) are shared with
 `lightcnn.models.inception_resnet`.
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from typing import Sequence
+from typing import Literal, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -184,18 +188,123 @@ def mixed_names(first: str, count: int) -> list[str]:
     return [first[:-1] + chr(ord(first[-1]) + i) for i in range(count)]
 
 
+WeightInit = Literal["variance_scaling", "xavier", "pytorch"]
+
+
+def _truncated_normal_(w: torch.Tensor, std: float) -> None:
+    """N(0, std) truncated at +-2 std, as TensorFlow's `truncated_normal`: draws outside are redrawn (about 5%
+    per round). nn.init.trunc_normal_'s inverse-CDF sampling gives the same law but is ~30x slower on CPU."""
+    w.normal_(0.0, std)
+    if w.is_meta:
+        return
+    for part in w.view(-1).split(1 << 14):  # small pieces: no fresh full-size temporaries to page in
+        outside = part.abs() > 2.0 * std
+        while outside.any():
+            part[outside] = part.new_empty(int(outside.sum())).normal_(0.0, std)
+            outside = part.abs() > 2.0 * std
+
+
+@torch.no_grad()
+def init_tf_slim_(model: nn.Module, conv_init: WeightInit = "variance_scaling") -> None:
+    """TF-slim's initialisation of the Inception networks. Convolutions: "variance_scaling" is
+    `inception_utils.inception_arg_scope`'s `slim.variance_scaling_initializer()` (factor 2, fan-in, a normal
+    of std sqrt(1.3 * 2 / fan_in) truncated at two std, so the draws' std is ~sqrt(2 / fan_in): He), the
+    arg scope of Inception-v4; "xavier" is `slim.conv2d`'s own default, `xavier_initializer()` (Glorot
+    uniform, +-sqrt(6 / (fan_in + fan_out))), which the released Inception-ResNet-v2 gets because its
+    `inception_resnet_v2_arg_scope` names no initialiser. Conv biases (the residual 1x1s) start at 0, BN at
+    gamma 1 / beta 0, and the logits (`slim.fully_connected`'s default) Glorot uniform with zero bias.
+    "pytorch" leaves PyTorch's defaults."""
+    if conv_init not in ("variance_scaling", "xavier", "pytorch"):
+        raise ValueError(f"weight_init must be 'variance_scaling', 'xavier' or 'pytorch', got {conv_init!r}")
+    if conv_init == "pytorch":
+        return
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            if conv_init == "variance_scaling":
+                std = math.sqrt(1.3 * 2.0 / nn.init._calculate_fan_in_and_fan_out(m.weight)[0])
+                _truncated_normal_(m.weight, std)
+            else:
+                nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class InceptionOutputs(NamedTuple):
+    """What an Inception network with `aux_logits=True` returns in training mode."""
+    logits: torch.Tensor
+    aux_logits: torch.Tensor
+
+
+def aux_head(in_channels: int, num_classes: int, side: int, bn_eps: float = BN_EPS) -> nn.Sequential:
+    """TF-slim's AuxLogits on the 17x17 grid (the input of Mixed_7a): 5x5/3 valid average pooling, a 1x1
+    conv-BN-ReLU to 128, a conv-BN-ReLU to 768 over the whole remaining map (5x5 at 299), the classifier."""
+    pooled = (side - 5) // 3 + 1
+    if pooled < 1:
+        raise ValueError(f"aux_logits needs a 17x17 grid of at least 5x5 (input_size >= 139); got {side}x{side}")
+    return nn.Sequential(OrderedDict(
+        AvgPool_1a_5x5=nn.AvgPool2d(5, 3),
+        Conv2d_1b_1x1=ConvBNReLU(in_channels, 128, (1, 1), bn_eps=bn_eps),
+        Conv2d_2a=ConvBNReLU(128, 768, (pooled, pooled), bn_eps=bn_eps),
+        Flatten=nn.Flatten(),
+        Logits=nn.Linear(768, num_classes),
+    ))
+
+
+def grid_17_side(input_size: int) -> int:
+    """The side of the 17x17 grid at `input_size` (299 -> 17): every stem here takes 299 to 35 through the same
+    valid 3x3 / stride-2 steps, and Reduction-A halves it."""
+    s = (input_size - 3) // 2 + 1 - 2  # Conv2d_1a_3x3 /2, Conv2d_2a_3x3
+    s = (s - 3) // 2 + 1 - 2  # the first 3x3/2 pool (or conv), then a valid 3x3
+    s = (s - 3) // 2 + 1  # 35 at 299
+    return (s - 3) // 2 + 1
+
+
 class InceptionClassifier(Classifier):
     """What Inception-v4 and Inception-ResNet share: `features` (the TF-slim-named modules), then global
-    average pooling, dropout and the `Logits` layer (Figs. 9 and 15)."""
+    average pooling, dropout and the `Logits` layer (Figs. 9 and 15); optionally TF-slim's auxiliary head
+    (`AuxLogits`, on the input of Mixed_7a), whose logits `forward` returns beside the main ones in training
+    mode (`InceptionOutputs`; TF-slim's train_image_classifier weighs its loss 0.4)."""
+
+    AuxLogits: nn.Module | None
 
     def _build(self, layers: list[tuple[str, nn.Module]], width: int, num_classes: int, in_chans: int,
-               drop_rate: float, input_size: int) -> None:
+               drop_rate: float, input_size: int, weight_init: WeightInit = "variance_scaling",
+               aux_logits: bool = False, bn_momentum: float | None = 0.1, bn_scale: bool = True,
+               bn_eps: float = BN_EPS) -> None:
         self.num_classes, self.in_chans, self.num_features = num_classes, in_chans, width
         self.features = nn.Sequential(OrderedDict(layers))
         self.global_pool = nn.AdaptiveAvgPool2d(1)
         self.dropout = nn.Dropout(drop_rate)
         self.Logits = nn.Linear(width, num_classes)
         self.default_cfg = inception_cfg(num_classes, in_chans, input_size)
+        self.AuxLogits = None
+        if aux_logits:
+            # the 17x17 grid's width: the input of Mixed_7a's first convolution
+            c = next(m.conv.in_channels for m in self.features.Mixed_7a.modules() if isinstance(m, ConvBNReLU))
+            self.AuxLogits = aux_head(c, num_classes, grid_17_side(input_size), bn_eps)
+        if bn_momentum is not None and not 0.0 <= bn_momentum <= 1.0:
+            raise ValueError(f"bn_momentum must be in [0, 1] (PyTorch's: 1 - TF's decay), got {bn_momentum}")
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = bn_momentum
+                m.weight.requires_grad_(bn_scale)  # TF-slim's batch_norm has no scale (gamma stays 1)
+        init_tf_slim_(self, weight_init)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | InceptionOutputs:
+        if not (self.training and self.AuxLogits is not None):
+            return self.forward_head(self.forward_features(x))
+        aux = None
+        for name, layer in self.features.named_children():
+            if name == "Mixed_7a":
+                aux = self.AuxLogits(x)
+            x = layer(x)
+        return InceptionOutputs(self.forward_head(x), aux)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
@@ -216,11 +325,20 @@ class InceptionV4(InceptionClassifier):
         drop_rate: dropout before the classifier (Fig. 9: keep 0.8).
         bn_eps: BatchNorm epsilon (TF-slim: 0.001).
         input_size: the native input side (299), recorded in `default_cfg`.
+        weight_init: "variance_scaling" (TF-slim's inception arg scope: He fan-in truncated normal convolutions,
+            Glorot logits, zero biases), "xavier" (Glorot uniform convolutions) or "pytorch" (PyTorch's
+            defaults); see `init_tf_slim_`.
+        aux_logits: build TF-slim's auxiliary head on Mixed_6h (the paper draws none; timm has none, so its
+            weights import only without it); see `InceptionClassifier`.
+        bn_momentum: PyTorch's BN momentum, 1 - TF's decay (TF-slim trains with decay 0.9997: 0.0003).
+        bn_scale: BN learns a scale (True, PyTorch's and timm's layout) or keeps gamma at 1, frozen, as TF-slim's
+            batch_norm without `scale` (False; the state_dict keeps the ones, so weights load either way).
     """
 
     def __init__(self, num_classes: int = 1000, in_chans: int = 3, num_blocks: Sequence[int] = (4, 7, 3),
                  reduction_a: Sequence[int] = (192, 224, 256, 384), drop_rate: float = 0.2,
-                 bn_eps: float = BN_EPS, input_size: int = 299):
+                 bn_eps: float = BN_EPS, input_size: int = 299, weight_init: WeightInit = "variance_scaling",
+                 aux_logits: bool = False, bn_momentum: float | None = 0.1, bn_scale: bool = True):
         super().__init__()
         if len(num_blocks) != 3 or len(reduction_a) != 4:
             raise ValueError(f"num_blocks needs 3 counts (Inception-A, B, C) and reduction_a 4 widths (k, l, m, n); "
@@ -238,7 +356,8 @@ class InceptionV4(InceptionClassifier):
         for name in mixed_names("Mixed_7b", num_blocks[2]):
             layers.append((name, block := block_inception_c(c, bn_eps)))
             c = block.out_channels
-        self._build(layers, c, num_classes, in_chans, drop_rate, input_size)
+        self._build(layers, c, num_classes, in_chans, drop_rate, input_size, weight_init, aux_logits, bn_momentum,
+                    bn_scale, bn_eps)
 
 
 @register_model

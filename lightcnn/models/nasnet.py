@@ -29,7 +29,7 @@ whole example with probability  progress * (cell + 1) / (cells in total) * (1 - 
 and kept outputs are divided by the keep probability. `set_drop_path_progress(fraction of training done)`
 sets it; `lightcnn.training.drop_path.ScheduledDropPath` calls it every batch. Eval never drops.
 
-    model = lightcnn.models.create("nasnet_a_cifar")        # 6 @ 768, 3,328,234 (+1,631,498 aux) params
+    model = lightcnn.models.create("nasnet_a_cifar")        # 6 @ 768, 3,346,538 (+1,631,498 aux) params
     model = from_timm("nasnet_a_large", timm.create_model("nasnetalarge", pretrained=True))  # TF-slim's weights
 """
 from __future__ import annotations
@@ -532,14 +532,14 @@ class NASNet(Classifier):
 
 @register_model
 def nasnet_a_cifar(**kwargs) -> NASNet:
-    """NASNet-A 6 @ 768 on CIFAR (Table 1: 3.3M parameters, 3.41% error): 3,328,234 parameters (+1,631,498 in
-    the auxiliary head) and 0.526 GMACs at 32x32, the project's reference figures (REFERENCE.md), whose first
-    cell maps the stem output to F channels (ReLU-1x1-BN) like every other h-1 of another width.
-    `first_cell_prev="released"` is TF-slim's exact path (`_reduce_prev_layer(None, ...)` passes the stem
-    output on untouched): 3,346,538 parameters and 0.544 GMACs; the cells are the same."""
+    """NASNet-A 6 @ 768 on CIFAR (Table 1: 3.3M parameters, 3.41% error) as released in TF-slim: the first
+    cell's h-1 is the stem output, passed on untouched (`_reduce_prev_layer(None, ...)`); 3,346,538 parameters
+    (+1,631,498 in the auxiliary head) and 0.544 GMACs at 32x32. `first_cell_prev="relu_conv_bn"` maps that
+    input to F channels with ReLU-1x1-BN like every other h-1 of another width (the wiring of many
+    re-implementations): 3,328,234 parameters and 0.526 GMACs; the cells are the same."""
     model_args = dict(num_classes=10, num_normal_cells=6, penultimate_filters=768, stem="cifar", stem_multiplier=3.0,
                       skip_reduction_layer_input=False, drop_path_keep_prob=0.6, drop_rate=0.0, image_size=32,
-                      bn_eps=1e-5, bn_momentum=0.1, first_cell_prev="relu_conv_bn")
+                      bn_eps=1e-5, bn_momentum=0.1, first_cell_prev="released")
     return NASNet(**dict(model_args, **kwargs))
 
 
