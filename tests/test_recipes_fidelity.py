@@ -89,7 +89,11 @@ def test_tf_slim_recipes_decay_conv_and_linear_weights_only(name, tmp_path):
     cfg = module.configure_optimizers()
     optimizer = cfg["optimizer"] if isinstance(cfg, dict) else cfg
     no_decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    optimised = {id(p) for g in optimizer.param_groups for p in g["params"]}
     for m in module.net.modules():
         for p in m.parameters(recurse=False):
+            if not p.requires_grad:  # BN without scale: gamma frozen at 1, in no parameter group
+                assert id(p) not in optimised
+                continue
             decayed = id(p) not in no_decay
             assert decayed == (isinstance(m, (nn.Conv2d, nn.Linear)) and p is m.weight), (type(m).__name__, p.shape)
