@@ -78,28 +78,23 @@ inline Vec<acc_t> neg_pow(Vec<acc_t> s, PowMode mode, acc_t beta) {
   }
 }
 
-// What the backward multiplies g*a*s^-beta by: 1/s, except NaN where s = Inf and beta > 1. There the
-// reference's chain rule meets 0 * Inf (the pow's derivative s^(beta-1) is Inf), and the gradients of the
-// whole window are NaN; for beta <= 1 that factor is 0 or 1 and the gradients are finite.
+// What the backward multiplies g*a*s^-beta by: 1/s, NaN where s > nan_above (see grad_nan_above).
 template <typename acc_t>
-inline Vec<acc_t> inv_scale(Vec<acc_t> s, bool nan_at_inf) {
-  const Vec<acc_t> inv = Vec<acc_t>(acc_t(1)) / s;
-  if (!nan_at_inf) return inv;
-  const Vec<acc_t> inf(std::numeric_limits<acc_t>::infinity());
-  return Vec<acc_t>::blendv(inv, Vec<acc_t>(std::numeric_limits<acc_t>::quiet_NaN()), s == inf);
+inline Vec<acc_t> inv_scale(Vec<acc_t> s, Vec<acc_t> nan_above) {
+  return Vec<acc_t>::blendv(Vec<acc_t>(acc_t(1)) / s, Vec<acc_t>(std::numeric_limits<acc_t>::quiet_NaN()),
+                            s > nan_above);
 }
 
 // scale[i] = s^-beta with s = k + coef * sum[i]; if inv_s is given, also inv_s[i] = inv_scale(s).
 template <typename acc_t>
 inline void scale_from_sum(const acc_t* __restrict sum, acc_t* __restrict scale, acc_t* __restrict inv_s, int64_t len,
                            acc_t k, acc_t coef, PowMode mode, acc_t beta) {
-  const Vec<acc_t> vk(k), vcoef(coef);
-  const bool nan_at_inf = beta > 1;
+  const Vec<acc_t> vk(k), vcoef(coef), nan_above(grad_nan_above<acc_t>(beta));
   for (int64_t i = 0; i < len; i += Vec<acc_t>::size()) {
     const int64_t rest = std::min<int64_t>(Vec<acc_t>::size(), len - i);
     const Vec<acc_t> s = at::vec::fmadd(vcoef, Vec<acc_t>::loadu(sum + i, rest), vk);
     neg_pow(s, mode, beta).store(scale + i, rest);
-    if (inv_s) inv_scale(s, nan_at_inf).store(inv_s + i, rest);
+    if (inv_s) inv_scale(s, nan_above).store(inv_s + i, rest);
   }
 }
 

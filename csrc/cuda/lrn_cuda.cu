@@ -70,12 +70,10 @@ __device__ __forceinline__ acc_t window_sum(const At& at, int64_t c, int64_t lef
   return sum;
 }
 
-// What the backward multiplies g*a*s^-beta by: 1/s, except NaN where s = Inf and beta > 1. There the
-// reference's chain rule meets 0 * Inf (the pow's derivative s^(beta-1) is Inf), and the gradients of the
-// whole window are NaN; for beta <= 1 that factor is 0 or 1 and the gradients are finite.
+// What the backward multiplies g*a*s^-beta by: 1/s, NaN where s > nan_above (see grad_nan_above in ../lrn.h).
 template <typename acc_t>
-__device__ __forceinline__ acc_t inv_scale(acc_t s, acc_t beta) {
-  return (beta > acc_t(1) && s == acc_t(INFINITY)) ? acc_t(NAN) : acc_t(1) / s;
+__device__ __forceinline__ acc_t inv_scale(acc_t s, acc_t nan_above) {
+  return s > nan_above ? acc_t(NAN) : acc_t(1) / s;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -124,7 +122,8 @@ __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __r
 // Kernel 1 of the backward: t = g * a * s^-beta / s, in the layout of x, in acc_t.
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_t_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-                                      acc_t* __restrict__ t, Geometry g, acc_t coef, acc_t k, acc_t beta, PowMode mode) {
+                                      acc_t* __restrict__ t, Geometry g, acc_t coef, acc_t k, acc_t beta, PowMode mode,
+                                      acc_t nan_above) {
   grid_stride(g.NS * g.groups, [&](int64_t idx) {
     int64_t c0, c1;
     const int64_t base = column(g, idx, c0, c1);
@@ -134,7 +133,7 @@ __global__ void lrn_backward_t_kernel(const scalar_t* __restrict__ grad, const s
     for (int64_t c = c0; c < c1; ++c) {
       const acc_t sc = k + coef * window_sum<acc_t>(sq, c, g.lo, g.hi, g.C);
       tp[c * g.cs] = static_cast<acc_t>(gp[c * g.cs]) * static_cast<acc_t>(xp[c * g.cs]) * neg_pow<acc_t>(sc, beta, mode) *
-                     inv_scale<acc_t>(sc, beta);
+                     inv_scale<acc_t>(sc, nan_above);
     }
   });
 }
@@ -192,7 +191,7 @@ __global__ void lrn_forward_cl_kernel(const scalar_t* __restrict__ x, scalar_t* 
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_cl_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                        scalar_t* __restrict__ dx, Geometry g, acc_t coef, acc_t coef2, acc_t k,
-                                       acc_t beta, PowMode mode) {
+                                       acc_t beta, PowMode mode, acc_t nan_above) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sq = reinterpret_cast<acc_t*>(smem_raw) + threadIdx.y * 3 * g.C;
   acc_t* pw = sq + g.C;
@@ -209,7 +208,7 @@ __global__ void lrn_backward_cl_kernel(const scalar_t* __restrict__ grad, const 
       const acc_t sc = k + coef * window_sum<acc_t>(Column<acc_t>{sq, 1}, c, g.lo, g.hi, g.C);
       const acc_t pc = neg_pow<acc_t>(sc, beta, mode);
       pw[c] = pc;
-      t[c] = static_cast<acc_t>(gp[c]) * static_cast<acc_t>(xp[c]) * pc * inv_scale<acc_t>(sc, beta);
+      t[c] = static_cast<acc_t>(gp[c]) * static_cast<acc_t>(xp[c]) * pc * inv_scale<acc_t>(sc, nan_above);
     }
     __syncwarp();
     for (int64_t j = threadIdx.x; j < g.C; j += 32) {
@@ -291,11 +290,12 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "lrn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t coef = static_cast<acc_t>(alpha / size), coef2 = static_cast<acc_t>(2.0 * alpha * beta / size);
+    const acc_t nan_above = grad_nan_above<acc_t>(beta);
     if (const int warps = cl_warps(v, sizeof(acc_t), 3)) {
       lrn_backward_cl_kernel<scalar_t, acc_t><<<cl_blocks(g.NS, warps), dim3(32, warps),
                                                  3 * warps * g.C * sizeof(acc_t), stream>>>(
           grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(), g,
-          coef, coef2, static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
+          coef, coef2, static_cast<acc_t>(k), static_cast<acc_t>(beta), mode, nan_above);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -303,7 +303,7 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& in
     at::Tensor t = at::empty_like(v.x, v.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     lrn_backward_t_kernel<scalar_t, acc_t><<<blocks_for(g.NS * g.groups), kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), t.mutable_data_ptr<acc_t>(), g, coef,
-        static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
+        static_cast<acc_t>(k), static_cast<acc_t>(beta), mode, nan_above);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     lrn_backward_grad_kernel<scalar_t, acc_t><<<blocks_for(g.NS * g.groups), kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), t.const_data_ptr<acc_t>(),
