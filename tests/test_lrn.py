@@ -11,19 +11,8 @@ from torch import nn
 import lightcnn.ops as ops
 from lightcnn.layers import LocalResponseNorm
 from lightcnn.models import create
-from tests._lrn_samples import FINITE_SAMPLES, SAMPLES, assert_lrn_close, lrn_references, lrn_sample
+from tests._lrn_samples import FINITE_SAMPLES, SAMPLES, TOL, assert_lrn_close, lrn_references, lrn_sample
 from tests.conftest import DEVICES, requires_cuda
-
-# float32 tolerances: the kernel computes s^-beta with a multiply by the reciprocal power (and, for
-# beta=0.75 on AVX2, a Newton-refined rsqrt, ~5 ulp), PyTorch with pow then a division.
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=2e-5, atol=2e-6),
-    # bfloat16 keeps 8 bits of mantissa: outputs are compared with the float32 reference, to within
-    # two bfloat16 rounding steps of the output's magnitude.
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-}
 
 SHAPES_SIZES = [
     ((2, 7, 5, 3), 5),  # AlexNet's n=5
