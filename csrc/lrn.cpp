@@ -172,23 +172,95 @@ inline Tiling tiling(int64_t N, int64_t S) {
   return {len, (S + len - 1) / len};
 }
 
-// y = x_c * (k + coef * sum of x_j^2 over the `rows` rows from xw)^-beta along `len` positions, float and
-// double: one vectorised pass, the window's squares summed in registers.
-template <typename acc_t>
-inline void normalize_window_row(const acc_t* __restrict xw, int64_t S, int64_t rows, const acc_t* __restrict xc,
-                                 acc_t* __restrict y, int64_t len, acc_t k, acc_t coef, PowMode mode, acc_t beta) {
-  const Vec<acc_t> vk(k), vcoef(coef);
-  for (int64_t i = 0; i < len; i += Vec<acc_t>::size()) {
-    const int64_t rest = std::min<int64_t>(Vec<acc_t>::size(), len - i);
-    Vec<acc_t> a = Vec<acc_t>::loadu(xw + i, rest);
-    Vec<acc_t> sum = a * a;
-    for (int64_t r = 1; r < rows; ++r) {
-      a = Vec<acc_t>::loadu(xw + r * S + i, rest);
-      sum = at::vec::fmadd(a, a, sum);
-    }
-    const Vec<acc_t> s = at::vec::fmadd(vcoef, sum, vk);
-    (Vec<acc_t>::loadu(xc + i, rest) * neg_pow(s, mode, beta)).store(y + i, rest);
+// Calls f(std::integral_constant<int, K>) with K = rows for the common window sizes (loops over the rows then
+// unroll at compile time), K = 0 (rows known at run time) otherwise.
+template <typename F>
+inline void with_rows(int64_t rows, F&& f) {
+  switch (rows) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 0>{});
   }
+}
+
+// One vector at p: all of it, or (Tail) its first `count` elements and zeros.
+template <bool Tail, typename acc_t>
+inline Vec<acc_t> load(const acc_t* p, int64_t count) {
+  if constexpr (Tail) return Vec<acc_t>::loadu(p, count);
+  else return Vec<acc_t>::loadu(p);
+}
+
+template <bool Tail, typename acc_t>
+inline void store(Vec<acc_t> v, acc_t* p, int64_t count) {
+  if constexpr (Tail) v.store(p, count);
+  else v.store(p);
+}
+
+// The sum of x[r * S]^2 over r in [0, rows) (rows = K when K > 0), one vector of positions.
+// Two chains (even and odd rows) halve the dependent fused multiply-adds.
+template <int K, bool Tail, typename acc_t>
+inline Vec<acc_t> square_sum(const acc_t* x, int64_t S, int64_t rows, int64_t count) {
+  const int64_t R = K > 0 ? K : rows;
+  Vec<acc_t> a = load<Tail>(x, count);
+  Vec<acc_t> even = a * a, odd(acc_t(0));
+  int64_t r = 1;
+  for (; r + 1 < R; r += 2) {
+    a = load<Tail>(x + r * S, count);
+    odd = at::vec::fmadd(a, a, odd);
+    a = load<Tail>(x + (r + 1) * S, count);
+    even = at::vec::fmadd(a, a, even);
+  }
+  if (r < R) {
+    a = load<Tail>(x + r * S, count);
+    odd = at::vec::fmadd(a, a, odd);
+  }
+  return even + odd;
+}
+
+// The sum of rows[r][0..] over r in [0, m) (m = K when K > 0), one vector of positions.
+template <int K, bool Tail, typename acc_t>
+inline Vec<acc_t> rows_sum(const acc_t* const* rows, int64_t i, int64_t m, int64_t count) {
+  const int64_t R = K > 0 ? K : m;
+  Vec<acc_t> sum = load<Tail>(rows[0] + i, count);
+  for (int64_t r = 1; r < R; ++r) sum = sum + load<Tail>(rows[r] + i, count);
+  return sum;
+}
+
+// Runs body<Tail>(i, count) over the vectors of [0, len): full vectors, then the remainder.
+template <typename acc_t, typename Body>
+inline void for_vectors(int64_t len, Body&& body) {
+  constexpr int64_t V = Vec<acc_t>::size();
+  int64_t i = 0;
+  for (; i + V <= len; i += V) body(std::false_type{}, i, V);
+  if (i < len) body(std::true_type{}, i, len - i);
+}
+
+// The constants of s = k + coef * sum and s^-beta.
+template <typename acc_t>
+struct ScaleArgs {
+  Vec<acc_t> k, coef, nan_above;
+  PowMode mode;
+  acc_t beta;
+  ScaleArgs(double k_, double coef_, double beta_)
+      : k(acc_t(k_)), coef(acc_t(coef_)), nan_above(grad_nan_above<acc_t>(beta_)), mode(pow_mode(beta_)),
+        beta(acc_t(beta_)) {}
+};
+
+// Forward of one channel row, float and double: y = x_c * (k + coef * the sum of x^2 over the `rows` rows
+// from xw)^-beta, the window's squares summed in registers: one vectorised pass.
+template <int K, typename acc_t>
+inline void forward_row(const acc_t* __restrict xw, int64_t S, int64_t rows, const acc_t* __restrict xc,
+                        acc_t* __restrict y, int64_t len, const ScaleArgs<acc_t>& a) {
+  for_vectors<acc_t>(len, [&](auto tail, int64_t i, int64_t count) {
+    constexpr bool T = decltype(tail)::value;
+    const Vec<acc_t> s = at::vec::fmadd(a.coef, square_sum<K, T>(xw + i, S, rows, count), a.k);
+    store<T>(load<T>(xc + i, count) * neg_pow(s, a.mode, a.beta), y + i, count);
+  });
 }
 
 template <typename scalar_t>
@@ -198,6 +270,7 @@ void forward_channels_first(const scalar_t* x, scalar_t* y, int64_t N, int64_t C
   const Window w(size, C);
   const acc_t coef = alpha / size;
   const PowMode mode = pow_mode(beta);
+  const ScaleArgs<acc_t> args(k, alpha / size, beta);
   const Tiling tl = tiling(N, S);
   at::parallel_for(0, N * tl.tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> sum(tl.len), scale(tl.len);
@@ -208,13 +281,42 @@ void forward_channels_first(const scalar_t* x, scalar_t* y, int64_t N, int64_t C
       for (int64_t c = 0; c < C; ++c) {
         const int64_t j0 = w.first(c), rows = w.last(c) - j0 + 1;
         if constexpr (std::is_same_v<scalar_t, acc_t>) {
-          normalize_window_row<acc_t>(xb + j0 * S, S, rows, xb + c * S, yb + c * S, len, k, coef, mode, beta);
+          with_rows(rows, [&](auto K) {
+            forward_row<decltype(K)::value, acc_t>(xb + j0 * S, S, rows, xb + c * S, yb + c * S, len, args);
+          });
         } else {
           square_sum_rows<scalar_t, acc_t>(xb + j0 * S, S, rows, len, sum.data());
           normalize_row<scalar_t, acc_t>(sum.data(), xb + c * S, yb + c * S, scale.data(), len, k, coef, mode, beta);
         }
       }
     }
+  });
+}
+
+// Backward step 1 of one channel row, float and double: p = s^-beta and t = g x p / s (inv_scale) of
+// channel c into the rings, the window's squares summed in registers.
+template <int K, typename acc_t>
+inline void backward_scale_row(const acc_t* __restrict xw, int64_t S, int64_t rows, const acc_t* __restrict xc,
+                               const acc_t* __restrict gc, acc_t* __restrict pc, acc_t* __restrict tc, int64_t len,
+                               const ScaleArgs<acc_t>& a) {
+  for_vectors<acc_t>(len, [&](auto tail, int64_t i, int64_t count) {
+    constexpr bool T = decltype(tail)::value;
+    const Vec<acc_t> s = at::vec::fmadd(a.coef, square_sum<K, T>(xw + i, S, rows, count), a.k);
+    const Vec<acc_t> p = neg_pow(s, a.mode, a.beta);
+    store<T>(p, pc + i, count);
+    store<T>(load<T>(gc + i, count) * load<T>(xc + i, count) * p * inv_scale(s, a.nan_above), tc + i, count);
+  });
+}
+
+// Backward step 2 of one channel row j, float and double: da = g p - coef2 x (the sum of the m rows of t).
+template <int K, typename acc_t>
+inline void backward_grad_row(const acc_t* const* trows, int64_t m, const acc_t* __restrict pj,
+                              const acc_t* __restrict xj, const acc_t* __restrict gj, acc_t* __restrict dj,
+                              int64_t len, Vec<acc_t> coef2) {
+  for_vectors<acc_t>(len, [&](auto tail, int64_t i, int64_t count) {
+    constexpr bool T = decltype(tail)::value;
+    const Vec<acc_t> tsum = rows_sum<K, T>(trows, i, m, count);
+    store<T>(load<T>(gj + i, count) * load<T>(pj + i, count) - coef2 * load<T>(xj + i, count) * tsum, dj + i, count);
   });
 }
 
@@ -228,6 +330,7 @@ void backward_channels_first(const scalar_t* g, const scalar_t* x, scalar_t* dx,
   const Window w(size, C);
   const acc_t coef = alpha / size, coef2 = 2.0 * alpha * beta / size;
   const PowMode mode = pow_mode(beta);
+  const ScaleArgs<acc_t> args(k, alpha / size, beta);
   const Tiling tl = tiling(N, S);
   const int64_t R = std::min(size, C), L = tl.len;
   at::parallel_for(0, N * tl.tiles, 1, [&](int64_t begin, int64_t end) {
@@ -242,23 +345,35 @@ void backward_channels_first(const scalar_t* g, const scalar_t* x, scalar_t* dx,
         if (c < C) {  // t_c enters the window sum of j = c - lo
           acc_t* sc = scale_ring.data() + (c % R) * L;
           acc_t* tc = t_ring.data() + (c % R) * L;
-          const int64_t j0 = w.first(c);
-          square_sum_rows<scalar_t, acc_t>(xb + j0 * S, S, w.last(c) - j0 + 1, len, sum.data());
-          scale_from_sum<acc_t>(sum.data(), sc, inv_s.data(), len, k, coef, mode, beta);
+          const int64_t j0 = w.first(c), wrows = w.last(c) - j0 + 1;
           const scalar_t *xc = xb + c * S, *gc = gb + c * S;
-          for (int64_t i = 0; i < len; ++i)
-            tc[i] = static_cast<acc_t>(gc[i]) * static_cast<acc_t>(xc[i]) * sc[i] * inv_s[i];
+          if constexpr (std::is_same_v<scalar_t, acc_t>) {
+            with_rows(wrows, [&](auto K) {
+              backward_scale_row<decltype(K)::value, acc_t>(xb + j0 * S, S, wrows, xc, gc, sc, tc, len, args);
+            });
+          } else {
+            square_sum_rows<scalar_t, acc_t>(xb + j0 * S, S, wrows, len, sum.data());
+            scale_from_sum<acc_t>(sum.data(), sc, inv_s.data(), len, k, coef, mode, beta);
+            for (int64_t i = 0; i < len; ++i)
+              tc[i] = static_cast<acc_t>(gc[i]) * static_cast<acc_t>(xc[i]) * sc[i] * inv_s[i];
+          }
         }
         const int64_t j = c - w.lo;
         if (j < 0) continue;
-        const int64_t m0 = std::max<int64_t>(j - w.hi, 0), m1 = std::min<int64_t>(j + w.lo, C - 1);
-        for (int64_t m = m0; m <= m1; ++m) rows[m - m0] = t_ring.data() + (m % R) * L;
-        sum_rows<acc_t>(rows.data(), m1 - m0 + 1, len, sum.data());
+        const int64_t m0 = std::max<int64_t>(j - w.hi, 0), m1 = std::min<int64_t>(j + w.lo, C - 1), m = m1 - m0 + 1;
+        for (int64_t r = m0; r <= m1; ++r) rows[r - m0] = t_ring.data() + (r % R) * L;
         const acc_t* sj = scale_ring.data() + (j % R) * L;
         const scalar_t *xj = xb + j * S, *gj = gb + j * S;
         scalar_t* dj = db + j * S;
-        for (int64_t i = 0; i < len; ++i)
-          dj[i] = static_cast<scalar_t>(static_cast<acc_t>(gj[i]) * sj[i] - coef2 * static_cast<acc_t>(xj[i]) * sum[i]);
+        if constexpr (std::is_same_v<scalar_t, acc_t>) {
+          with_rows(m, [&](auto K) {
+            backward_grad_row<decltype(K)::value, acc_t>(rows.data(), m, sj, xj, gj, dj, len, Vec<acc_t>(coef2));
+          });
+        } else {
+          sum_rows<acc_t>(rows.data(), m, len, sum.data());
+          for (int64_t i = 0; i < len; ++i)
+            dj[i] = static_cast<scalar_t>(static_cast<acc_t>(gj[i]) * sj[i] - coef2 * static_cast<acc_t>(xj[i]) * sum[i]);
+        }
       }
     }
   });
