@@ -5,13 +5,21 @@
 //
 // Gradient (s_c the bracket above, W(c) its window):
 //   da_j = g_j * s_j^-beta - (2 alpha beta / n) * a_j * sum_{c : j in W(c)} g_c a_c s_c^(-beta-1)
-// and j in W(c) <=> c in [j - (n-1)/2, j + n/2]: the same running sum with the window mirrored.
+// and j in W(c) <=> c in [j - (n-1)/2, j + n/2]: a window sum again, over the mirrored window.
+//
+// NaN and Inf land where the reference puts them: window sums are recomputed from their n terms (a sum
+// carried from channel to channel would keep a NaN/Inf, or the rounding of a huge term, for every later
+// channel), s^-beta is 0 at s = Inf and Inf at s = 0, and the backward follows grad_nan_above().
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 #include <c10/core/MemoryFormat.h>
 #include <c10/util/Exception.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
 
 #include "common.h"
 
@@ -26,6 +34,17 @@ inline PowMode pow_mode(double beta) {
   if (beta == 0.5) return PowMode::Half;
   if (beta == 1.0) return PowMode::One;
   return PowMode::General;
+}
+
+// The backward's g_c a_c s_c^(-beta-1) is NaN where s_c is above this, as the reference's gradient is:
+// its chain rule multiplies -g (a / s^beta) / s^beta, 0 once s^beta overflows, by the pow's derivative
+// beta * s^(beta-1), and that is 0 * Inf where beta * s^(beta-1) overflows acc_t (s = Inf included). That
+// needs beta > 1; for beta <= 1 the derivative is finite (+Inf returned, never exceeded).
+template <typename acc_t>
+inline acc_t grad_nan_above(double beta) {
+  const double max = static_cast<double>(std::numeric_limits<acc_t>::max());
+  if (!(beta > 1.0)) return std::numeric_limits<acc_t>::infinity();
+  return static_cast<acc_t>(std::min(max, std::pow(max / beta, 1.0 / (beta - 1.0))));
 }
 
 // An LRN input seen as (N, C, S) with S the product of the spatial sizes, in one of two layouts:

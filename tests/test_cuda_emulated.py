@@ -9,9 +9,10 @@ blocks (they run one after another): those need the GPU (benchmarks/gpu_check.sh
 """
 import pytest
 import torch
-import torch.nn.functional as F
 
 import lightcnn.ops  # noqa: F401  (loads torch.ops.lightcnn.*)
+from tests._lrn_samples import SAMPLES, assert_lrn_close, lrn_references, lrn_sample
+from tests._lrn_samples import TOL as LRN_TOL
 from tests.cuda_emu.build import build
 
 HALF = [torch.float16, torch.bfloat16]
@@ -77,37 +78,42 @@ LRN = dict(alpha=0.3, beta=0.75, k=2.0)  # a large alpha, so that every channel 
 LRN_SHAPES = [(2, 7, 5, 3), (1, 1, 2, 2), (3, 33, 1, 4), (1, 300, 2, 1), (1, 96, 1, 1), (1, 16, 2, 1)]
 
 
+def check_lrn(emu, x, size, what, beta=LRN["beta"]):
+    """The emulated forward and input gradient against F.local_response_norm (tests/_lrn_samples.py: the same
+    NaN/Inf places; values as the reference in the kernel's compute dtype, or no further from float64)."""
+    kw = dict(LRN, beta=beta)
+    args = (size, kw["alpha"], kw["beta"], kw["k"])
+    g = torch.randn(x.shape, dtype=torch.float64).to(x.dtype)
+    y_ref, y64, dx_ref, dx64 = lrn_references(x, size, g, **kw)
+    y = emu.lrn(x, *args)
+    cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    assert y.dtype == x.dtype and y.is_contiguous(
+        memory_format=torch.channels_last if cl else torch.contiguous_format), what
+    assert_lrn_close(y, y_ref, y64, **LRN_TOL[x.dtype], what=f"forward {what}")
+    assert_lrn_close(emu.lrn_backward(g, x, *args), dx_ref, dx64, **LRN_TOL[x.dtype], what=f"backward {what}")
+
+
 @pytest.mark.parametrize("variant", ["default", "column"])
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
 def test_lrn_forward_and_backward(emu, monkeypatch, variant, kind, dtype):
+    """Every sample of the op (O(1), 1e-3..1e19, large channels, tiny, NaN/Inf), every shape, window widths 1,
+    2 (even), 5 and 6."""
     if variant == "column":  # the per-column kernels on channels-last inputs too
         monkeypatch.setenv("LIGHTCNN_CUDA_LRN_CHANNELS_LAST", "column")
     for shape in LRN_SHAPES:
         for size in (1, 2, 5, 6):
-            x = layout(torch.randn(shape, dtype=torch.float64).to(dtype), kind)
-            g = torch.randn(shape, dtype=torch.float64).to(dtype)
-            args = (size, LRN["alpha"], LRN["beta"], LRN["k"])
-            xr = x.double().requires_grad_()
-            ref = F.local_response_norm(xr, size, **LRN)
-            ref.backward(g.double())
-            what = f"{shape} size {size}"
-            y = emu.lrn(x, *args)
-            cl = kind == "channels_last" and shape[1] > 1 and shape[2] * shape[3] > 1
-            assert y.dtype == dtype and y.is_contiguous(
-                memory_format=torch.channels_last if cl else torch.contiguous_format), what
-            assert_close(y, ref, dtype, f"forward {what}")
-            assert_close(emu.lrn_backward(g, x, *args), xr.grad, dtype, f"backward {what}")
+            for sample in SAMPLES:
+                check_lrn(emu, layout(lrn_sample(sample, shape, dtype), kind), size, f"{sample} {shape} size {size}")
 
 
 def test_lrn_every_beta_path(emu):
-    x = torch.randn(2, 9, 3, 3, dtype=torch.float64)
-    for beta in (0.5, 0.75, 1.0, 0.6):  # the three special-cased powers and the general one
-        xr = x.clone().requires_grad_()
-        ref = F.local_response_norm(xr, 5, 0.3, beta, 1.5)
-        ref.sum().backward()
-        assert_close(emu.lrn(x, 5, 0.3, beta, 1.5), ref, torch.float64, f"beta {beta}")
-        assert_close(emu.lrn_backward(torch.ones_like(x), x, 5, 0.3, beta, 1.5), xr.grad, torch.float64)
+    """The three special-cased powers and the general one; beta > 1 also where the reference's gradient is NaN
+    from overflow."""
+    for beta in (0.5, 0.75, 1.0, 0.6, 2.3):
+        for dtype in (torch.float64, torch.float32):
+            for sample in SAMPLES:
+                check_lrn(emu, lrn_sample(sample, (2, 9, 3, 3), dtype), 5, f"{sample} beta {beta} {dtype}", beta)
 
 
 # ---------------------------------------------------------------- fused BN-ReLU-Conv

@@ -10,18 +10,9 @@ from torch import nn
 
 import lightcnn.ops as ops
 from lightcnn.layers import LocalResponseNorm
+from lightcnn.models import create
+from tests._lrn_samples import FINITE_SAMPLES, SAMPLES, TOL, assert_lrn_close, lrn_references, lrn_sample
 from tests.conftest import DEVICES, requires_cuda
-
-# float32 tolerances: the kernel computes s^-beta with a multiply by the reciprocal power (and, for
-# beta=0.75 on AVX2, a Newton-refined rsqrt, ~5 ulp), PyTorch with pow then a division.
-TOL = {
-    torch.float64: dict(rtol=1e-10, atol=1e-12),
-    torch.float32: dict(rtol=2e-5, atol=2e-6),
-    # bfloat16 keeps 8 bits of mantissa: outputs are compared with the float32 reference, to within
-    # two bfloat16 rounding steps of the output's magnitude.
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-}
 
 SHAPES_SIZES = [
     ((2, 7, 5, 3), 5),  # AlexNet's n=5
@@ -39,16 +30,19 @@ def lrn_args(beta=0.75):
     return dict(alpha=0.1, beta=beta, k=2.0)  # alpha large enough that the window sum matters
 
 
-def compare(x, size, dtype_ref=None, **kw):
-    """Forward and input gradient of the kernel and the reference on the same input and output grad."""
-    xk = x.detach().clone().requires_grad_(True)
-    xr = x.detach().clone().to(dtype_ref or x.dtype).requires_grad_(True)
+def check_sample(x, size, what="", grad=None, **kw):
+    """The kernel's forward and input gradient on x (a sample of tests/_lrn_samples.py) against
+    F.local_response_norm in the kernel's compute dtype and in float64 (assert_lrn_close: the same NaN/Inf
+    places, values within TOL[x.dtype] or no further from float64 than the reference); returns them."""
+    xk = x.detach().clone().requires_grad_(True)  # clone keeps the layout
     yk = ops.local_response_norm(xk, size, **kw)
-    yr = F.local_response_norm(xr, size, **kw)
-    g = torch.randn_like(yr)
-    yk.backward(g.to(yk.dtype))
-    yr.backward(g)
-    return yk, yr, xk.grad, xr.grad
+    g = torch.randn(x.shape, dtype=torch.float64).to(device=x.device, dtype=x.dtype) if grad is None else grad
+    yk.backward(g)
+    y, y64, dx, dx64 = lrn_references(x, size, g, **kw)
+    assert yk.dtype == xk.grad.dtype == x.dtype
+    assert_lrn_close(yk, y, y64, **TOL[x.dtype], what=f"forward {what}")
+    assert_lrn_close(xk.grad, dx, dx64, **TOL[x.dtype], what=f"input gradient {what}")
+    return yk, xk.grad
 
 
 def test_compiled_library_serves_the_op():
@@ -72,82 +66,68 @@ def test_cuda_kernels_are_compiled_in_forced_build():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("shape,size", SHAPES_SIZES)
-def test_lrn_matches_reference(shape, size, dtype, device):
-    x = torch.randn(shape, dtype=dtype, device=device) * 2
-    yk, yr, gk, gr = compare(x, size, **lrn_args())
-    torch.testing.assert_close(yk, yr, **TOL[dtype])
-    torch.testing.assert_close(gk, gr, **TOL[dtype])
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_lrn_matches_reference(sample, shape, size, dtype, device):
+    check_sample(lrn_sample(sample, shape, dtype, device), size, f"{sample} {shape} n={size}", **lrn_args())
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("beta", [0.5, 1.0, 0.6, 2.3])
-def test_lrn_matches_reference_any_beta(beta, device):
-    x = torch.randn(2, 9, 5, 6, device=device, dtype=torch.float64)
-    yk, yr, gk, gr = compare(x, 3, **lrn_args(beta))
-    torch.testing.assert_close(yk, yr, **TOL[torch.float64])
-    torch.testing.assert_close(gk, gr, **TOL[torch.float64])
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_lrn_matches_reference_any_beta(sample, beta, device):
+    for dtype in (torch.float64, torch.float32):  # float32: the reference's own overflow (beta > 1) included
+        check_sample(lrn_sample(sample, (2, 9, 5, 6), dtype, device), 3, f"{sample} beta={beta}", **lrn_args(beta))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["channels_last", "channels_last_3d", "transposed", "sliced", "expanded_grad"])
-def test_lrn_non_contiguous_and_channels_last(layout, device):
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_lrn_non_contiguous_and_channels_last(sample, layout, device):
     if layout == "channels_last":
-        x = torch.randn(2, 10, 6, 7, device=device).contiguous(memory_format=torch.channels_last)
+        x = lrn_sample(sample, (2, 10, 6, 7), device=device).contiguous(memory_format=torch.channels_last)
     elif layout == "channels_last_3d":
-        x = torch.randn(2, 10, 3, 6, 7, device=device).contiguous(memory_format=torch.channels_last_3d)
+        x = lrn_sample(sample, (2, 10, 3, 6, 7), device=device).contiguous(memory_format=torch.channels_last_3d)
     elif layout == "transposed":
-        x = torch.randn(2, 7, 6, 10, device=device).transpose(1, 3)
+        x = lrn_sample(sample, (2, 7, 6, 10), device=device).transpose(1, 3)
     else:
-        x = torch.randn(2, 20, 6, 14, device=device)[:, ::2, :, 1::2]
+        x = lrn_sample(sample, (2, 20, 6, 14), device=device)[:, ::2, :, 1::2]
     assert not x.is_contiguous()
-    xk = x.detach().requires_grad_(True)
-    xr = x.detach().clone().requires_grad_(True)
-    yk, yr = ops.local_response_norm(xk, 5, **lrn_args()), F.local_response_norm(xr, 5, **lrn_args())
-    torch.testing.assert_close(yk, yr, **TOL[torch.float32])
+    if layout == "expanded_grad":  # a stride-0 gradient, as sum() produces
+        g = torch.ones((), device=device).expand(x.shape)
+    else:  # a non-contiguous gradient
+        g = torch.randn(x.shape, device=device).transpose(-1, -2).contiguous().transpose(-1, -2)
+    yk, _ = check_sample(x, 5, f"{sample} {layout}", grad=g, **lrn_args())
     if layout.startswith("channels_last"):  # the layout is kept, so the next conv stays channels-last
         fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         assert yk.is_contiguous(memory_format=fmt)
-    if layout == "expanded_grad":  # a stride-0 gradient, as sum() produces
-        yk.sum().backward()
-        yr.sum().backward()
-    else:
-        g = torch.randn_like(yr).transpose(-1, -2).contiguous().transpose(-1, -2)  # non-contiguous grad
-        yk.backward(g)
-        yr.backward(g)
-    torch.testing.assert_close(xk.grad, xr.grad, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("size", [1, 2, 5, 16, 17, 40])
-def test_lrn_channels_last_every_window_width(size, device):
-    """Channels-last rows use shifted adds up to 16 channels and a running sum beyond: both match."""
-    x = torch.randn(2, 24, 3, 5, dtype=torch.float64, device=device).contiguous(memory_format=torch.channels_last)
-    yk, yr, gk, gr = compare(x, size, **lrn_args())
-    assert yk.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(yk, yr, **TOL[torch.float64])
-    torch.testing.assert_close(gk, gr, **TOL[torch.float64])
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_lrn_channels_last_every_window_width(sample, size, device):
+    """Channels-last rows: shifted adds along the row for every window width, also wider than 2C."""
+    for dtype in (torch.float64, torch.float32):
+        x = lrn_sample(sample, (2, 24, 3, 5), dtype, device).contiguous(memory_format=torch.channels_last)
+        yk, _ = check_sample(x, size, f"{sample} n={size} {dtype}", **lrn_args())
+        assert yk.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_lrn_bfloat16_against_float32_reference(channels_last, device):
-    x = torch.randn(2, 16, 9, 11, device=device)
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_lrn_bfloat16_against_float32_reference(sample, channels_last, device):
+    x = lrn_sample(sample, (2, 16, 9, 11), torch.bfloat16, device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    yk, yr, gk, gr = compare(x.bfloat16(), 5, dtype_ref=torch.float32, **lrn_args())
-    assert yk.dtype == torch.bfloat16 and gk.dtype == torch.bfloat16
-    torch.testing.assert_close(yk.float(), yr, **TOL[torch.bfloat16])
-    torch.testing.assert_close(gk.float(), gr, **TOL[torch.bfloat16])
+    check_sample(x, 5, f"{sample} bfloat16", **lrn_args())
 
 
 @requires_cuda
 @pytest.mark.cuda
-def test_lrn_float16_cuda_against_float32_reference():
-    x = torch.randn(2, 16, 9, 11, device="cuda")
-    yk, yr, gk, gr = compare(x.half(), 5, dtype_ref=torch.float32, **lrn_args())
-    assert yk.dtype == torch.float16
-    torch.testing.assert_close(yk.float(), yr, **TOL[torch.float16])
-    torch.testing.assert_close(gk.float(), gr, **TOL[torch.float16])
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_lrn_float16_cuda_against_float32_reference(sample):
+    check_sample(lrn_sample(sample, (2, 16, 9, 11), torch.float16, "cuda"), 5, f"{sample} float16", **lrn_args())
 
 
 def test_lrn_float16_on_cpu_runs_the_reference():
@@ -159,21 +139,24 @@ def test_lrn_float16_on_cpu_runs_the_reference():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape,size", [((2, 5, 3, 2), 3), ((1, 4, 3), 2), ((1, 3, 2, 2, 2), 5)])
-def test_lrn_gradcheck(shape, size, device):
-    x = torch.randn(shape, dtype=torch.float64, device=device, requires_grad=True)
+@pytest.mark.parametrize("sample", FINITE_SAMPLES)
+def test_lrn_gradcheck(sample, shape, size, device):
+    x = lrn_sample(sample, shape, torch.float64, device).requires_grad_()
     assert torch.autograd.gradcheck(lambda t: ops.local_response_norm(t, size, **lrn_args()), (x,))
-    xc = torch.randn(2, 5, 3, 2, dtype=torch.float64, device=device).contiguous(memory_format=torch.channels_last)
+    xc = lrn_sample(sample, (2, 5, 3, 2), torch.float64, device).contiguous(memory_format=torch.channels_last)
     assert torch.autograd.gradcheck(lambda t: ops.local_response_norm(t, 3, **lrn_args()), (xc.requires_grad_(),))
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_lrn_opcheck(device):
+@pytest.mark.parametrize("sample", FINITE_SAMPLES)  # opcheck compares eager with traced outputs, NaN != NaN
+def test_lrn_opcheck(sample, device):
     samples = [
-        (torch.randn(2, 5, 3, 4, device=device, requires_grad=True), 5),
-        (torch.randn(2, 6, 3, 4, device=device).contiguous(memory_format=torch.channels_last).requires_grad_(), 4),
-        (torch.randn(3, 4, 7, device=device, requires_grad=True), 9),
-        (torch.randn(1, 3, 2, 2, 2, dtype=torch.float64, device=device, requires_grad=True), 2),
-        (torch.randn(2, 8, 4, 6, device=device)[:, ::2], 3),
+        (lrn_sample(sample, (2, 5, 3, 4), device=device).requires_grad_(), 5),
+        (lrn_sample(sample, (2, 6, 3, 4), device=device).contiguous(memory_format=torch.channels_last)
+         .requires_grad_(), 4),
+        (lrn_sample(sample, (3, 4, 7), device=device).requires_grad_(), 9),
+        (lrn_sample(sample, (1, 3, 2, 2, 2), torch.float64, device).requires_grad_(), 2),
+        (lrn_sample(sample, (2, 8, 4, 6), device=device)[:, ::2], 3),
     ]
     for x, size in samples:
         torch.library.opcheck(torch.ops.lightcnn.lrn.default, (x, size, 1e-2, 0.75, 2.0))
@@ -189,14 +172,15 @@ def test_lrn_under_torch_compile_fullgraph(device):
         return ops.local_response_norm(torch.relu(x) * 3, 5, **lrn_args()).sum(dim=1)
 
     compiled = torch.compile(f, fullgraph=True)
-    x = torch.randn(2, 8, 6, 6, device=device, requires_grad=True)
-    xr = x.detach().clone().requires_grad_(True)
-    y = compiled(x)
-    yr = F.local_response_norm(torch.relu(xr) * 3, 5, **lrn_args()).sum(dim=1)
-    torch.testing.assert_close(y, yr, **TOL[torch.float32])
-    y.sum().backward()
-    yr.sum().backward()
-    torch.testing.assert_close(x.grad, xr.grad, **TOL[torch.float32])
+    for sample in SAMPLES:  # one shape: compiled once
+        x = lrn_sample(sample, (2, 8, 6, 6), device=device).requires_grad_(True)
+        xr = x.detach().clone().requires_grad_(True)
+        y = compiled(x)
+        yr = F.local_response_norm(torch.relu(xr) * 3, 5, **lrn_args()).sum(dim=1)
+        torch.testing.assert_close(y, yr, **TOL[torch.float32], equal_nan=True, msg=sample)
+        y.sum().backward()
+        yr.sum().backward()
+        torch.testing.assert_close(x.grad, xr.grad, **TOL[torch.float32], equal_nan=True, msg=sample)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -319,15 +303,49 @@ def test_missing_library_is_an_error_when_kernels_are_required():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("shape,size", [((3, 96, 7, 5), 5), ((2, 300, 3, 3), 4), ((2, 7, 5, 3), 12), ((2, 1, 4, 4), 3)])
 @pytest.mark.parametrize("variant", ["warp", "column"])
-def test_lrn_cuda_channels_last_kernels_match_reference(monkeypatch, dtype, shape, size, variant):
-    """Both CUDA designs on channels-last inputs (issue 10 item 2): the default, a warp per pixel, and the
-    per-column kernels (LIGHTCNN_CUDA_LRN_CHANNELS_LAST=column): forward and input gradient as
-    F.local_response_norm in float32/64, including more channels than a warp (300), an even window and a
-    window wider than C."""
+@pytest.mark.parametrize("sample", SAMPLES)
+def test_lrn_cuda_channels_last_kernels_match_reference(monkeypatch, sample, dtype, shape, size, variant):
+    """Both CUDA designs on channels-last inputs: the default, a warp per pixel, and the per-column kernels
+    (LIGHTCNN_CUDA_LRN_CHANNELS_LAST=column): forward and input gradient as F.local_response_norm in
+    float32/64, including more channels than a warp (300), an even window and a window wider than C."""
     if variant == "column":
         monkeypatch.setenv("LIGHTCNN_CUDA_LRN_CHANNELS_LAST", "column")
-    x = torch.randn(shape, device="cuda").contiguous(memory_format=torch.channels_last).to(dtype)
-    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    yk, yr, gk, gr = compare(x, size, dtype_ref=ref_dtype, **lrn_args())
-    torch.testing.assert_close(yk.to(ref_dtype), yr, **TOL[dtype])
-    torch.testing.assert_close(gk.to(ref_dtype), gr, **TOL[dtype])
+    x = lrn_sample(sample, shape, dtype, "cuda").contiguous(memory_format=torch.channels_last)
+    check_sample(x, size, f"{sample} {variant}", **lrn_args())
+
+
+def test_lrn_non_finite_stays_in_its_windows():
+    """An Inf in channel 2 of a pixel makes NaN of its own output and 0 of its window's neighbours, as the
+    reference: the later channels keep their values (a running sum over the channels made them all NaN)."""
+    x = torch.ones(1, 12, 1, 1)
+    x[0, 2] = float("inf")
+    y = torch.ops.lightcnn.lrn(x, 3, 1e-4, 0.75, 1.0).flatten()
+    ref = F.local_response_norm(x, 3, 1e-4, 0.75, 1.0).flatten()
+    assert y.isnan().tolist() == ref.isnan().tolist() == [c == 2 for c in range(12)]
+    assert y[[1, 3]].tolist() == [0.0, 0.0]
+    torch.testing.assert_close(y[~y.isnan()], ref[~ref.isnan()], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("magnitude", [1e5, 1e6, 1e15])
+def test_lrn_exact_after_a_large_channel(magnitude):
+    """O(1) channels after one large one keep float32 accuracy (a running sum lost 1.7% after 1e5, 20% after
+    1e6: the large square subtracted again cancels the small ones)."""
+    x = torch.rand(3, 32, 4, 4) + 0.5
+    x[:, 5] = magnitude
+    want = F.local_response_norm(x.double(), 5, 1e-2, 0.75, 1.0)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        y = ops.local_response_norm(x.contiguous(memory_format=layout), 5, 1e-2, 0.75, 1.0)
+        assert ((y.double() - want).abs() / want.abs()).max().item() < 1e-5
+
+
+def test_alexnet_eval_on_huge_input_gives_the_reference_logits():
+    """AlexNet (LRN after conv1 and conv2) on an input scaled by 1e8: finite logits, those of the reference
+    LRN (the running-sum kernel gave NaN)."""
+    kernel = create("alexnet", num_classes=10, hidden_features=64, impl="kernel").eval()
+    reference = create("alexnet", num_classes=10, hidden_features=64, impl="reference").eval()
+    reference.load_state_dict(kernel.state_dict())
+    x = torch.randn(2, 3, 227, 227) * 1e8
+    with torch.no_grad():
+        y, want = kernel(x), reference(x)
+    assert torch.isfinite(want).all() and torch.isfinite(y).all()
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())

@@ -1,10 +1,14 @@
 // Local response normalisation on CUDA: float32, float64, float16 and bfloat16 (accumulated in float).
 //
-// Channels-first: one thread per (image, spatial position, run of channels) walks its run with a running
-// sum of squares, so each input element is read about twice (entering and leaving the window) whatever
-// the window size; neighbouring threads read neighbouring addresses (coalesced). A pixel's C channels are
-// cut into runs (of >= 8) until there are ~2^20 threads, so that enough loads are in flight to reach the
-// memory bandwidth (one serial walk over 96 channels per pixel left the GPU waiting on each load).
+// Every window sum is recomputed from its n terms (n = 5 for AlexNet: reads that hit the cache), never
+// carried from one channel to the next by adding the entering term and subtracting the leaving one: such a
+// running sum cancels catastrophically after a large term and keeps a NaN or Inf for every later channel,
+// where torch.nn.functional.local_response_norm confines them to the windows that hold them.
+//
+// Channels-first: one thread per (image, spatial position, run of channels) walks its run; neighbouring
+// threads read neighbouring addresses (coalesced). A pixel's C channels are cut into runs (of >= 8) until
+// there are ~2^20 threads, so that enough loads are in flight to reach the memory bandwidth (one serial
+// walk over 96 channels per pixel left the GPU waiting on each load).
 // Channels-last: a warp per pixel (below). The backward saves only the input: kernel 1 writes
 // t_c = g_c a_c s_c^(-beta-1) to a scratch buffer, kernel 2 recomputes s_j and sums t over the mirrored
 // window (see ../lrn.h for the formula); channels-last does both in one pass per pixel.
@@ -56,30 +60,21 @@ struct Geometry {
   int64_t per, groups;
 };
 
-// A running sum over a sliding window of one (n, s) column: `next()` returns the sum over
-// [c - left, c + right] for c = c0, c0 + 1, ... (one add and one subtract per step, whatever the width).
+// The sum of at(j) over the window [c - left, c + right] of one (n, s) column, clipped to [0, C).
 // `at(j)` reads value j of the column (a^2 of the input, or the backward's t).
 template <typename acc_t, typename At>
-struct Window {
-  At at;
-  int64_t C, left, right, c;
+__device__ __forceinline__ acc_t window_sum(const At& at, int64_t c, int64_t left, int64_t right, int64_t C) {
+  const int64_t j1 = min(c + right, C - 1);
   acc_t sum = 0;
-  bool started = false;
-  __device__ Window(const At& at_, int64_t C_, int64_t left_, int64_t right_, int64_t c0)
-      : at(at_), C(C_), left(left_), right(right_), c(c0) {
-    const int64_t j1 = min(c0 + right, C - 1);
-    for (int64_t j = max(c0 - left, int64_t(0)); j <= j1; ++j) sum += at(j);
-  }
-  __device__ __forceinline__ acc_t next() {
-    if (started) {
-      if (c + right < C) sum += at(c + right);
-      if (c - left - 1 >= 0) sum -= at(c - left - 1);
-    }
-    started = true;
-    ++c;
-    return sum;
-  }
-};
+  for (int64_t j = max(c - left, int64_t(0)); j <= j1; ++j) sum += at(j);
+  return sum;
+}
+
+// What the backward multiplies g*a*s^-beta by: 1/s, NaN where s > nan_above (see grad_nan_above in ../lrn.h).
+template <typename acc_t>
+__device__ __forceinline__ acc_t inv_scale(acc_t s, acc_t nan_above) {
+  return s > nan_above ? acc_t(NAN) : acc_t(1) / s;
+}
 
 template <typename scalar_t, typename acc_t>
 struct Squares {  // a^2 of a column of the input
@@ -116,9 +111,9 @@ __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __r
     const int64_t base = column(g, idx, c0, c1);
     const scalar_t* xp = x + base;
     scalar_t* yp = y + base;
-    Window<acc_t, Squares<scalar_t, acc_t>> window({xp, g.cs}, g.C, g.lo, g.hi, c0);
+    const Squares<scalar_t, acc_t> sq{xp, g.cs};
     for (int64_t c = c0; c < c1; ++c) {
-      const acc_t sum = window.next();
+      const acc_t sum = window_sum<acc_t>(sq, c, g.lo, g.hi, g.C);
       yp[c * g.cs] = static_cast<scalar_t>(static_cast<acc_t>(xp[c * g.cs]) * neg_pow<acc_t>(k + coef * sum, beta, mode));
     }
   });
@@ -127,16 +122,18 @@ __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __r
 // Kernel 1 of the backward: t = g * a * s^-beta / s, in the layout of x, in acc_t.
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_t_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
-                                      acc_t* __restrict__ t, Geometry g, acc_t coef, acc_t k, acc_t beta, PowMode mode) {
+                                      acc_t* __restrict__ t, Geometry g, acc_t coef, acc_t k, acc_t beta, PowMode mode,
+                                      acc_t nan_above) {
   grid_stride(g.NS * g.groups, [&](int64_t idx) {
     int64_t c0, c1;
     const int64_t base = column(g, idx, c0, c1);
     const scalar_t *xp = x + base, *gp = grad + base;
     acc_t* tp = t + base;
-    Window<acc_t, Squares<scalar_t, acc_t>> window({xp, g.cs}, g.C, g.lo, g.hi, c0);
+    const Squares<scalar_t, acc_t> sq{xp, g.cs};
     for (int64_t c = c0; c < c1; ++c) {
-      const acc_t sc = k + coef * window.next();
-      tp[c * g.cs] = static_cast<acc_t>(gp[c * g.cs]) * static_cast<acc_t>(xp[c * g.cs]) * neg_pow<acc_t>(sc, beta, mode) / sc;
+      const acc_t sc = k + coef * window_sum<acc_t>(sq, c, g.lo, g.hi, g.C);
+      tp[c * g.cs] = static_cast<acc_t>(gp[c * g.cs]) * static_cast<acc_t>(xp[c * g.cs]) * neg_pow<acc_t>(sc, beta, mode) *
+                     inv_scale<acc_t>(sc, nan_above);
     }
   });
 }
@@ -151,29 +148,22 @@ __global__ void lrn_backward_grad_kernel(const scalar_t* __restrict__ grad, cons
     const int64_t base = column(g, idx, c0, c1);
     const scalar_t *xp = x + base, *gp = grad + base;
     scalar_t* dp = dx + base;
-    Window<acc_t, Squares<scalar_t, acc_t>> window({xp, g.cs}, g.C, g.lo, g.hi, c0);
-    Window<acc_t, Column<acc_t>> tsum({t + base, g.cs}, g.C, g.hi, g.lo, c0);  // the mirrored window
+    const Squares<scalar_t, acc_t> sq{xp, g.cs};
+    const Column<acc_t> tc{t + base, g.cs};
     for (int64_t j = c0; j < c1; ++j) {
-      const acc_t p = neg_pow<acc_t>(k + coef * window.next(), beta, mode);
+      const acc_t p = neg_pow<acc_t>(k + coef * window_sum<acc_t>(sq, j, g.lo, g.hi, g.C), beta, mode);
+      const acc_t tsum = window_sum<acc_t>(tc, j, g.hi, g.lo, g.C);  // the mirrored window
       dp[j * g.cs] = static_cast<scalar_t>(static_cast<acc_t>(gp[j * g.cs]) * p -
-                                           coef2 * static_cast<acc_t>(xp[j * g.cs]) * tsum.next());
+                                           coef2 * static_cast<acc_t>(xp[j * g.cs]) * tsum);
     }
   });
 }
 
-// ---- Channels-last (issue 10, item 2): a warp per pixel ----
+// ---- Channels-last: a warp per pixel ----
 // The lanes take neighbouring channels of one pixel, so every load and store is coalesced (a thread per
 // pixel reads addresses C elements apart from its neighbour's), and the window sums read the pixel's
 // squares from the warp's slice of shared memory (O(size) per element, cheap for LRN's n = 5). The block
 // is (32, warps); each warp walks pixels grid-stride and synchronises with __syncwarp() only.
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t window_sum_shared(const acc_t* v, int64_t c, int64_t left, int64_t right, int64_t C) {
-  acc_t sum = 0;
-  const int64_t j1 = min(c + right, C - 1);
-  for (int64_t j = max(c - left, int64_t(0)); j <= j1; ++j) sum += v[j];
-  return sum;
-}
 
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_forward_cl_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, Geometry g,
@@ -189,7 +179,7 @@ __global__ void lrn_forward_cl_kernel(const scalar_t* __restrict__ x, scalar_t* 
     }
     __syncwarp();
     for (int64_t c = threadIdx.x; c < g.C; c += 32) {
-      const acc_t sum = window_sum_shared(sq, c, g.lo, g.hi, g.C);
+      const acc_t sum = window_sum<acc_t>(Column<acc_t>{sq, 1}, c, g.lo, g.hi, g.C);
       yp[c] = static_cast<scalar_t>(static_cast<acc_t>(xp[c]) * neg_pow<acc_t>(k + coef * sum, beta, mode));
     }
     __syncwarp();  // the next pixel overwrites sq
@@ -201,7 +191,7 @@ __global__ void lrn_forward_cl_kernel(const scalar_t* __restrict__ x, scalar_t* 
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_cl_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                        scalar_t* __restrict__ dx, Geometry g, acc_t coef, acc_t coef2, acc_t k,
-                                       acc_t beta, PowMode mode) {
+                                       acc_t beta, PowMode mode, acc_t nan_above) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   acc_t* sq = reinterpret_cast<acc_t*>(smem_raw) + threadIdx.y * 3 * g.C;
   acc_t* pw = sq + g.C;
@@ -215,14 +205,14 @@ __global__ void lrn_backward_cl_kernel(const scalar_t* __restrict__ grad, const 
     }
     __syncwarp();
     for (int64_t c = threadIdx.x; c < g.C; c += 32) {
-      const acc_t sc = k + coef * window_sum_shared(sq, c, g.lo, g.hi, g.C);
+      const acc_t sc = k + coef * window_sum<acc_t>(Column<acc_t>{sq, 1}, c, g.lo, g.hi, g.C);
       const acc_t pc = neg_pow<acc_t>(sc, beta, mode);
       pw[c] = pc;
-      t[c] = static_cast<acc_t>(gp[c]) * static_cast<acc_t>(xp[c]) * pc / sc;
+      t[c] = static_cast<acc_t>(gp[c]) * static_cast<acc_t>(xp[c]) * pc * inv_scale<acc_t>(sc, nan_above);
     }
     __syncwarp();
     for (int64_t j = threadIdx.x; j < g.C; j += 32) {
-      const acc_t tsum = window_sum_shared(t, j, g.hi, g.lo, g.C);
+      const acc_t tsum = window_sum<acc_t>(Column<acc_t>{t, 1}, j, g.hi, g.lo, g.C);
       dp[j] = static_cast<scalar_t>(static_cast<acc_t>(gp[j]) * pw[j] - coef2 * static_cast<acc_t>(xp[j]) * tsum);
     }
     __syncwarp();  // the next pixel overwrites sq, pw and t
@@ -300,11 +290,12 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& in
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, v.x.scalar_type(), "lrn_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const acc_t coef = static_cast<acc_t>(alpha / size), coef2 = static_cast<acc_t>(2.0 * alpha * beta / size);
+    const acc_t nan_above = grad_nan_above<acc_t>(beta);
     if (const int warps = cl_warps(v, sizeof(acc_t), 3)) {
       lrn_backward_cl_kernel<scalar_t, acc_t><<<cl_blocks(g.NS, warps), dim3(32, warps),
                                                  3 * warps * g.C * sizeof(acc_t), stream>>>(
           grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(), g,
-          coef, coef2, static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
+          coef, coef2, static_cast<acc_t>(k), static_cast<acc_t>(beta), mode, nan_above);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       return;
     }
@@ -312,7 +303,7 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& in
     at::Tensor t = at::empty_like(v.x, v.x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
     lrn_backward_t_kernel<scalar_t, acc_t><<<blocks_for(g.NS * g.groups), kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), t.mutable_data_ptr<acc_t>(), g, coef,
-        static_cast<acc_t>(k), static_cast<acc_t>(beta), mode);
+        static_cast<acc_t>(k), static_cast<acc_t>(beta), mode, nan_above);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     lrn_backward_grad_kernel<scalar_t, acc_t><<<blocks_for(g.NS * g.groups), kThreads, 0, stream>>>(
         grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), t.const_data_ptr<acc_t>(),

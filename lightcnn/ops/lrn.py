@@ -1,7 +1,10 @@
 """Local response normalisation (Krizhevsky et al. 2012, section 3.3) as torch.ops.lightcnn.lrn.
 
-Semantics are exactly those of `torch.nn.functional.local_response_norm`. The backward saves only the
-input: the scale (k + alpha/n * window sum)^-beta is recomputed in one running-sum pass, which is
+Semantics are exactly those of `torch.nn.functional.local_response_norm`, on every input: NaN and Inf
+land where the reference puts them (only in the windows that hold a non-finite value or an overflowing
+square), and values from 1e-3 to 1e19 keep the float32 reference's accuracy, because every window sum is
+recomputed from its n terms, never carried from channel to channel. The backward saves only the input: the
+scale (k + alpha/n * window sum)^-beta is recomputed in the same pass that sums the gradient terms, which is
 cheaper than keeping a second activation-sized tensor alive until the backward.
 """
 from __future__ import annotations
@@ -13,8 +16,9 @@ from lightcnn.ops import _library, reference
 
 
 def _auto(cfg: _library.Config) -> bool:
-    # Issue 10, H200: channels-last forward 2.19 ms vs 0.31 compiled, forward+backward 11 ms vs 4.8-5.9
-    # eager (neighbouring threads read addresses C apart). NCHW and every CPU layout: the kernel is faster.
+    # H200: channels-last forward 2.19 ms vs 0.31 compiled, forward+backward 11 ms vs 4.8-5.9 eager
+    # (neighbouring threads read addresses C apart). NCHW and every CPU layout: the kernel is faster
+    # (CPU, AlexNet's shapes: 11-15x faster than eager with window sums recomputed, benchmarks/RESULTS.md).
     return not (cfg.device_type == "cuda" and cfg.channels_last)
 
 
