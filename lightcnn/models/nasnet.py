@@ -523,6 +523,21 @@ class NASNet(Classifier):
         x = self.dropout(torch.flatten(self.global_pool(x), 1))
         return x if pre_logits else self.fc(x)
 
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        """The stem (ImageNet), and the last cell before each reduction cell and at the end."""
+        reduction = self.stem.conv.stride[0]
+        specs, prev = [], ("stem", self.stem.conv.out_channels, reduction)
+        for name, cell in self.cells.items():
+            if name.startswith(("cell_stem_", "reduction_cell_")):  # stride 2
+                if reduction > 1 or prev[0] != "stem":
+                    specs.append(prev)
+                reduction *= 2
+            prev = (f"cells.{name}", cell.out_channels, reduction)
+        return specs + [prev]
+
+    def aux_classifier_names(self) -> list[str]:
+        return [] if self.aux is None else ["aux.fc"]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor | NASNetOutputs:
         with_aux = self.training and self.aux is not None
         x, aux = self._features(x, with_aux)

@@ -14,7 +14,7 @@ import numbers
 import re
 import types
 import typing
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, Literal, Sequence, Union
 
 from torch import nn
 
@@ -49,9 +49,12 @@ def is_model(name: str) -> bool:
     return name in _MODELS or any(p.match(name) for p, _, _ in _PATTERNS)
 
 
-def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
+def create(name: str, num_classes: int | None = None, features_only: bool = False,
+           out_indices: int | Sequence[int] | None = None, **overrides) -> nn.Module:
     """Build a registered model. `num_classes` defaults to the class count of the paper's data set;
     other keyword arguments override the builder's defaults (e.g. `drop_rate=0.3`, `impl="reference"`).
+    `features_only=True` returns the network's stage feature maps instead of logits (timm's, a
+    `lightcnn.models.base.FeatureExtractor`), those of `out_indices` (stage indices; None: all).
 
     An unknown name is a ValueError listing the closest names. An override that the model does not take,
     or whose value does not fit the knob's annotation, is a TypeError naming the model, the knob and what
@@ -60,6 +63,12 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     if num_classes is not None:
         overrides["num_classes"] = num_classes
+    if features_only:
+        from lightcnn.models.base import FeatureExtractor
+
+        return FeatureExtractor(create(name, **overrides), out_indices)
+    if out_indices is not None:
+        raise ValueError(f"create({name!r}): out_indices selects feature maps; it needs features_only=True")
     if name in _MODELS:
         _check_overrides(name, _MODELS[name], overrides)
         return _MODELS[name](**overrides)
