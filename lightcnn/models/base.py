@@ -199,7 +199,7 @@ class Classifier(nn.Module):
     def new_classifier(self, old: nn.Module, num_classes: int) -> nn.Module:
         """The classifier `reset_classifier` puts in place of `old` (a Linear of the same input width)."""
         in_features = old.in_features if isinstance(old, nn.Linear) else self.num_features
-        ref = next(old.parameters(), None)
+        ref = next(old.parameters(), next(self.parameters(), None))
         kw = {} if ref is None else dict(device=ref.device, dtype=ref.dtype)
         return nn.Linear(in_features, num_classes, **kw)
 

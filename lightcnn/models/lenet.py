@@ -252,7 +252,7 @@ class LeNet5Original(Classifier):
 
     def new_classifier(self, old: nn.Module, num_classes: int) -> nn.Module:
         """RBF units with random +-1 centres (the paper's choice beyond its 10 digit bitmaps)."""
-        return EuclideanRBF(make_rbf_centres(num_classes, self.num_features, "random"))
+        return EuclideanRBF(make_rbf_centres(num_classes, self.num_features, "random")).to(self.f6[1].weight.device)
 
 
 @register_model
