@@ -163,15 +163,20 @@ def test_import_lightcnn_registers_the_ops():
 
 
 @pytest.mark.skipif(not library_loaded(), reason="needs the compiled lightcnn._C")
-def test_keep_kernels_file_loads_after_import_lightcnn(tmp_path):
+def test_keep_kernels_files_load_after_import_lightcnn(tmp_path):
+    """A .pt2 and a TorchScript trace that call torch.ops.lightcnn.lrn load in a fresh process after
+    `import lightcnn` alone (not lightcnn.models) and give the eager network's logits."""
     model, x = small("alexnet", impl="kernel")
-    out = tmp_path / "alexnet.pt2"
-    assert export.export_model(model, "pt2", out, x, keep_kernels=True) == ["lrn"]
-    code = ("import sys, torch, lightcnn; x = torch.load(sys.argv[2]); "
-            "print(float((torch.export.load(sys.argv[1]).module()(x[0]) - x[1]).abs().max()))")
+    pt2, ts = tmp_path / "alexnet.pt2", tmp_path / "alexnet.pt"
+    assert export.export_model(model, "pt2", pt2, x, keep_kernels=True) == ["lrn"]
+    assert export.export_model(model, "torchscript", ts, x, keep_kernels=True) == ["lrn"]
+    code = ("import sys, torch, lightcnn; x, y = torch.load(sys.argv[3]); "
+            "assert 'lightcnn.models' not in sys.modules; "
+            "print(float((torch.export.load(sys.argv[1]).module()(x) - y).abs().max()), "
+            "float((torch.jit.load(sys.argv[2])(x) - y).abs().max()))")
     with torch.no_grad():
         torch.save([x, model(x)], tmp_path / "xy.pt")
-    proc = subprocess.run([sys.executable, "-c", code, str(out), str(tmp_path / "xy.pt")], capture_output=True,
-                          text=True, cwd=Path(__file__).parents[1])
+    proc = subprocess.run([sys.executable, "-c", code, str(pt2), str(ts), str(tmp_path / "xy.pt")],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert float(proc.stdout.strip()) < 1e-5
+    assert all(float(e) < 1e-5 for e in proc.stdout.split())
