@@ -4,7 +4,10 @@ a family is tested the day its builders are registered.
 Every model: builds; `forward_features` then `forward_head` give `(N, num_classes)` logits and
 `pre_logits=True` gives `(N, num_features)`; `default_cfg` describes an input the model really takes
 and the class count it really has; `num_classes`/`in_chans` overrides reach the network and its cfg;
-auxiliary heads appear only in training mode, as a named tuple of logits; trainable parameters equal
+auxiliary heads appear only in training mode, as a named tuple of logits; timm's model API
+(`feature_info` equal to the stage maps' real channels and cumulative stride, `forward_intermediates`,
+`create(features_only=True)`, `reset_classifier`/`get_classifier`, torchvision's FX
+`create_feature_extractor`) on every model; trainable parameters equal
 `lightcnn/published.py`'s `params + aux_params` exactly and MACs its `gmacs` within 1%, where it lists
 the model. Shapes, counts and MACs are taken on the meta device (no memory, no arithmetic); the
 real-valued checks (eval determinism, forward == head(features)) run on the CPU at the native input
@@ -24,7 +27,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn.constants import DATASETS
 from lightcnn.models import create, list_models
+from lightcnn.models.base import FeatureExtractor
 from lightcnn.published import published
+from tests._small_models import FAST, SMALL, small
 
 NAMES = list_models()
 LIGHT_GMACS = 1.0  # real forward passes above this are slow on the 2-core CI machine
@@ -139,10 +144,11 @@ def test_eval_is_deterministic_and_equals_head_of_features(name):
         torch.testing.assert_close(model.forward_head(model.forward_features(x)), y)
 
 
-def test_importing_the_data_package_loads_no_model_and_no_kernel():
-    """Imports run one way: data and models both read lightcnn.constants, neither loads the other."""
+def test_importing_the_data_package_loads_no_model():
+    """Imports run one way: data and models both read lightcnn.constants, neither loads the other. (The
+    kernels are loaded by `import lightcnn` itself, so that files exported with them load after it.)"""
     code = ("import sys, lightcnn.data; "
-            "print(sorted(m for m in sys.modules if m.startswith(('lightcnn.models', 'lightcnn._C', 'lightcnn.ops'))))")
+            "print(sorted(m for m in sys.modules if m.startswith(('lightcnn.models', 'lightcnn.layers'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -161,3 +167,140 @@ def test_make_default_cfg_from_the_knobs():
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         make_default_cfg("mnist", 10, 1)
     assert create("resnet18", in_chans=1).default_cfg["input_size"] == (1, 224, 224)
+
+
+# --- timm's model API -----------------------------------------------------------------------------------
+SMALL_PARAMS = [n if n in FAST else pytest.param(n, marks=pytest.mark.slow) for n in SMALL]
+
+
+def _stage_maps(model: nn.Module, side: int) -> list[torch.Tensor]:
+    x = torch.empty(1, model.in_chans, side, side, device="meta")
+    return model.forward_intermediates(x, intermediates_only=True)
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_feature_info_gives_the_channels_and_stride_of_the_stage_maps(name):
+    """Declared channels equal the maps'; the reduction is the cumulative stride, measured as the input
+    growth per output pixel between two input sides 64 apart (exact for any padding or ceil mode)."""
+    model = _meta_default(name).eval()
+    info = model.feature_info
+    assert len(info) >= 3 and all(set(f) == {"module", "num_chs", "reduction"} for f in info)
+    assert info.reduction() == sorted(info.reduction())
+    side = model.default_cfg["input_size"][1]
+    small_maps, large_maps = _stage_maps(model, side), _stage_maps(model, side + 64)
+    assert [m.shape[1] for m in small_maps] == info.channels()
+    assert [64 // (b.shape[-1] - a.shape[-1]) for a, b in zip(small_maps, large_maps)] == info.reduction()
+    assert all(64 % (b.shape[-1] - a.shape[-1]) == 0 for a, b in zip(small_maps, large_maps))
+
+
+@pytest.mark.parametrize("name", CONTRACT)
+def test_features_only_and_reset_classifier(name):
+    """create(features_only=True, out_indices) gives the selected maps and has no classifier left;
+    reset_classifier(n) gives n logits (and n from every auxiliary head while training), 0 the pooled
+    features; get_classifier() is the new layer."""
+    feats = _meta(name, features_only=True, out_indices=(0, -1))
+    assert isinstance(feats, FeatureExtractor)
+    full = _meta_default(name)
+    assert feats.feature_info == [full.feature_info[0], full.feature_info[-1]]
+    x = torch.empty(2, *full.default_cfg["input_size"], device="meta")
+    maps = feats.eval()(x)
+    assert [m.shape[1] for m in maps] == feats.feature_info.channels()
+    assert isinstance(feats.model.get_classifier(), nn.Identity)
+
+    model = feats.model  # its classifier is gone: give it a new one
+    pooled = maps[-1]  # the last stage's map has forward_features' shape
+    model.reset_classifier(7)
+    assert model.num_classes == 7 and model.default_cfg["num_classes"] == 7
+    assert model.get_classifier() is model.get_submodule(model.classifier_name)
+    assert model.eval().forward_head(pooled).shape == (2, 7)
+    if model.aux_classifier_names():  # the auxiliary heads are reset too
+        assert all(o.shape == (2, 7) for o in model.train()(x))
+    model.reset_classifier(0)
+    assert model.eval().forward_head(pooled).shape == (2, model.num_features)
+
+
+def test_forward_intermediates_takes_timms_indices():
+    model, x = small("resnet18")
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(final, model.forward_features(x), rtol=0, atol=0)
+        assert [m.shape[1] for m in maps] == model.feature_info.channels() == [8, 8, 8, 16, 16]
+        last2 = model.forward_intermediates(x, 2, intermediates_only=True)
+        picked = model.forward_intermediates(x, [0, -1], intermediates_only=True)
+    torch.testing.assert_close(last2, maps[-2:], rtol=0, atol=0)
+    torch.testing.assert_close(picked, [maps[0], maps[-1]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="out of range: this network has 5 stages"):
+        model.forward_intermediates(x, [5])
+    with pytest.raises(ValueError, match="needs features_only=True"):
+        create("resnet20", out_indices=(1,))
+
+
+@pytest.mark.parametrize("name", SMALL_PARAMS)
+def test_grad_checkpointing_gives_equal_outputs_gradients_and_running_stats(name):
+    """Per-block activation checkpointing: the same outputs and gradients (dropout, drop-path and stochastic
+    depth draw the same in the recomputation), BatchNorm statistics updated once."""
+    import copy
+
+    model, x = small(name)
+    model.train()
+    ckpt = copy.deepcopy(model)
+    ckpt.set_grad_checkpointing(True)
+    assert ckpt.grad_checkpointing and len(ckpt.checkpoint_units()) >= 2
+    outs = []
+    for m in (model, ckpt):
+        torch.manual_seed(1)
+        out = m(x)
+        out.square().mean().backward()
+        outs.append(out)
+    torch.testing.assert_close(outs[1], outs[0])
+    for (key, p), q in zip(model.named_parameters(), ckpt.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=key)
+    for (key, b), c in zip(model.named_buffers(), ckpt.buffers()):
+        torch.testing.assert_close(c, b, rtol=0, atol=0, msg=key)
+    ckpt.set_grad_checkpointing(False)
+    assert all("forward" not in u.__dict__ for u in ckpt.checkpoint_units())
+
+
+def _fx_nodes(model: nn.Module) -> dict[str, str]:
+    """Return nodes for create_feature_extractor: each stage whose module is a node of the traced graph,
+    and the network's output."""
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    _, eval_nodes = get_graph_node_names(model)
+    nodes = {f["module"]: f"stage{i}" for i, f in enumerate(model.feature_info) if f["module"] in eval_nodes}
+    return {**nodes, eval_nodes[-1]: "out"}
+
+
+# FX traces each model four times (train and eval, nodes and extractor): the long graphs are slow.
+FX_SLOW = DEEP | {n for n in NAMES if n.startswith("nasnet")} | {
+    "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc190_k40", "densenet_bc250_k24",
+    "inception_resnet_v2"}
+
+
+@pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing")
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in FX_SLOW else n for n in NAMES])
+def test_torchvision_create_feature_extractor_traces_every_model(name):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model = _meta(name).eval()
+    extractor = create_feature_extractor(model, return_nodes=_fx_nodes(model))
+    out = extractor(torch.empty(2, *model.default_cfg["input_size"], device="meta"))
+    assert out["out"].shape == (2, model.num_classes)
+    channels = dict(zip([f"stage{i}" for i in range(len(model.feature_info))], model.feature_info.channels()))
+    assert all(out[k].shape[1] == channels[k] for k in out if k != "out")
+
+
+@pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing")
+@pytest.mark.parametrize("name", SMALL_PARAMS)
+def test_feature_extractor_equals_eager(name):
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    model, x = small(name)
+    extractor = create_feature_extractor(model, return_nodes=_fx_nodes(model))
+    with torch.no_grad():
+        out = extractor(x)
+        _, maps = model.forward_intermediates(x)
+        torch.testing.assert_close(out.pop("out"), model(x))
+    assert out  # at least one stage is a node of the graph
+    for key, value in out.items():
+        torch.testing.assert_close(value, maps[int(key.removeprefix("stage"))])

@@ -54,6 +54,8 @@ def runs_kernel(impl: str | None, op: _library.KernelOp, x: torch.Tensor) -> boo
     """Whether a layer with this `impl` runs `op`'s kernel path on input `x` ("auto" asks the op's table;
     "kernel" raises where no kernel is compiled for x's device type; "auto" falls back with a warning)."""
     impl = resolve_impl(impl)
+    if _library.is_fx_tracing():
+        return False
     if impl == "auto":
         return _library.auto_uses_kernel(op, _library.config_of(x, op.autocast))
     if impl == "kernel":

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lightcnn.layers._impl import LAYER_OPS, resolve_impl, runs_kernel
-from lightcnn.ops import local_response_norm, lrn, reference
+from lightcnn.ops import _library, local_response_norm, lrn, reference
 
 
 class LocalResponseNorm(nn.LocalResponseNorm):
@@ -21,6 +21,8 @@ class LocalResponseNorm(nn.LocalResponseNorm):
         self.impl = None if impl is None else resolve_impl(impl)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if _library.is_fx_tracing():  # a Proxy has no device or dtype to choose by: trace PyTorch's LRN
+            return super().forward(input)
         fn = local_response_norm if runs_kernel(self.impl, lrn.OP, input) else reference.local_response_norm
         return fn(input, self.size, self.alpha, self.beta, self.k)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from lightcnn.layers import LocalResponseNorm
-from lightcnn.models.base import Classifier, make_default_cfg
+from lightcnn.models.base import Classifier, make_default_cfg, sequential_stages
 from lightcnn.models.registry import register_model
 from lightcnn.models.weights import map_layers_in_order, register_twin
 
@@ -136,6 +136,11 @@ class AlexNet(Classifier):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pre_logits(self.avgpool(x))
         return x if pre_logits else self.fc8(x)
+
+    classifier_name = "fc8"
+
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        return sequential_stages(self.features, "features", self.in_chans)
 
 
 @register_model

@@ -181,6 +181,16 @@ class DenseNet(Classifier):
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return x if pre_logits else self.fc(x)
 
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        """The stem, each dense block but the last (its concatenated maps), and the last BN (before ReLU)."""
+        first = 4 if isinstance(self.stem[-1], nn.MaxPool2d) else 1
+        specs = [("stem", self.stem.conv0.out_channels, first)]
+        for i, block in enumerate(self.blocks[:-1]):
+            layer = block.layers[0]
+            c_in = (layer.bottleneck if layer.bottleneck is not None else layer.conv).bn.num_features
+            specs.append((f"blocks.{i}", c_in + len(block.layers) * self.growth_rate, first * 2**i))
+        return specs + [("norm", self.num_features, first * 2 ** (len(self.blocks) - 1))]
+
 
 # --- torchvision's weights ------------------------------------------------------------------------------
 

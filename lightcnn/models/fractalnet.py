@@ -195,6 +195,10 @@ class FractalNet(Classifier):
         x = torch.flatten(self.head_pool(x), 1)
         return x if pre_logits else self.fc(x)
 
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        return [(f"blocks.{i}", [m for m in b.modules() if isinstance(m, nn.Conv2d)][-1].out_channels, 2 ** (i + 1))
+                for i, b in enumerate(self.blocks)]
+
 
 @register_model
 def fractalnet20(**kwargs) -> FractalNet:

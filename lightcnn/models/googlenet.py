@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from lightcnn.layers import LocalResponseNorm
-from lightcnn.models.base import Classifier, make_default_cfg
+from lightcnn.models.base import Classifier, make_default_cfg, sequential_stages
 from lightcnn.models.registry import register_model
 
 
@@ -217,6 +217,14 @@ class GoogLeNet(Classifier):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.dropout(torch.flatten(self.avgpool(x), 1))
         return x if pre_logits else self.fc(x)
+
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        """conv1, conv2 and the last Inception module before each max-pool and at the end."""
+        return (sequential_stages(self.stem, "stem", self.in_chans)[:2]
+                + sequential_stages(self.blocks, "blocks", self.stem.conv2.conv.out_channels, 8))
+
+    def aux_classifier_names(self) -> list[str]:
+        return [f"aux.{name}.fc2" for name in self.aux]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | GoogLeNetOutputs:
         with_aux = self.training and len(self.aux) > 0

@@ -25,7 +25,7 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from lightcnn.models.base import Classifier, make_default_cfg
+from lightcnn.models.base import Classifier, make_default_cfg, sequential_stages
 from lightcnn.models.registry import register_model
 from lightcnn.models.weights import map_layers_in_order, register_twin
 
@@ -312,6 +312,11 @@ class InceptionClassifier(Classifier):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.dropout(torch.flatten(self.global_pool(x), 1))
         return x if pre_logits else self.Logits(x)
+
+    classifier_name = "Logits"
+
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        return sequential_stages(self.features, "features", self.in_chans)
 
 
 class InceptionV4(InceptionClassifier):

@@ -82,6 +82,11 @@ class LeNet5(Classifier):
         x = self.fc(x)
         return x if pre_logits else self.classifier(x)
 
+    classifier_name = "classifier"
+
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        return [("features.2", 6, 2), ("features.5", 16, 4), ("features.7", 120, 4)]  # S2, S4, C5
+
 
 class ScaledTanh(nn.Module):
     """f(a) = A tanh(S a) with A = 1.7159, S = 2/3 (Appendix A): f(+-1) = +-1, where f'' peaks."""
@@ -238,6 +243,16 @@ class LeNet5Original(Classifier):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.f6(x)
         return x if pre_logits else self.output(x)
+
+    classifier_name = "output"
+
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        return [("features.act2", 6, 2), ("features.act4", self.features.c5.in_channels, 4),
+                ("features.act5", 120, 4)]  # S2, S4, C5
+
+    def new_classifier(self, old: nn.Module, num_classes: int) -> nn.Module:
+        """RBF units with random +-1 centres (the paper's choice beyond its 10 digit bitmaps)."""
+        return EuclideanRBF(make_rbf_centres(num_classes, self.num_features, "random")).to(self.f6[1].weight.device)
 
 
 @register_model

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightcnn.models.base import Classifier, make_default_cfg
+from lightcnn.models.base import Classifier, is_fx_tracing, make_default_cfg
 from lightcnn.models.registry import register_model
 from lightcnn.models.weights import load_twin, register_twin
 
@@ -94,6 +94,9 @@ def same_pads(height: int, width: int, kernel_size: int, stride: int) -> tuple[i
     return (*one(width), *one(height))
 
 
+torch.fx.wrap("same_pads")  # torch.fx (create_feature_extractor) records the call rather than tracing into it
+
+
 class Conv2dSame(nn.Conv2d):
     """A bias-free convolution with SAME padding (static for stride 1, computed from the input otherwise)."""
 
@@ -125,7 +128,7 @@ class PoolSame(nn.Module):
             return F.max_pool2d(F.pad(x, pads, value=float("-inf")), k, s)
         # Sum over the window, divided by the count of unpadded pixels in it (asymmetric pads included).
         total = F.avg_pool2d(F.pad(x, pads), k, s, divisor_override=1)
-        count = F.avg_pool2d(F.pad(x.new_ones(1, 1, *x.shape[-2:]), pads), k, s, divisor_override=1)
+        count = F.avg_pool2d(F.pad(torch.ones_like(x[:1, :1]), pads), k, s, divisor_override=1)
         return total / count
 
     def extra_repr(self) -> str:
@@ -152,7 +155,8 @@ class DropPath(nn.Module):
         if not self.training:
             return x
         keep = 1.0 - self.drop_prob
-        kept = torch.rand(x.shape[0], 1, 1, 1, device=x.device) < keep
+        # rand_like of an (N, 1, 1, 1) slice rather than rand(x.shape[0], ...): torch.fx can trace it
+        kept = torch.rand_like(x[:, :1, :1, :1], dtype=torch.float32) < keep
         return x * (kept / keep).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -335,7 +339,7 @@ class AuxHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(F.relu(x))
-        if x.shape[-2:] != (self.map_size, self.map_size):
+        if not is_fx_tracing() and x.shape[-2:] != (self.map_size, self.map_size):
             raise ValueError(f"the auxiliary head was built for a {self.map_size}x{self.map_size} map after its pool "
                              f"but got {tuple(x.shape[-2:])}: build the model with image_size set to the input side "
                              f"you train at, or aux_head=False")
@@ -522,6 +526,21 @@ class NASNet(Classifier):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.dropout(torch.flatten(self.global_pool(x), 1))
         return x if pre_logits else self.fc(x)
+
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        """The stem (ImageNet), and the last cell before each reduction cell and at the end."""
+        reduction = self.stem.conv.stride[0]
+        specs, prev = [], ("stem", self.stem.conv.out_channels, reduction)
+        for name, cell in self.cells.items():
+            if name.startswith(("cell_stem_", "reduction_cell_")):  # stride 2
+                if reduction > 1 or prev[0] != "stem":
+                    specs.append(prev)
+                reduction *= 2
+            prev = (f"cells.{name}", cell.out_channels, reduction)
+        return specs + [prev]
+
+    def aux_classifier_names(self) -> list[str]:
+        return [] if self.aux is None else ["aux.fc"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | NASNetOutputs:
         with_aux = self.training and self.aux is not None

@@ -123,6 +123,14 @@ class PreActResNet(Classifier):
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return x if pre_logits else self.fc(x)
 
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        specs = [("stem", self.stem.out_channels, 1)]
+        for i in range(self.num_stages):
+            last = getattr(self, f"layer{i + 1}")[-1]
+            specs.append((f"layer{i + 1}", (last.conv3 if hasattr(last, "conv3") else last.conv2).conv.out_channels,
+                          2**i))
+        return specs
+
 
 # Section 4 and Table 3: 9n + 2 layers, three stages of n bottleneck units of width 16, 32, 64.
 CIFAR_PREACT = dict(block="bottleneck", widths=(16, 32, 64), stem_width=16)

@@ -22,7 +22,7 @@ import numbers
 import re
 import types
 import typing
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, Literal, Sequence, Union
 
 from torch import nn
 
@@ -91,10 +91,13 @@ def _create_external(name: str, builder: Callable[..., nn.Module], overrides: di
     return net
 
 
-def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
+def create(name: str, num_classes: int | None = None, features_only: bool = False,
+           out_indices: int | Sequence[int] | None = None, **overrides) -> nn.Module:
     """Build a registered model. `num_classes` defaults to the class count of the paper's data set;
     other keyword arguments override the builder's defaults (e.g. `drop_rate=0.3`, `impl="reference"`).
     `name` may also be `"pkg.module:builder"` or an entry point of the group `lightcnn.models`.
+    `features_only=True` returns the network's stage feature maps instead of logits (timm's, a
+    `lightcnn.models.base.FeatureExtractor`), those of `out_indices` (stage indices; None: all).
 
     An unknown name is a ValueError listing the closest names. An override that the model does not take,
     or whose value does not fit the knob's annotation, is a TypeError naming the model, the knob and what
@@ -103,6 +106,12 @@ def create(name: str, num_classes: int | None = None, **overrides) -> nn.Module:
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     if num_classes is not None:
         overrides["num_classes"] = num_classes
+    if features_only:
+        from lightcnn.models.base import FeatureExtractor
+
+        return FeatureExtractor(create(name, **overrides), out_indices)
+    if out_indices is not None:
+        raise ValueError(f"create({name!r}): out_indices selects feature maps; it needs features_only=True")
     if ":" in name:
         return _create_external(name, _import_builder(name), overrides)
     if name in _MODELS:

@@ -321,10 +321,7 @@ class ResNet(Classifier):
         return [b for i in range(self.num_stages) for b in getattr(self, f"layer{i + 1}")]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(f"{type(self).__name__} expects images of shape (N, {self.in_chans}, H, W), got "
-                             f"{tuple(x.shape)}; build it with in_chans={x.shape[1] if x.ndim == 4 else '?'} "
-                             "for other inputs")
+        self.check_input(x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # ImageNet: N x 64 x 56 x 56; CIFAR: N x 16 x 32 x 32
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
@@ -333,6 +330,15 @@ class ResNet(Classifier):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = torch.flatten(self.avgpool(x), 1)
         return x if pre_logits else self.fc(x)
+
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        first = 4 if self.stem == "imagenet" else 1  # after the 7x7/2 conv and the 3x3/2 max-pool
+        specs = [("relu", self.conv1.out_channels, 2 if self.stem == "imagenet" else 1)]
+        for i in range(self.num_stages):
+            last = getattr(self, f"layer{i + 1}")[-1]
+            bn = last.bn3 if isinstance(last, Bottleneck) else last.bn2
+            specs.append((f"layer{i + 1}", bn.num_features, first * 2**i))
+        return specs
 
 
 # The CIFAR nets of Section 4.2: 6n+2 layers, n basic blocks per stage on 32/16/8 maps of 16/32/64 channels.

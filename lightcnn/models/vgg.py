@@ -8,7 +8,7 @@ before fc6 (a no-op at 224x224), so torchvision's weights load with
 `lightcnn.models.weights.from_torchvision("vgg16", tv_vgg16)` (the layers map in order).
 
 Layers carry the paper's names (conv1_1 ... conv5_3, relu4_3, pool5): `forward_features` returns pool5
-(N x 512 x 7 x 7, torchvision's `features`), and `forward_intermediates(x, ["relu1_2", "relu2_2", ...])`
+(N x 512 x 7 x 7, torchvision's `features`), and `forward_layers(x, ["relu1_2", "relu2_2", ...])`
 returns the named maps used for perceptual and style losses and detection backbones.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from lightcnn.models.base import Classifier, init_he_, make_default_cfg
+from lightcnn.models.base import Classifier, init_he_, make_default_cfg, sequential_stages
 from lightcnn.models.registry import register_model
 from lightcnn.models.weights import map_layers_in_order, register_twin
 
@@ -96,15 +96,22 @@ class VGG(Classifier):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)  # N x 512 x 7 x 7 at 224x224 (pool5)
 
-    def forward_intermediates(self, x: torch.Tensor,
-                              layers: Sequence[str] = PERCEPTUAL_LAYERS) -> dict[str, torch.Tensor]:
+    def forward_intermediates(self, x: torch.Tensor, indices: int | Sequence[int] | Sequence[str] | None = None,
+                              intermediates_only: bool = False):
+        """timm's (stage indices, see `Classifier.forward_intermediates`), or, given layer names of
+        `features`, those layers' outputs by name (`forward_layers`)."""
+        if indices is not None and not isinstance(indices, int) and all(isinstance(i, str) for i in indices):
+            return self.forward_layers(x, indices)
+        return super().forward_intermediates(x, indices, intermediates_only)
+
+    def forward_layers(self, x: torch.Tensor, layers: Sequence[str] = PERCEPTUAL_LAYERS) -> dict[str, torch.Tensor]:
         """The outputs of the named layers of `features` (e.g. "relu3_3", "conv5_3", "pool4"), in the order
         asked; the forward pass stops at the deepest one. ReLUs run in place, so ask for "reluX_Y" rather
         than "convX_Y" when both are wanted."""
         names = dict(self.features.named_children())
         unknown = [n for n in layers if n not in names]
         if unknown:
-            raise ValueError(f"forward_intermediates: unknown layer(s) {unknown}; this VGG has {list(names)}")
+            raise ValueError(f"forward_layers: unknown layer(s) {unknown}; this VGG has {list(names)}")
         wanted, out = set(layers), {}
         remaining = len(wanted)
         for name, module in names.items():
@@ -120,6 +127,11 @@ class VGG(Classifier):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.pre_logits(self.avgpool(x))
         return x if pre_logits else self.fc8(x)
+
+    classifier_name = "fc8"
+
+    def stage_specs(self) -> list[tuple[str, int, int]]:
+        return sequential_stages(self.features, "features", self.in_chans)
 
 
 @register_model

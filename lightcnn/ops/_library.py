@@ -49,6 +49,14 @@ def _load() -> None:
 _load()
 
 
+def is_fx_tracing() -> bool:
+    """Whether torch.fx is tracing symbolically (torchvision's create_feature_extractor): its Proxies have no
+    device, dtype or layout to choose a kernel by, so layers trace their PyTorch reference."""
+    from torch.fx import _symbolic_trace
+
+    return getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)()
+
+
 def require_kernels() -> bool:
     return os.environ.get("LIGHTCNN_REQUIRE_KERNELS", "0") == "1"
 

@@ -1,0 +1,182 @@
+"""`python -m lightcnn.export`: every family's file (torch.export .pt2, ONNX, TorchScript trace) loads in a
+fresh process where lightcnn cannot be imported, runs with torch (onnxruntime for ONNX) alone and equals the
+eager network within 1e-4, at the traced batch size (2) and at 3 and 1 (dynamic batch). The files of several models
+are checked by one subprocess (each start costs seconds). The CLI reads run folders, checkpoints and
+names; `--keep-kernels` files need `import lightcnn`, which registers the ops."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from lightcnn import export
+from lightcnn.models import create
+from lightcnn.ops import library_loaded
+from tests._small_models import SMALL, small
+
+# one network per kernel-backed layer (LRN, fused BN-ReLU-conv, DenseNet's concatenation)
+FAST = ["alexnet", "preact_resnet164", "densenet121"]
+SLOW = [n for n in SMALL if n not in FAST]
+FORMATS = ["pt2", "onnx", "torchscript"]
+SUFFIX = {"pt2": ".pt2", "onnx": ".onnx", "torchscript": ".pt"}
+
+# Runs in a fresh interpreter where `import lightcnn` fails: loads every file, returns the max |error|.
+RUNNER = textwrap.dedent("""
+    import json, sys
+    sys.modules["lightcnn"] = None  # lightcnn must not be importable here
+    try:
+        import lightcnn  # noqa: F401
+        sys.exit("lightcnn is importable")
+    except ImportError:
+        pass
+    import torch
+    import onnxruntime
+
+    def load(fmt, path):
+        if fmt == "pt2":
+            return torch.export.load(path).module()
+        if fmt == "torchscript":
+            return torch.jit.load(path)
+        session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
+        return lambda x: torch.from_numpy(session.run(None, {"input": x.numpy()})[0])
+
+    cases = torch.load(sys.argv[1])
+    errors = {}
+    for name, case in cases.items():
+        for fmt, path in case["files"].items():
+            run = load(fmt, path)
+            with torch.no_grad():
+                errors[f"{name}/{fmt}"] = [float((run(x) - y).abs().max()) for x, y in zip(case["x"], case["y"])]
+    print(json.dumps(errors))
+""")
+
+
+def _export_and_run(names: list[str], folder: Path) -> dict[str, list[float]]:
+    cases = {}
+    for name in names:
+        model, x = small(name)
+        others = [torch.randn(3, *x.shape[1:]), x[:1]]  # other batch sizes: the batch dimension is dynamic
+        with torch.no_grad():
+            y = [model(v) for v in [x, *others]]  # eager, with the default implementation (kernels where they serve)
+        files = {}
+        for fmt in FORMATS:
+            files[fmt] = str(folder / f"{name}{SUFFIX[fmt]}")
+            assert export.export_model(model, fmt, files[fmt], x) == []
+        cases[name] = dict(files=files, x=[x, *others], y=y)
+    torch.save(cases, folder / "cases.pt")
+    (folder / "runner.py").write_text(RUNNER)
+    proc = subprocess.run([sys.executable, str(folder / "runner.py"), str(folder / "cases.pt")], cwd=folder,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def fast_errors(tmp_path_factory) -> dict[str, list[float]]:
+    return _export_and_run(FAST, tmp_path_factory.mktemp("export"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", FAST)
+def test_exported_file_runs_without_lightcnn_and_equals_eager(fast_errors, name, fmt):
+    errors = fast_errors[f"{name}/{fmt}"]
+    assert len(errors) == 3 and max(errors) < 1e-4, errors
+
+
+@pytest.mark.slow
+def test_every_family_exports(tmp_path):
+    errors = _export_and_run(SLOW, tmp_path)
+    assert len(errors) == len(SLOW) * len(FORMATS)
+    bad = {k: v for k, v in errors.items() if max(v) >= 1e-4}
+    assert not bad, bad
+
+
+def test_export_swaps_kernels_for_reference_ops_and_leaves_the_model_alone(tmp_path):
+    model, x = small("densenet121", impl="kernel")
+    assert export.export_model(model, "pt2", tmp_path / "d.pt2", x) == []  # no torch.ops.lightcnn.* left
+    assert export.lightcnn_ops(torch.export.load(str(tmp_path / "d.pt2"))) == []
+    impls = {m.impl for m in model.modules() if type(m).__name__ in ("DenseConv2d", "PreActConv2d")}
+    assert impls == {"kernel"}
+
+
+def _fake_run(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    """A run folder as `python -m lightcnn.fit` leaves it: config.yaml and checkpoints/last.ckpt whose
+    hyper_parameters hold the model name, its overrides and the class count linked from the data."""
+    torch.manual_seed(3)
+    net = create("lenet5", num_classes=7).eval()
+    run = tmp_path / "runs" / "lenet5_digits" / "20260101-000000"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"model": "lenet5", "model_kwargs": None}}))
+    hparams = {"model": "lenet5", "model_kwargs": None, "num_classes": 7, "in_chans": 1}
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "hyper_parameters": hparams},
+               run / "checkpoints" / "last.ckpt")
+    return run, net
+
+
+@pytest.mark.parametrize("source", ["run", "checkpoint"])
+def test_cli_exports_a_run_folder_or_checkpoint_with_its_weights(tmp_path, capsys, source):
+    run, net = _fake_run(tmp_path)
+    out = tmp_path / "lenet5.pt2"
+    src = run if source == "run" else run / "checkpoints" / "last.ckpt"
+    assert export.main([str(src), "--out", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    x = torch.randn(4, 1, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.export.load(str(out)).module()(x), net(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["no_such_net", "--out", "x.pt2"], "Unknown model 'no_such_net'"),
+    (["runs/nothing/here", "--out", "x.pt2"], "does not exist"),
+    (["lenet5", "--out", "x.bin"], "cannot tell the format"),
+    (["lenet5", "--out", "x.onnx", "--keep-kernels"], "ONNX has no lightcnn ops"),
+])
+def test_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert export.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_onnx_without_the_extra_names_it(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "onnxscript" else find_spec(n, *a))
+    assert export.main(["lenet5", "--out", str(tmp_path / "x.onnx")]) == 2
+    assert 'pip install "lightcnn[export]"' in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not library_loaded(), reason="needs the compiled lightcnn._C")
+def test_import_lightcnn_registers_the_ops():
+    code = "import lightcnn, torch; print(sorted(n for n in dir(torch.ops.lightcnn) if not n.startswith('_')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parents[1]).stdout
+    ops = json.loads(out.strip().replace("'", '"'))
+    assert {"lrn", "bn_relu_conv2d", "dense_bn_relu_conv2d"} <= set(ops)
+
+
+@pytest.mark.skipif(not library_loaded(), reason="needs the compiled lightcnn._C")
+def test_keep_kernels_files_load_after_import_lightcnn(tmp_path):
+    """A .pt2 and a TorchScript trace that call torch.ops.lightcnn.lrn load in a fresh process after
+    `import lightcnn` alone (not lightcnn.models) and give the eager network's logits."""
+    model, x = small("alexnet", impl="kernel")
+    pt2, ts = tmp_path / "alexnet.pt2", tmp_path / "alexnet.pt"
+    assert export.export_model(model, "pt2", pt2, x, keep_kernels=True) == ["lrn"]
+    assert export.export_model(model, "torchscript", ts, x, keep_kernels=True) == ["lrn"]
+    code = ("import sys, torch, lightcnn; x, y = torch.load(sys.argv[3]); "
+            "assert 'lightcnn.models' not in sys.modules; "
+            "print(float((torch.export.load(sys.argv[1]).module()(x) - y).abs().max()), "
+            "float((torch.jit.load(sys.argv[2])(x) - y).abs().max()))")
+    with torch.no_grad():
+        torch.save([x, model(x)], tmp_path / "xy.pt")
+    proc = subprocess.run([sys.executable, "-c", code, str(pt2), str(ts), str(tmp_path / "xy.pt")],
+                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert all(float(e) < 1e-5 for e in proc.stdout.split())
