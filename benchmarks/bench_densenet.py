@@ -21,7 +21,7 @@ Memory, per variant:
           memory and the backward's transients. CPU: the running sum of the profiler's allocation events
           (torch.profiler, profile_memory=True); CUDA: torch.cuda.max_memory_allocated().
   rss     CPU only, for the record: peak resident set size of the first step minus the size before it.
-Targets (issue 11): CPU float32: ours' peak <= 0.7x checkpointed's and step time <= 1.0x naive's. GPU, in
+Targets: CPU float32: ours' peak <= 0.7x checkpointed's and step time <= 1.0x naive's. GPU, in
 bf16 autocast + channels-last and in fp32 with TF32 on: ours' peak <= 0.35x naive's at <= 1.10x its time
 (fp32 with TF32 off is reported for the record).
 

@@ -6,11 +6,11 @@
 Variants: `copy` (x.clone(): the memory-bandwidth floor; for forward+backward, a clone in each
 direction), `eager` (F.local_response_norm), `compiled` (the same under torch.compile), `kernel`
 (lightcnn.ops.local_response_norm, which must be the compiled library: LIGHTCNN_REQUIRE_KERNELS=1 is set).
-Targets (issue 2), CPU: forward+backward >= 1.5x faster than compiled and >= 4x faster than eager;
-forward no slower than compiled and within 2.0x of the copy. GPU (issue 10, every shape, both layouts,
+Targets, CPU: forward+backward >= 1.5x faster than compiled and >= 4x faster than eager;
+forward no slower than compiled and within 2.0x of the copy. GPU (every shape, both layouts,
 fp32 and bf16): forward <= 1.5x a copy, forward+backward >= 1.5x faster than compiled and >= 4x faster
 than eager. Run one layout per process: inductor compiling a channels-last LRN after an NCHW one in the
-same process hit an illegal memory access on torch 2.11 (issue 10).
+same process hit an illegal memory access on torch 2.11.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from _timing import check, time_interleaved  # noqa: E402
 import lightcnn.ops as ops  # noqa: E402
 
 # (C, H, W) of the LRNs: AlexNet after conv1 and conv2 (n=5 as in the paper); ZFNet's and GoogLeNet's
-# (64 x 56 x 56 and 192 x 56 x 56) complete issue 10's set.
+# (64 x 56 x 56 and 192 x 56 x 56) complete the GPU set.
 SHAPE_SETS = {"alexnet": [(96, 55, 55), (256, 27, 27)],
               "all": [(96, 55, 55), (256, 27, 27), (64, 56, 56), (192, 56, 56)]}
 LRN_ARGS = dict(size=5, alpha=5e-4, beta=0.75, k=2.0)
@@ -120,7 +120,7 @@ def main():
                 check(f"{shape} fwd kernel/compiled", t_fwd["kernel"] / t_fwd["compiled"], "<=", 1.0),
                 check(f"{shape} fwd kernel/copy", t_fwd["kernel"] / t_fwd["copy"], "<=", 2.0),
             ]
-        else:  # issue 10, item 2
+        else:  # GPU targets
             name = f"{shape} {args.dtype} {layout}"
             lines += [check(f"{name} fwd kernel/copy", t_fwd["kernel"] / t_fwd["copy"], "<=", 1.5),
                       check(f"{name} fwd+bwd speed-up over eager", t_both["eager"] / t_both["kernel"], ">=", 4.0)]

@@ -19,8 +19,8 @@ Memory, per variant:
               the resident size before it (fresh process; includes the gradients, the momentum buffers
               and, for `compiled`, the compiler's own memory).
 Precision (--precision): fp32 (TF32 off), tf32 (float32 with cuDNN/cuBLAS TF32 on, PyTorch's cuDNN
-default), bf16 (torch.autocast bfloat16; use with --channels-last as issue 10 does).
-Targets (issue 10), kernel / reference: CUDA bf16 and tf32: time <= 1.10 and peak memory <= 0.60; CUDA
+default), bf16 (torch.autocast bfloat16; use with --channels-last, as users run it).
+Targets, kernel / reference: CUDA bf16 and tf32: time <= 1.10 and peak memory <= 0.60; CUDA
 fp32 without TF32: time <= 1.05; CPU: time <= 1.05 and memory <= 0.7.
 
   python benchmarks/bench_preact.py                                  # CPU, batch 8
@@ -29,7 +29,7 @@ fp32 without TF32: time <= 1.05; CPU: time <= 1.05 and memory <= 0.7.
   python benchmarks/bench_preact.py --device cuda --fit-memory-gib 16 --variants kernel,reference
 
 --fit-memory-gib G: instead of timing, the largest batch whose training step fits in G GiB, per variant
-(issue 10: the fused unit should fit a larger batch than the reference). Each worker measures the whole
+(the fused unit should fit a larger batch than the reference). Each worker measures the whole
 memory of a step (model, gradients, optimiser state, data and the step's peak: CUDA max_memory_allocated;
 CPU 3x the parameters plus the profiler's step peak) at --batch-size and twice that, fits
 memory = fixed + per_sample * batch, and on CUDA confirms the predicted batch under

@@ -405,7 +405,7 @@ def test_torchvision_import_refuses_what_does_not_fit():
         from_torchvision("zfnet", tv_alexnet)
 
 
-# ---------------------------------------------------------------------------- issue 9: paper fidelity
+# ---------------------------------------------------------------------------------------- paper fidelity
 
 def test_zfnet_pools_before_normalising_on_55_and_13_maps():
     """ZFNet Sec. 2 / Fig. 3: layers 1-2 pool first, then normalise across feature maps (maps 55x55 and

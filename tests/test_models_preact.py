@@ -141,7 +141,7 @@ def test_wrn16_8_three_training_steps_kernel_equals_reference():
         torch.testing.assert_close(final[0][name], ref, atol=1e-9, rtol=1e-9, msg=name)
 
 
-# ---------------------------------------------------------------------------- issue 9: paper fidelity
+# ---------------------------------------------------------------------------------------- paper fidelity
 def test_wrn_dropout_sits_between_relu_and_conv_not_before_bn():
     """WRN Sec. 2.4 and wide-resnet.lua: BN-ReLU-Dropout-Conv. The second unit's BN sees conv1's output
     untouched (no exact zeros); its conv sees the ReLU output with ~30% of the positive entries zeroed and

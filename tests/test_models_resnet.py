@@ -414,7 +414,7 @@ def test_torchvision_import_strips_a_data_parallel_prefix():
         torch.testing.assert_close(ours(x), tv(x), rtol=1e-5, atol=1e-5)
 
 
-# ---------------------------------------------------------------------------- issue 9: paper fidelity
+# ---------------------------------------------------------------------------------------- paper fidelity
 def _he_std(conv: nn.Conv2d, mode: str) -> float:
     k = conv.kernel_size[0] * conv.kernel_size[1]
     fan = k * (conv.in_channels // conv.groups if mode == "fan_in" else conv.out_channels)
