@@ -413,3 +413,19 @@ def test_a_nan_checkpoint_is_an_error_not_blank_pictures(trained_lenet, tmp_path
     assert not (tmp_path / "pics").exists()
     with pytest.raises(ValueError, match="NaN or Inf"):
         load_model("lenet5", ckpt)
+
+
+def test_images_are_fed_at_the_size_and_normalisation_the_run_evaluated_with(tmp_path):
+    # A run trained at 40 px with its own mean/std: the pictures of its checkpoint use those, not the
+    # network's paper defaults (32 px for LeNet-5).
+    net = models.create("lenet5")
+    path = tmp_path / "run.ckpt"
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+                "hyper_parameters": {"model": "lenet5"},
+                "lightcnn": {"eval": {"in_chans": 1, "image_size": 40, "mean": [0.25], "std": [0.5]}}}, path)
+    loaded = load_model(None, path)
+    assert loaded.default_cfg["input_size"] == (1, 40, 40)
+    assert loaded.default_cfg["mean"] == (0.25,) and loaded.default_cfg["std"] == (0.5,)
+    x, _ = load_images(["digits:3"], loaded)
+    assert x.shape[-2:] == (40, 40)
+    assert models.create("lenet5").default_cfg["input_size"] == (1, 32, 32)  # the registry's stays the paper's

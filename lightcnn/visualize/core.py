@@ -68,13 +68,14 @@ def load_model(name: str | None, checkpoint: str | Path | None = None, **overrid
     `.net`; the model name, class count, input channels and model_kwargs are read from its
     hyper-parameters, so `name` may be None), a snapshot of `FeatureSnapshots` (same layout), or a plain
     state_dict of the network. `overrides` go to `lightcnn.models.create` (e.g. `num_classes=10`)."""
-    state, hp = None, {}
+    state, hp, run_eval = None, {}, {}
     if checkpoint is not None:
         ckpt = _read(checkpoint)
         if not isinstance(ckpt, dict):
             raise ValueError(f"checkpoint {str(checkpoint)!r} holds a {type(ckpt).__name__}, not a state_dict")
         if "state_dict" in ckpt:
             state, hp = ckpt["state_dict"], dict(ckpt.get("hyper_parameters") or {})
+            run_eval = dict((ckpt.get("lightcnn") or {}).get("eval") or {})
         else:
             state = ckpt
         state = _strip(_strip(state, "net."), "_orig_mod.")
@@ -104,7 +105,22 @@ def load_model(name: str | None, checkpoint: str | Path | None = None, **overrid
                                  f"(another model or other settings?): {e}") from None
             return load_model(name, checkpoint, **{**overrides, "num_classes": n})
         check_finite(model, f"checkpoint {str(checkpoint)!r}")
+    model.default_cfg = with_run_eval(model.default_cfg, run_eval)
     return model.eval()
+
+
+def with_run_eval(default_cfg: dict, run_eval: dict) -> dict:
+    """The network's `default_cfg` with the input size and normalisation its run evaluated with (saved by
+    `lightcnn.fit` in the checkpoint), so that images are fed as the run was, e.g. at 112 px, not 224."""
+    cfg = dict(default_cfg)
+    size = run_eval.get("image_size")
+    if size is not None:
+        h, w = (size, size) if isinstance(size, int) else size
+        cfg["input_size"] = (cfg["input_size"][0], int(h), int(w))
+    for key in ("mean", "std"):
+        if run_eval.get(key) is not None:
+            cfg[key] = tuple(run_eval[key])
+    return cfg
 
 
 def check_finite(model: nn.Module, what: str) -> None:
