@@ -53,10 +53,10 @@ COALESCING_PER_INSTR, COALESCING_OVERALL, TRAFFIC_MAX, WAVES_MIN = 0.80, 0.90, 1
 HOT_REQUESTS = 0.25
 
 # Kernels whose traffic grows with the batch (the others work on per-channel vectors).
-ACTIVATION_KERNELS = {"lrn_forward_kernel", "lrn_forward_cl_kernel", "lrn_backward_cl_kernel",
-                      "lrn_backward_t_kernel", "lrn_backward_grad_kernel", "partial_nchw_kernel", "partial_nhwc_kernel", "bn_relu_kernel", "grad_input_kernel",
-                      "relu_mask_kernel", "bn_relu_into_kernel", "grad_inputs_kernel", "reduce_from_kernel",
-                      "stats_from_kernel"}
+ACTIVATION_KERNELS = {
+    "lrn_forward_kernel", "lrn_forward_cl_kernel", "lrn_backward_cl_kernel", "lrn_backward_t_kernel",
+    "lrn_backward_grad_kernel", "partial_nchw_kernel", "partial_nhwc_kernel", "bn_relu_kernel", "grad_input_kernel",
+    "relu_mask_kernel", "bn_relu_into_kernel", "grad_inputs_kernel", "reduce_from_kernel", "stats_from_kernel"}
 
 
 # ------------------------------------------------------------------ cases
@@ -375,9 +375,9 @@ def format_row(r) -> str:
     p, q = r["predicted_us"], r["reference_us"]
     lines = [
         f"{r['case']} {r['dtype']} {r['layout']}: launches {r['launches']}, coalescing hot min "
-        f"{r['coalescing_min']:.0%}{w} overall {r['coalescing_overall']:.0%}, traffic {r['traffic_vs_compulsory']:.2f}x "
-        f"compulsory {r['traffic_vs_reference']:.2f}x reference, shared-memory wavefronts max "
-        f"{r['bank_conflict_max']:.2f}x ideal",
+        f"{r['coalescing_min']:.0%}{w} overall {r['coalescing_overall']:.0%}, "
+        f"traffic {r['traffic_vs_compulsory']:.2f}x compulsory {r['traffic_vs_reference']:.2f}x reference, "
+        f"shared-memory wavefronts max {r['bank_conflict_max']:.2f}x ideal",
         f"    waves (launches > 1 MB at full size): {waves or '-'}",
         f"    predicted memory-bound time (PREDICTION): H100 {p['H100']:.0f} us (reference {q['H100']:.0f}), "
         f"H200 {p['H200']:.0f} us (reference {q['H200']:.0f})",
