@@ -48,9 +48,9 @@ LAUNCH_US = 3.0  # per launch: launch and ramp-up/tail of a short kernel
 BIG_LAUNCH = 1 << 20  # bytes: the launches whose waves are held
 # the targets (tests/test_gpu_model.py holds them on small shapes)
 COALESCING_PER_INSTR, COALESCING_OVERALL, TRAFFIC_MAX, WAVES_MIN = 0.80, 0.90, 1.25, 2.0
-# Hot: the instructions of the activation kernels that run per element, i.e. issue at least HOT_REQUESTS of
-# the requests of their launch's most issued instruction (not a block's one-off write of its partial sum).
-HOT_REQUESTS = 0.25
+# Hot: the instructions of the activation kernels that move at least HOT_SECTORS of the sector bytes of their
+# launch's busiest instruction (not a block's one-off write of its partial sum).
+HOT_SECTORS = 0.10
 
 # Kernels whose traffic grows with the batch (the others work on per-channel vectors).
 ACTIVATION_KERNELS = {
@@ -281,14 +281,14 @@ def analyse(case: Case, dtype_name: str, layout: str, rec: list[dict], full_plan
     req = useful = sect = 0
     for ln in rec:
         hot_launch = ln["name"] in ACTIVATION_KERNELS
-        most = max((i["requests"] for i in ln["instrs"] if i["space"] == "global"), default=0)
+        most = max((i["sector_bytes"] for i in ln["instrs"] if i["space"] == "global"), default=0)
         for i in ln["instrs"]:
             if i["space"] != "global" or i["sector_bytes"] == 0:
                 continue
             eff = i["useful"] / i["sector_bytes"]
             row = dict(kernel=ln["name"], op=i["op"], size=i["size"], requests=i["requests"], coalescing=eff,
                        sector_bytes=i["sector_bytes"],
-                       hot=hot_launch and i["requests"] >= HOT_REQUESTS * most)
+                       hot=hot_launch and i["sector_bytes"] >= HOT_SECTORS * most)
             instrs.append(row)
             if row["hot"]:
                 hot_instrs.append(row)
@@ -362,6 +362,7 @@ def model(cases, dtypes=("fp32", "bf16"), layouts=LAYOUTS, log=print) -> list[di
                 else:
                     plan = launch_plan(case, DTYPES[dn], cl)
                 row = analyse(case, dn, lay, rec, plan, case.small_batch, case.hw)
+                row["launch_blocks"] = [(ln["name"], blocks(ln)) for ln in rec]
                 row["emulated_s"] = round(time.time() - t0, 1)
                 rows.append(row)
                 log(format_row(row))
@@ -480,6 +481,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="the CI-sized cases only")
     ap.add_argument("--op", choices=["bn_relu_conv", "dense", "lrn"], action="append", help="only these ops")
+    ap.add_argument("--cases", help="only the cases whose name contains one of these comma-separated words")
     ap.add_argument("--json", type=Path, help="write the rows (the predictions) here")
     ap.add_argument("--measure", action="store_true", help="on a GPU: time each case beside its prediction")
     ap.add_argument("--predictions", type=Path, default=ROOT / "benchmarks" / "gpu_model.json")
@@ -497,6 +499,8 @@ def main(argv=None) -> int:
     cases = QUICK_CASES if args.quick else CASES
     if args.op:
         cases = [c for c in cases if c.op in args.op]
+    if args.cases:
+        cases = [c for c in cases if any(w in c.name for w in args.cases.split(","))]
     print("GPU model of the CUDA kernels: PREDICTIONS from the emulator (no GPU measured these)")
     rows = model(cases)
     print("per kernel, lowest coalescing of its hot instructions:",
