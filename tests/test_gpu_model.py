@@ -54,7 +54,21 @@ CI_CASES = [
 # Targets the kernels miss, with the figure and the reason (a fixed one must leave this table: the test
 # fails when a listed miss is met, and on any miss not listed).
 KNOWN_MISSES = {
-    # (op, target, layout)
+    # (op, target, layout): why
+    ("bn_relu_conv", "coalescing per instruction", "NHWC"):
+        "the backward reduction's gradient load sits under the ReLU mask (GCC sinks it into the branch), so the "
+        "k-th-access rule pairs lanes of different iterations: 21-39%; a GPU issues it as one predicated request",
+    ("bn_relu_conv", "time", "NCHW"): "PreAct-164's 16-channel unit is launch-bound: 10 launches against 6",
+    ("bn_relu_conv", "time", "NHWC"): "as NCHW",
+    ("bn_relu_conv", "mergeable launches", "NCHW"):
+        "finish_stats + affine and finish_sums + coefs: the per-channel step is a separate primitive of the host "
+        "logic shared with the CPU (csrc/bn_relu_conv.h)",
+    ("bn_relu_conv", "mergeable launches", "NHWC"): "as NCHW",
+    ("dense", "coalescing per instruction", "NHWC"):
+        "stats_from/reduce_from: a block reads one channel's column, lanes k elements apart (12.5% fp32)",
+    ("dense", "coalescing overall", "NHWC"): "the same reductions",
+    ("dense", "mergeable launches", "NCHW"): "finish_stats + affine, as bn_relu_conv",
+    ("dense", "mergeable launches", "NHWC"): "as NCHW",
 }
 
 
@@ -82,9 +96,9 @@ def test_recorder_sees_a_vectorised_elementwise_kernel_exactly(emu):
     assert ew["grid"] == [1, 1, 1] and ew["block"] == [256, 1, 1]
     assert ew["dram_written"] == x.numel() * 4  # y, once
     assert ew["dram_read"] == x.numel() * 4 + 2 * 32  # x, and scale and shift (8 floats each: one sector)
-    vec = [i for i in ew["instrs"] if i["size"] == 16]  # x in, y out: 16-byte vectors, 32 lanes a request
+    vec = [i for i in ew["instrs"] if i["size"] == 16]  # x in, y out: 64 vectors of 4 floats, 2 warps
     assert sorted(i["op"] for i in vec) == ["load", "store"]
-    assert all(i["requests"] == 1 and i["lanes"] == 32 and i["sector_bytes"] == 512 == i["useful"] for i in vec)
+    assert all(i["requests"] == 2 and i["lanes"] == 64 and i["sector_bytes"] == 1024 == i["useful"] for i in vec)
 
 
 def test_recorder_matches_lanes_by_their_kth_access_and_sees_strides(emu):
