@@ -5,7 +5,8 @@
 # LRN at 96x55x55, 256x27x27, 64x56x56, 192x56x56 in fp32 and bf16, NCHW and channels-last, each layout's
 # torch.compile baseline in a fresh process); prints every target as MET/MISSED (summary at the end); then
 # the CUDA kernel tests; the batched CIFAR pipeline feeding ResNet-20/110 bf16 steps against a batch already
-# in GPU memory (>= 90%). JSON and the log go to $OUT when set. Budget: under 5 minutes after the build.
+# in GPU memory (>= 90%); every op call of the GPU model's cases beside its predicted time
+# (benchmarks/gpu_model.py --measure). JSON and the log go to $OUT when set. Budget: under 5 minutes after the build.
 # Imports neither jsonargparse nor wandb (the GPU image has neither).
 #
 #   bash benchmarks/gpu_check.sh                      # on the GPU machine
@@ -44,6 +45,10 @@ BENCHMARKS=(
   "python benchmarks/sanitize_ops.py --sanitizer memcheck"
   "python benchmarks/sanitize_ops.py --sanitizer racecheck"
   "python benchmarks/sanitize_ops.py --sanitizer synccheck"
+  # Each op call of the GPU model's cases (WRN-28-10, PreAct-164, DenseNet-121, the LRNs; both layouts,
+  # fp32/bf16) timed beside the model's prediction (benchmarks/gpu_model.json, made on a CPU by
+  # benchmarks/gpu_model.py): the measured / predicted ratios calibrate the model (RESULTS.md).
+  "python benchmarks/gpu_model.py --measure --predictions benchmarks/gpu_model.json"
   "python $P $WRN --precision bf16 --channels-last --drop-rate 0 --json {out}_wrn_bf16_cl_drop0.json"
   "python $P $WRN --precision tf32 --drop-rate 0 --json {out}_wrn_tf32_drop0.json"
   "python $P $WRN --precision fp32 --drop-rate 0 --json {out}_wrn_fp32_drop0.json"

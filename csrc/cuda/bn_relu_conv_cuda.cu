@@ -104,6 +104,33 @@ struct alignas(sizeof(scalar_t) * V) Vec {
   scalar_t v[V];
 };
 
+// The per-channel parameters of a vector's V elements: in channels-last, channels c0 .. c0 + V - 1, loaded
+// as 16-byte vectors (lanes of a warp read neighbouring vectors: coalesced, where a load per channel would
+// take V sectors a request); in NCHW the one channel c0, one load (the same address for the whole warp).
+template <typename acc_t, int V, typename Chan, typename C0>
+__device__ __forceinline__ void load_params(const acc_t* __restrict__ p, C0 c0, const Chan& channel, acc_t (&out)[V]) {
+  constexpr int P = 16 / sizeof(acc_t);
+  if constexpr (V % P == 0) {
+    if (channel.cl()) {
+#pragma unroll
+      for (int q = 0; q < V / P; ++q) {
+        const Vec<acc_t, P> v = reinterpret_cast<const Vec<acc_t, P>*>(p + c0)[q];
+#pragma unroll
+        for (int k = 0; k < P; ++k) out[q * P + k] = v.v[k];
+      }
+      return;
+    }
+  }
+  if (channel.cl()) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = p[c0 + k];
+    return;
+  }
+  const acc_t v = p[c0];
+#pragma unroll
+  for (int k = 0; k < V; ++k) out[k] = v;
+}
+
 __device__ __forceinline__ float preact(float x, float s, float b) { return fmaf(x, s, b); }
 __device__ __forceinline__ double preact(double x, double s, double b) { return fma(x, s, b); }
 
@@ -182,8 +209,11 @@ struct GradTerms {
     m = mean[c];
   }
   __device__ __forceinline__ void add(int64_t off, acc_t& a, acc_t& b) const {
+    // g is loaded by every lane, masked or not: one coalesced request per warp (a load under the mask
+    // would issue as many partial requests as the lanes' masks differ, and touch the same sectors anyway)
     const acc_t xv = static_cast<acc_t>(x[off]);
-    const acc_t dz = preact(xv, s, b0) > acc_t(0) ? drop.backward(g[off], off) : acc_t(0);
+    const scalar_t gv = g[off];
+    const acc_t dz = preact(xv, s, b0) > acc_t(0) ? drop.backward(gv, off) : acc_t(0);
     a += dz;
     b += dz * (xv - m);
   }
@@ -322,11 +352,13 @@ __global__ void bn_relu_kernel(const scalar_t* __restrict__ x, scalar_t* __restr
     const index_t e = i * V;
     const auto c0 = channel(e);
     const VecT in = reinterpret_cast<const VecT*>(x)[i];
+    acc_t sc[V], sh[V];
+    load_params<acc_t, V>(scale, c0, channel, sc);
+    load_params<acc_t, V>(shift, c0, channel, sh);
     VecT out;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const auto c = channel.cl() ? c0 + k : c0;
-      const acc_t v = preact(static_cast<acc_t>(in.v[k]), scale[c], shift[c]);
+      const acc_t v = preact(static_cast<acc_t>(in.v[k]), sc[k], sh[k]);
       // NaN propagates as in F.relu
       out.v[k] = drop.forward(static_cast<scalar_t>(v > acc_t(0) ? v : (v != v ? v : acc_t(0))), e + k);
     }
@@ -345,13 +377,18 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ g, const scalar_t
     const index_t e = i * V;
     const auto c0 = channel(e);
     const VecT gv = reinterpret_cast<const VecT*>(g)[i], xv = reinterpret_cast<const VecT*>(x)[i];
+    acc_t sc[V], sh[V], al[V], be[V], ga[V];
+    load_params<acc_t, V>(scale, c0, channel, sc);
+    load_params<acc_t, V>(shift, c0, channel, sh);
+    load_params<acc_t, V>(alpha, c0, channel, al);
+    load_params<acc_t, V>(beta, c0, channel, be);
+    load_params<acc_t, V>(gamma, c0, channel, ga);
     VecT out;
 #pragma unroll
     for (int k = 0; k < V; ++k) {
-      const auto c = channel.cl() ? c0 + k : c0;
       const acc_t xk = static_cast<acc_t>(xv.v[k]);
-      const acc_t dz = preact(xk, scale[c], shift[c]) > acc_t(0) ? drop.backward(gv.v[k], e + k) : acc_t(0);
-      out.v[k] = static_cast<scalar_t>(dz * alpha[c] + (xk * beta[c] + gamma[c]));
+      const acc_t dz = preact(xk, sc[k], sh[k]) > acc_t(0) ? drop.backward(gv.v[k], e + k) : acc_t(0);
+      out.v[k] = static_cast<scalar_t>(dz * al[k] + (xk * be[k] + ga[k]));
     }
     reinterpret_cast<VecT*>(gx)[i] = out;
   });
@@ -383,8 +420,9 @@ void with_index(const Layout& L, int64_t numel, const F& launch) {
     launch(numel, Channel64{L});
 }
 
-// 16-byte vectors (Vec) when the layout keeps a vector in one pixel or one channel and every pointer is
-// 16-byte aligned; else one element at a time. Calls launch(std::integral_constant<int, V>).
+// 16-byte vectors (Vec) when the layout keeps a vector in one pixel or one channel and every pointer (the
+// per-channel parameters' too) is 16-byte aligned; else one element at a time. Calls
+// launch(std::integral_constant<int, V>).
 template <typename scalar_t, typename F>
 void with_vector(const Layout& L, int64_t numel, std::initializer_list<const void*> ptrs, const F& launch) {
   constexpr int V = 16 / sizeof(scalar_t);
@@ -424,7 +462,7 @@ at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::
     using acc_t = at::acc_type<scalar_t, true>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-    with_vector<scalar_t>(L, numel, {xp, yp}, [&](auto vec) {
+    with_vector<scalar_t>(L, numel, {xp, yp, scale.const_data_ptr(), shift.const_data_ptr()}, [&](auto vec) {
       with_index(L, numel, [&](auto n, auto channel) {
         bn_relu_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(n), decltype(channel)>
             <<<elementwise_blocks(numel / vec), kElementwiseThreads, 0, current_stream()>>>(
@@ -465,7 +503,10 @@ at::Tensor grad_input_cuda(const at::Tensor& g, const at::Tensor& x, const at::T
     using acc_t = at::acc_type<scalar_t, true>;
     const scalar_t *gp = g.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
     scalar_t* op = gx.mutable_data_ptr<scalar_t>();
-    with_vector<scalar_t>(L, numel, {gp, xp, op}, [&](auto vec) {
+    with_vector<scalar_t>(L, numel,
+                          {gp, xp, op, scale.const_data_ptr(), shift.const_data_ptr(), alpha.const_data_ptr(),
+                           beta.const_data_ptr(), gamma.const_data_ptr()},
+                          [&](auto vec) {
       with_index(L, numel, [&](auto n, auto channel) {
         grad_input_kernel<scalar_t, acc_t, decltype(vec)::value, decltype(n), decltype(channel)>
             <<<elementwise_blocks(numel / vec), kElementwiseThreads, 0, current_stream()>>>(

@@ -97,8 +97,9 @@ __global__ void grad_inputs_kernel(Pieces P, const scalar_t* __restrict__ g, con
   grid_stride(numel, [&](index_t i) {
     index_t c;
     const index_t o = buffer_offset(P, j, i, c);
-    const acc_t xv = static_cast<acc_t>(x[i]);
-    const acc_t dz = preact(xv, scale[c], shift[c]) > acc_t(0) ? static_cast<acc_t>(g[o]) : acc_t(0);
+    // g loaded by every lane, masked or not: one request per warp, not one per pattern of the mask
+    const acc_t xv = static_cast<acc_t>(x[i]), gv = static_cast<acc_t>(g[o]);
+    const acc_t dz = preact(xv, scale[c], shift[c]) > acc_t(0) ? gv : acc_t(0);
     gx[i] = static_cast<scalar_t>(dz * alpha[c] + (xv * beta[c] + gamma[c]));
   });
 }
@@ -188,8 +189,8 @@ __global__ void reduce_from_kernel(Pieces P, const scalar_t* __restrict__ g, con
   const acc_t s = scale[c], b = shift[c], mu = mean[c];
   acc_t a1 = 0, a2 = 0;
   walk_channel(P, bs.j, bs.lc, bs.m0, bs.m1, [&](int64_t xi, int64_t gi) {
-    const acc_t xv = static_cast<acc_t>(x[xi]);
-    const acc_t dz = preact(xv, s, b) > acc_t(0) ? static_cast<acc_t>(g[gi]) : acc_t(0);
+    const acc_t xv = static_cast<acc_t>(x[xi]), gv = static_cast<acc_t>(g[gi]);  // unmasked load, as above
+    const acc_t dz = preact(xv, s, b) > acc_t(0) ? gv : acc_t(0);
     a1 += dz;
     a2 += dz * (xv - mu);
   });

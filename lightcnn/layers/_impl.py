@@ -71,10 +71,12 @@ LAYER_OPS: dict[str, _library.KernelOp] = {}
 def backend_info() -> dict:
     """Which implementation each kernel-backed layer type uses: {'default_impl': 'auto'|'kernel'|'reference',
     'layers': {layer: {'op': name, 'compiled': {device type: bool}, 'auto': {configuration: 'kernel' |
-    'reference'}}}}. Under "auto" a configuration marked "kernel" runs the kernel where it is compiled
-    (elsewhere the reference, with one warning); "kernel" forces it; "reference" never uses it."""
+    'reference'}, 'auto_reason': why the table is so}}}. Under "auto" a configuration marked "kernel" runs
+    the kernel where it is compiled (elsewhere the reference, with one warning); "kernel" forces it;
+    "reference" never uses it."""
     return {
         "default_impl": _default,
-        "layers": {name: {"op": op.name, "compiled": dict(op.compiled), "auto": _library.auto_table(op)}
+        "layers": {name: {"op": op.name, "compiled": dict(op.compiled), "auto": _library.auto_table(op),
+                          "auto_reason": op.auto_reason}
                    for name, op in LAYER_OPS.items()},
     }

@@ -1,7 +1,7 @@
 """Builds csrc/cuda/*.cu for the CPU emulator in cuda_emu.h and loads them as torch.ops.lightcnn_emu.*.
 
 Each .cu file is rewritten a little, then compiled by the host compiler:
-  kernel<<<grid, block, smem, stream>>>(args)  ->  ::cuda_emu::launch(kernel, grid, block, smem, stream)(args)
+  kernel<<<grid, block, smem, stream>>>(args)  ->  ::cuda_emu::launch_named("kernel", kernel, grid, ...)(args)
   __shared__ T name[n];  /  __shared__ T name;  ->  a per-block buffer from ::cuda_emu::shared<T>(id)
   extern __shared__ ... name[];               ->  the block's dynamic shared memory
   c10::DeviceType::CUDA, .is_cuda()            ->  their CPU twins (a CPU tensor stands for a CUDA one)
@@ -48,7 +48,9 @@ def rewrite_launches(src: str) -> str:
         stop = src.index(">>>", start)
         name_start = _kernel_name_start(src, start)
         out.append(src[pos:name_start])
-        out.append(f"::cuda_emu::launch({src[name_start:start].strip()}, {src[start + 3:stop].strip()})")
+        kernel = src[name_start:start].strip()
+        name = kernel.split("<")[0].split("::")[-1]
+        out.append(f'::cuda_emu::launch_named("{name}", {kernel}, {src[start + 3:stop].strip()})')
         pos = stop + 3
     out.append(src[pos:])
     return "".join(out)
@@ -89,11 +91,23 @@ def rewrite(src: str) -> str:
     return head + f"TORCH_LIBRARY_FRAGMENT({NAMESPACE}, m)" + tail.replace("m.impl(", "m.def(")
 
 
+# Outlined kernel-address instrumentation: every load and store calls __asan_{load,store}N_noabort(addr),
+# which recorder.cu defines (no sanitizer runtime, no shadow memory, no redzones).
+RECORD_FLAGS = ["-fsanitize=kernel-address", "--param=asan-instrumentation-with-call-threshold=0",
+                "--param=asan-stack=0", "--param=asan-globals=0", "--param=asan-use-after-return=0",
+                "-fno-sanitize-address-use-after-scope"]
+_loaded = False
+
+
 def build(build_dir: str | Path, verbose: bool = False) -> None:
-    """Rewrites and compiles every csrc/cuda/*.cu (and the emulator's own selftest.cu) into one library and
-    loads it: its ops are then torch.ops.lightcnn_emu.*."""
+    """Rewrites and compiles every csrc/cuda/*.cu (and the emulator's own selftest.cu and recorder.cu) into
+    one library and loads it: its ops are then torch.ops.lightcnn_emu.*. Once per process (later calls
+    return at once, so test files share the build)."""
+    global _loaded
     from torch.utils.cpp_extension import load
 
+    if _loaded:
+        return
     build_dir = Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     sources = []
@@ -104,8 +118,9 @@ def build(build_dir: str | Path, verbose: bool = False) -> None:
             out.write_text(text)
         sources.append(str(out))
     load(name="lightcnn_cuda_emu", sources=sources, extra_include_paths=[str(CSRC), str(CSRC / "cuda"), str(HERE)],
-         extra_cflags=["-O1", "-Wno-unknown-pragmas", "-DLIGHTCNN_TEST_INDEX64"], build_directory=str(build_dir),
-         is_python_module=False, verbose=verbose)
+         extra_cflags=["-O1", "-Wno-unknown-pragmas", "-DLIGHTCNN_TEST_INDEX64", *RECORD_FLAGS],
+         build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+    _loaded = True
 
 
 if __name__ == "__main__":

@@ -19,6 +19,16 @@
 //   - launch configurations the GPU would refuse (block > 1024 threads, grid.y/z > 65535, dynamic shared
 //     memory > 48 KiB, a zero-sized grid) raise errors.
 // Errors are C++ exceptions (c10::Error through TORCH_CHECK), so they reach Python as RuntimeError.
+//
+// Memory access recording (the GPU performance model, benchmarks/gpu_model.py): build.py compiles with
+// GCC's kernel-address instrumentation in its outlined form, so every load and store of the compiled code
+// calls __asan_{load,store}{1,2,4,8,16}_noabort(addr) (recorder.cu). Between emu_profile_begin() and
+// emu_profile_end() the recorder keeps, per launch (kernel name, grid, block, dynamic shared memory), the
+// accesses a kernel's threads make outside their own stack: those in the block's shared memory, and all
+// others, which are global memory. The lanes of a warp are matched by their k-th execution of one access
+// (one call site: one instruction), as a GPU issues them; per such warp request it counts the bytes the
+// lanes asked for and the 32-byte sectors they touched (shared memory: the bank wavefronts). The emulator's
+// own code marks itself quiet (Quiet below) so that its bookkeeping is never taken for the kernel's.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -31,6 +41,7 @@
 #include <cstring>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <tuple>
 #include <type_traits>
@@ -64,6 +75,8 @@ struct Fiber {
   unsigned linear = 0;
   unsigned priority = 0;
   State state = State::Runnable;
+  int quiet = 0;                   // > 0 while the emulator's own code runs on this fiber (not recorded)
+  const char* stack = nullptr;     // this thread's stack: its locals are registers or local memory
 };
 
 struct Warp {
@@ -82,15 +95,36 @@ struct Block {
   std::vector<unsigned char> dynamic_shared;
   ucontext_t scheduler;
   Fiber* current = nullptr;
+  bool in_fiber = false;  // a fiber runs (not the scheduler)
   std::string error;
 };
 
-inline Block*& block() {
+#define CUDA_EMU_UNRECORDED __attribute__((no_sanitize_address))
+
+CUDA_EMU_UNRECORDED inline Block*& block() {
   static Block* b = nullptr;
   return b;
 }
 
-inline Fiber& fiber() { return *block()->current; }
+CUDA_EMU_UNRECORDED inline Fiber& fiber() { return *block()->current; }
+
+// The emulator's own work on a fiber: its memory accesses are not the kernel's.
+struct Quiet {
+  Fiber* f;
+  CUDA_EMU_UNRECORDED Quiet() : f(block() != nullptr ? block()->current : nullptr) {
+    if (f != nullptr) ++f->quiet;
+  }
+  CUDA_EMU_UNRECORDED ~Quiet() {
+    if (f != nullptr) --f->quiet;
+  }
+};
+
+// The recorder (recorder.cu): launch_begin/launch_end bracket a launch, block_end folds a block's requests.
+bool recording();
+bool executing();  // false: record the launches without running them
+void launch_begin(const char* name, dim3 grid, dim3 block, size_t smem);
+void block_end();
+void launch_end();
 
 inline std::mt19937& rng() {
   static std::mt19937 r(20261204u);
@@ -128,6 +162,7 @@ inline void release_barrier_if_complete() {
 }
 
 inline void syncthreads() {
+  Quiet q;
   Block& b = *block();
   b.current->state = State::AtBarrier;
   ++b.arrived;
@@ -138,6 +173,7 @@ inline void syncthreads() {
 template <typename T>
 T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0: down, 4: none (__syncwarp)*/) {
   static_assert(sizeof(T) <= 16, "cuda_emu: shuffle of a type wider than 16 bytes");
+  Quiet q;
   Block& b = *block();
   Fiber& f = *b.current;
   const unsigned threads = b.dim.x * b.dim.y * b.dim.z;
@@ -183,6 +219,7 @@ T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0: down,
 // Shared memory: one buffer per (declaration, block), poisoned with 0xFF bytes at the block's start.
 template <typename T>
 T& shared(long id) {
+  Quiet q;
   Block& b = *block();
   auto it = b.shared.find(id);
   if (it == b.shared.end()) it = b.shared.emplace(id, std::vector<unsigned char>(sizeof(T) + 16, 0xFF)).first;
@@ -191,7 +228,28 @@ T& shared(long id) {
   return *static_cast<T*>(std::align(alignof(T) < 16 ? alignof(T) : 16, sizeof(T), p, space));
 }
 
-inline unsigned char* dynamic_shared() { return block()->dynamic_shared.data(); }
+inline unsigned char* dynamic_shared() {
+  Quiet q;
+  return block()->dynamic_shared.data();
+}
+
+// The built-in variables, by value (a kernel reading a field of the emulator's Block is no memory access).
+inline uint3 thread_idx() {
+  Quiet q;
+  return fiber().tid;
+}
+inline uint3 block_idx() {
+  Quiet q;
+  return block()->idx;
+}
+inline dim3 block_dim() {
+  Quiet q;
+  return block()->dim;
+}
+inline dim3 grid_dim() {
+  Quiet q;
+  return block()->grid;
+}
 
 struct Launch {
   dim3 grid, block;
@@ -219,7 +277,13 @@ struct Entry {
     return c;
   }
   static void run() {
-    (*call())();
+    Call* c;
+    {
+      Quiet q;
+      c = call();
+    }
+    (*c)();
+    Quiet q;
     Block& b = *block();
     b.current->state = State::Done;
     --b.live;
@@ -256,6 +320,7 @@ void run_grid(const Launch& cfg, Call call) {
         for (unsigned t = 0; t < threads; ++t) {
           Fiber& f = b.fibers[t];
           f.linear = t;
+          f.stack = stacks()[t].get();
           f.tid = {t % cfg.block.x, (t / cfg.block.x) % cfg.block.y, t / (cfg.block.x * cfg.block.y)};
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = stacks()[t].get();
@@ -286,9 +351,12 @@ void run_grid(const Launch& cfg, Call call) {
             break;
           }
           b.current = next;
+          b.in_fiber = true;
           swapcontext(&b.scheduler, &next->ctx);
+          b.in_fiber = false;
           if (!b.error.empty()) break;
         }
+        if (recording()) block_end();
         block() = nullptr;
         TORCH_CHECK(b.error.empty(), "cuda_emu: block (", bx, ", ", by, ", ", bz, ") of a grid (", cfg.grid.x, ", ",
                     cfg.grid.y, ", ", cfg.grid.z, ") x block (", cfg.block.x, ", ", cfg.block.y, ", ", cfg.block.z,
@@ -302,15 +370,25 @@ template <typename... P>
 struct Launcher {
   void (*kernel)(P...);
   Launch cfg;
+  const char* name = "kernel";
   template <typename... A>
   void operator()(A&&... args) const {
     std::tuple<std::decay_t<P>...> params(std::forward<A>(args)...);
     auto kernel_ = kernel;
     auto call = [&params, kernel_]() {
-      std::tuple<std::decay_t<P>...> copy = params;
-      std::apply(kernel_, copy);
+      std::optional<std::tuple<std::decay_t<P>...>> copy;
+      void (*k)(P...) = nullptr;
+      {
+        Quiet q;  // the parameters reach the kernel in constant memory, not as loads of global memory
+        copy.emplace(params);
+        k = kernel_;
+      }
+      std::apply(k, *copy);
     };
-    run_grid(cfg, call);
+    const bool rec = recording();
+    if (rec) launch_begin(name, cfg.grid, cfg.block, cfg.smem);
+    if (executing()) run_grid(cfg, call);
+    if (rec) launch_end();
   }
 };
 
@@ -319,14 +397,20 @@ Launcher<P...> launch(void (*kernel)(P...), C&&... cfg) {
   return Launcher<P...>{kernel, Launch(std::forward<C>(cfg)...)};
 }
 
+// launch() with the kernel's name, for the recorder (build.py writes this one).
+template <typename... P, typename... C>
+Launcher<P...> launch_named(const char* name, void (*kernel)(P...), C&&... cfg) {
+  return Launcher<P...>{kernel, Launch(std::forward<C>(cfg)...), name};
+}
+
 }  // namespace cuda_emu
 
 // ---- the built-in variables and device functions lightcnn's kernels use (a kernel that needs another
 // intrinsic fails to compile here: add it, with the GPU's semantics) ----
-#define threadIdx (::cuda_emu::fiber().tid)
-#define blockIdx (::cuda_emu::block()->idx)
-#define blockDim (::cuda_emu::block()->dim)
-#define gridDim (::cuda_emu::block()->grid)
+#define threadIdx (::cuda_emu::thread_idx())
+#define blockIdx (::cuda_emu::block_idx())
+#define blockDim (::cuda_emu::block_dim())
+#define gridDim (::cuda_emu::grid_dim())
 
 inline void __syncthreads() { ::cuda_emu::syncthreads(); }
 template <typename T>

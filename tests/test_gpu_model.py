@@ -1,0 +1,159 @@
+"""The GPU performance model (benchmarks/gpu_model.py: the CUDA emulator's record of every launch and every
+warp's global and shared memory requests) and its targets on small shapes, and the "auto" choice that follows
+from what a GPU has measured. The figures are predictions; benchmarks/gpu_check.sh measures them on a GPU."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks import gpu_model
+from lightcnn import layers, ops
+from lightcnn.ops import _library, dense
+from lightcnn.ops._library import Config
+from tests.cuda_emu.build import build
+
+DENSE_AUTO = [
+    (Config("cpu", torch.float32), "kernel"),  # measured on the CPU: 0.96x the step time, less memory
+    (Config("cpu", torch.float64, channels_last=True), "kernel"),
+    (Config("cpu", torch.float32, torch.bfloat16), "kernel"),
+    (Config("cpu", torch.bfloat16), "reference"),  # no CPU bf16 kernel
+    # CUDA: never timed on a GPU against the reference, so the reference in every configuration
+    (Config("cuda", torch.float32), "reference"),
+    (Config("cuda", torch.float32, tf32=True), "reference"),
+    (Config("cuda", torch.float32, torch.bfloat16, channels_last=True), "reference"),
+    (Config("cuda", torch.float64), "reference"),
+    (Config("cuda", torch.bfloat16, channels_last=True), "reference"),
+    (Config("cuda", torch.float16), "reference"),
+]
+
+
+@pytest.mark.parametrize("cfg, expected", DENSE_AUTO, ids=[str(c) for c, _ in DENSE_AUTO])
+def test_dense_auto_takes_the_reference_on_cuda_until_a_gpu_measures_the_kernel(cfg, expected):
+    assert ("kernel" if _library.auto_uses_kernel(dense.OP, cfg) else "reference") == expected
+
+
+def test_backend_info_says_why_the_dense_op_runs_the_reference_on_cuda():
+    table = ops.backend_info()["ops"]["dense_bn_relu_conv2d"]
+    assert {v for k, v in table["auto"].items() if k.startswith("cuda")} == {"reference"}
+    assert {v for k, v in table["auto"].items() if k.startswith("cpu")} == {"kernel"}
+    assert "never timed on a GPU" in table["auto_reason"]
+    layer = layers.backend_info()["layers"]["DenseConv2d"]
+    assert layer["auto"] == table["auto"] and layer["auto_reason"] == table["auto_reason"]
+
+
+# ---------------------------------------------------------------- the model (emulator's access recorder)
+
+CI_CASES = [
+    gpu_model.Case("bn_relu_conv", "PreAct-164", (128, 16, 32, 32), hw=(4, 4)),
+    gpu_model.Case("bn_relu_conv", "odd", (2, 6, 5, 3)),  # no vectors, one split: every remainder path
+    gpu_model.Case("dense", "DenseNet-121", (64, 64, 56, 56), (32, 16, 16), hw=(4, 4)),
+]
+
+# Targets the kernels miss, with the figure and the reason (a fixed one must leave this table: the test
+# fails when a listed miss is met, and on any miss not listed).
+KNOWN_MISSES = {
+    # (op, target, layout): why
+    ("bn_relu_conv", "coalescing per instruction", "NHWC"):
+        "the backward reduction's gradient load sits under the ReLU mask (GCC sinks it into the branch), so the "
+        "k-th-access rule pairs lanes of different iterations: 21-39%; a GPU issues it as one predicated request",
+    ("bn_relu_conv", "time", "NCHW"): "PreAct-164's 16-channel unit is launch-bound: 10 launches against 6",
+    ("bn_relu_conv", "time", "NHWC"): "as NCHW",
+    ("bn_relu_conv", "mergeable launches", "NCHW"):
+        "finish_stats + affine and finish_sums + coefs: the per-channel step is a separate primitive of the host "
+        "logic shared with the CPU (csrc/bn_relu_conv.h)",
+    ("bn_relu_conv", "mergeable launches", "NHWC"): "as NCHW",
+    ("dense", "coalescing per instruction", "NHWC"):
+        "stats_from/reduce_from: a block reads one channel's column, lanes k elements apart (12.5% fp32)",
+    ("dense", "coalescing overall", "NHWC"): "the same reductions",
+    ("dense", "mergeable launches", "NCHW"): "finish_stats + affine, as bn_relu_conv",
+    ("dense", "mergeable launches", "NHWC"): "as NCHW",
+}
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    build(tmp_path_factory.mktemp("cuda_emu"))  # once per process: shared with test_cuda_emulated.py
+    return torch.ops.lightcnn_emu
+
+
+@pytest.fixture(scope="module")
+def rows(emu):
+    return gpu_model.model(CI_CASES, log=lambda *_: None)
+
+
+def test_recorder_sees_a_vectorised_elementwise_kernel_exactly(emu):
+    x = torch.randn(2, 8, 4, 4)
+    E = emu
+    E.emu_profile_begin(True)
+    E.bn_relu_conv2d(x, None, None, None, None, torch.randn(3, 8, 1, 1), None, [1, 1], [0, 0], [1, 1], 1, True,
+                     1e-5, None, 0.0)
+    rec = json.loads(E.emu_profile_end())
+    assert [ln["name"] for ln in rec] == ["partial_nchw_kernel", "finish_stats_kernel", "affine_kernel",
+                                          "bn_relu_kernel"]
+    ew = rec[3]
+    assert ew["grid"] == [1, 1, 1] and ew["block"] == [256, 1, 1]
+    assert ew["dram_written"] == x.numel() * 4  # y, once
+    assert ew["dram_read"] == x.numel() * 4 + 2 * 32  # x, and scale and shift (8 floats each: one sector)
+    vec = [i for i in ew["instrs"] if i["size"] == 16]  # x in, y out: 64 vectors of 4 floats, 2 warps
+    assert sorted(i["op"] for i in vec) == ["load", "store"]
+    assert all(i["requests"] == 2 and i["lanes"] == 64 and i["sector_bytes"] == 1024 == i["useful"] for i in vec)
+
+
+def test_recorder_matches_lanes_by_their_kth_access_and_sees_strides(emu):
+    E = emu
+    E.emu_profile_begin(True)
+    E.emu_selftest(torch.ones(1000), 0)  # one block of 256 threads sums 1000 floats, 4 strided rounds
+    (ln,) = json.loads(E.emu_profile_end())
+    loads = [i for i in ln["instrs"] if i["space"] == "global" and i["op"] == "load"]
+    assert len(loads) == 1 and loads[0]["requests"] == 32 and loads[0]["lanes"] == 1000
+    assert loads[0]["sector_bytes"] == loads[0]["useful"] == 4000  # fully coalesced (1000 * 4 B)
+    shared = [i for i in ln["instrs"] if i["space"] == "shared"]
+    assert shared and all(i["wavefronts"] == i["ideal_wavefronts"] for i in shared)  # no bank conflict
+
+
+def test_launch_plan_mirrors_the_host_logic(rows):
+    """The full-size grids come from gpu_model.launch_plan: at the small shapes it must give the launches the
+    emulator saw."""
+    cases = {c.name: c for c in CI_CASES}
+    for r in rows:
+        case = cases[r["case"]]
+        seen: dict[str, list[int]] = {}
+        for name, blocks in r["launch_blocks"]:
+            if name in gpu_model.ACTIVATION_KERNELS:
+                seen.setdefault(name, []).append(blocks)
+        plan = gpu_model.launch_plan(case, gpu_model.DTYPES[r["dtype"]], r["layout"] == "NHWC", N=case.small_batch,
+                                     hw=case.hw or gpu_model.recorded_hw(*case.shape[2:]))
+        assert seen == plan, (r["case"], r["dtype"], r["layout"])
+
+
+def _misses(rows):
+    out = {}
+    for r in rows:
+        key = f"{r['case']} {r['dtype']} {r['layout']}"
+        if r["coalescing_min"] < gpu_model.COALESCING_PER_INSTR:
+            w = r["worst"]
+            out[(r["op"], "coalescing per instruction", r["layout"])] = (key, r["coalescing_min"], w["kernel"])
+        if r["coalescing_overall"] < gpu_model.COALESCING_OVERALL:
+            out[(r["op"], "coalescing overall", r["layout"])] = (key, r["coalescing_overall"])
+        if r["traffic_vs_compulsory"] > gpu_model.TRAFFIC_MAX:
+            out[(r["op"], "traffic", r["layout"])] = (key, r["traffic_vs_compulsory"])
+        if r["waves_min"] < gpu_model.WAVES_MIN:
+            out[(r["op"], "waves", r["layout"])] = (key, r["waves_min"])
+        big = bool(r["waves"])  # the full-size shape moves > 1 MB a launch (not the odd case: launch-bound)
+        if r["op"] == "bn_relu_conv" and big and r["predicted_us"]["H100"] > r["reference_us"]["H100"]:
+            out[(r["op"], "time", r["layout"])] = (key, r["predicted_us"]["H100"], r["reference_us"]["H100"])
+        if r["mergeable"]:
+            out[(r["op"], "mergeable launches", r["layout"])] = (key, r["mergeable"])
+    return out
+
+
+def test_the_kernels_meet_the_model_targets_or_are_listed_as_missing_them(rows):
+    """Targets (benchmarks/gpu_model.py): every hot global access >= 80% coalesced and >= 90% overall, in both
+    layouts; activation traffic <= 1.25x the compulsory; every launch moving > 1 MB at the full-size shape
+    >= 2 waves of 132 SMs; the fused unit's predicted memory-bound time <= the unfused reference's; no two
+    neighbouring launches that could be one."""
+    misses = _misses(rows)
+    assert set(misses) - set(KNOWN_MISSES) == set(), {k: misses[k] for k in set(misses) - set(KNOWN_MISSES)}
+    assert set(KNOWN_MISSES) - set(misses) == set(), "met now: remove from KNOWN_MISSES"
