@@ -4,15 +4,15 @@ Importing this package imports each family file, whose builders register themsel
 `lightcnn.models.load_model(name, checkpoint)` rebuilds a trained network from a checkpoint of `lightcnn.fit`.
 """
 # Family files (each registers its builders on import).
-from lightcnn.models import (  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402  # noqa: F401,E402
+from lightcnn.models import (  # noqa: F401
     alexnet,
-    densenet,  # noqa: F401,E402
+    densenet,
     fractalnet,
     googlenet,
     inception_resnet,
     inception_v4,
-    lenet,  # noqa: F401,E402
-    nasnet,  # noqa: F401,E402
+    lenet,
+    nasnet,
     preact_resnet,
     resnet,
     resnext,
