@@ -78,8 +78,8 @@ def test_registry_names_and_depth_check():
     assert set(IMAGENET + CIFAR + ["densenet161"]) <= set(list_models("densenet*"))
     assert all(is_model(n) for n in IMAGENET + CIFAR)
     with pytest.raises(ValueError, match="depth must be 6n \\+ 4"):
-        from lightcnn.models.densenet import _cifar
-        _cifar(101, 12, True)
+        from lightcnn.models.densenet import _cifar_args
+        _cifar_args(101, 12, True)
     with pytest.raises(ValueError, match="compression"):
         create("densenet_bc100_k12", compression=0.0)
 

@@ -100,3 +100,17 @@ def test_stochastic_depth_recipe_tests_the_best_validation_checkpoint_of_a_45k_5
     assert cli.datamodule.val_size == 5000  # of CIFAR-10's 50,000 training images: 45,000 are trained on
     (ckpt,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
     assert ckpt.monitor == "val/acc1" and ckpt.mode == "max"
+
+
+def test_every_recipe_logs_through_lightcnn_wandb_logger_and_names_callbacks_by_their_export():
+    import yaml
+
+    import lightcnn.training
+
+    for path in EXPERIMENTS:
+        trainer = yaml.safe_load(path.read_text())["trainer"]
+        assert trainer["logger"]["class_path"] == "lightcnn.training.WandbLogger", path.name
+        for cb in trainer.get("callbacks") or []:
+            module, _, name = cb["class_path"].rpartition(".")
+            if module.startswith("lightcnn."):
+                assert module == "lightcnn.training" and name in lightcnn.training.__all__, f"{path.name}: {cb}"

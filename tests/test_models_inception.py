@@ -13,8 +13,7 @@ from torch import nn
 
 from lightcnn.models import create, list_models
 from lightcnn.models.inception_resnet import InceptionResNet, InceptionResNetBlock
-from lightcnn.models.weights import map_layers_in_order, register_twin, twins
-from lightcnn.models.weights_timm import from_timm
+from lightcnn.models.weights import from_timm, map_layers_in_order, register_twin, twins
 from lightcnn.published import published
 from tests.test_models_classic import _randomise_bn, build_meta, feature_sides, macs, n_params
 from tests.test_models_fractal import bf16_autocast_error

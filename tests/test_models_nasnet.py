@@ -25,14 +25,12 @@ from lightcnn.models.nasnet import (
     NASNet,
     NASNetOutputs,
     PoolSame,
-    convert_timm_nasnet_state_dict,
+    convert_timm_state_dict,
     nasnet_from_timm,
 )
-from lightcnn.models.weights import twins
-from lightcnn.models.weights_timm import from_timm
+from lightcnn.models.weights import from_timm, twins
 from lightcnn.published import published
-from lightcnn.training import ClassifierModule
-from lightcnn.training.drop_path import ScheduledDropPath
+from lightcnn.training import ClassifierModule, ScheduledDropPath
 
 NASNETS = ["nasnet_a_cifar", "nasnet_a_large", "nasnet_a_mobile"]
 # (N, F, stem filters, keep prob) of the released configs: cifar_config, mobile/large_imagenet_config.
@@ -392,7 +390,7 @@ def test_timm_state_dict_maps_key_for_key_and_bad_input_is_an_error():
     with torch.device("meta"):
         sd = timm.create_model("nasnetalarge", pretrained=False).state_dict()
         ours = create("nasnet_a_large", aux_head=False)
-    converted = convert_timm_nasnet_state_dict(ours, sd)
+    converted = convert_timm_state_dict(ours, sd)
     assert converted.keys() == ours.state_dict().keys()
     assert all(converted[k].shape == v.shape for k, v in ours.state_dict().items())
     assert "nasnet_a_large" in twins("timm")

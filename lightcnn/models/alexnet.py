@@ -159,7 +159,8 @@ def alexnet_owt(**kwargs) -> AlexNet:
     return AlexNet(**dict(model_args, **kwargs))
 
 
-def _torchvision_state_dict(model: AlexNet, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+def convert_torchvision_state_dict(model: AlexNet,
+                                   state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """torchvision's alexnet numbers the layers of its Sequentials where ours carry the paper's names: the
     layers map in order, once the model is known to be single-tower and LRN-free like torchvision's."""
     if any(isinstance(m, nn.Conv2d) and m.groups != 1 for m in model.features) or any(
@@ -169,4 +170,4 @@ def _torchvision_state_dict(model: AlexNet, state_dict: Mapping[str, torch.Tenso
     return map_layers_in_order(model, state_dict)
 
 
-register_twin("torchvision", "alexnet_owt", _torchvision_state_dict, classifier="fc8")
+register_twin("torchvision", "alexnet_owt", convert_torchvision_state_dict, classifier="fc8")

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Sequence
+import math
+from collections.abc import Collection, Sequence
 from typing import Literal
 
 import torch
@@ -63,6 +64,18 @@ def init_he_(model: nn.Module, mode: Literal["fan_in", "fan_out"] = "fan_out") -
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def init_caffe_xavier_(model: nn.Module, bias: float = 0.0, zero_bias: Collection[nn.Module] = ()) -> None:
+    """Caffe's "xavier" filler on every convolution and linear layer: U(+-sqrt(3 / fan_in)), variance
+    1 / fan_in; biases `bias`, except those of the `zero_bias` layers (0)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            bound = math.sqrt(3.0 / m.weight[0].numel())
+            nn.init.uniform_(m.weight, -bound, bound)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0.0 if m in zero_bias else bias)
 
 
 class FeatureInfo(list):

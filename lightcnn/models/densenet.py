@@ -234,75 +234,84 @@ def convert_torchvision_state_dict(model: DenseNet,
 def densenet121(**kwargs) -> DenseNet:
     """DenseNet-121 (k=32; blocks 6, 12, 24, 16): 25.02/7.71% ImageNet error (the paper's single-crop Table 3;
     torchvision's weights: 25.57/8.03); 7,978,856 params, 2.83 GMACs."""
-    return DenseNet(**dict(dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64), **kwargs))
+    model_args = dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64)
+    return DenseNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def densenet169(**kwargs) -> DenseNet:
     """DenseNet-169 (k=32; blocks 6, 12, 32, 32): 14,149,480 params, 3.36 GMACs."""
-    return DenseNet(**dict(dict(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64), **kwargs))
+    model_args = dict(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64)
+    return DenseNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def densenet201(**kwargs) -> DenseNet:
     """DenseNet-201 (k=32; blocks 6, 12, 48, 32): 20,013,928 params, 4.29 GMACs."""
-    return DenseNet(**dict(dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64), **kwargs))
+    model_args = dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64)
+    return DenseNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def densenet264(**kwargs) -> DenseNet:
     """DenseNet-264 (k=32; blocks 6, 12, 64, 48): 33,337,704 params, 5.75 GMACs."""
-    return DenseNet(**dict(dict(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64), **kwargs))
+    model_args = dict(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64)
+    return DenseNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def densenet161(**kwargs) -> DenseNet:
     """DenseNet-161 (k=48, 96 stem channels; blocks 6, 12, 36, 24): torchvision's, 28,681,000 params."""
-    return DenseNet(**dict(dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96), **kwargs))
+    model_args = dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96)
+    return DenseNet(**dict(model_args, **kwargs))
 
 
 # --- CIFAR (Sec. 4.2, Table 2) -----------------------------------------------------------------------------
 
 
-def _cifar(depth: int, growth_rate: int, bc: bool, **kwargs) -> DenseNet:
+def _cifar_args(depth: int, growth_rate: int, bc: bool) -> dict:
+    """The CIFAR DenseNet (BC: bottlenecks and compression 0.5) of depth L and growth rate k (Sec. 4.2)."""
     per_block = 6 if bc else 3  # a bottleneck layer has two convolutions
     if (depth - 4) % per_block:
         raise ValueError(f"DenseNet{'-BC' if bc else ''} on CIFAR: depth must be {per_block}n + 4, got {depth}")
     n = (depth - 4) // per_block
-    model_args = dict(growth_rate=growth_rate, block_config=(n, n, n),
-                      num_init_features=2 * growth_rate if bc else 16, bn_size=4 if bc else None,
-                      compression=0.5 if bc else 1.0, stem="cifar", num_classes=10)
-    return DenseNet(**dict(model_args, **kwargs))
+    return dict(growth_rate=growth_rate, block_config=(n, n, n), num_init_features=2 * growth_rate if bc else 16,
+                bn_size=4 if bc else None, compression=0.5 if bc else 1.0, stem="cifar", num_classes=10)
 
 
 @register_model
 def densenet40_k12(**kwargs) -> DenseNet:
     """DenseNet (L=40, k=12), 12 plain layers per block: 7.00% C10 (no augmentation) / 5.24% C10+; 1.0M params."""
-    return _cifar(40, 12, False, **kwargs)
+    model_args = _cifar_args(40, 12, False)
+    return DenseNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def densenet100_k12(**kwargs) -> DenseNet:
     """DenseNet (L=100, k=12), 32 plain layers per block: 4.10% C10+; 7.0M params."""
-    return _cifar(100, 12, False, **kwargs)
+    model_args = _cifar_args(100, 12, False)
+    return DenseNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def densenet_bc100_k12(**kwargs) -> DenseNet:
     """DenseNet-BC (L=100, k=12), 16 bottleneck layers per block: 4.51% C10+ (22.27% C100+); 0.8M params."""
-    return _cifar(100, 12, True, **kwargs)
+    model_args = _cifar_args(100, 12, True)
+    return DenseNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def densenet_bc250_k24(**kwargs) -> DenseNet:
     """DenseNet-BC (L=250, k=24), 41 bottleneck layers per block: 3.62% C10+; 15.3M params."""
-    return _cifar(250, 24, True, **kwargs)
+    model_args = _cifar_args(250, 24, True)
+    return DenseNet(**dict(model_args, **kwargs))
 
 
 @register_model
 def densenet_bc190_k40(**kwargs) -> DenseNet:
     """DenseNet-BC (L=190, k=40), 31 bottleneck layers per block: 3.46% C10+ (17.18% C100+); 25.6M params."""
-    return _cifar(190, 40, True, **kwargs)
+    model_args = _cifar_args(190, 40, True)
+    return DenseNet(**dict(model_args, **kwargs))
 
 
 for _name in ("densenet121", "densenet161", "densenet169", "densenet201"):

@@ -25,14 +25,13 @@ runs column k alone, as in Table 3's per-column evaluation; `set_column(None)` r
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Literal, Sequence
 
 import torch
 from torch import nn
 
-from lightcnn.models.base import Classifier, make_default_cfg
+from lightcnn.models.base import Classifier, init_caffe_xavier_, make_default_cfg
 from lightcnn.models.registry import register_model
 
 
@@ -162,15 +161,7 @@ class FractalNet(Classifier):
         self.fc = nn.Linear(c_in, num_classes)
         self.default_cfg = make_default_cfg("cifar", num_classes, in_chans, input_size)
         if init == "caffe":
-            self._init_caffe()
-
-    @torch.no_grad()
-    def _init_caffe(self) -> None:
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                bound = math.sqrt(3.0 / m.weight[0].numel())
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.zeros_(m.bias)
+            init_caffe_xavier_(self)
 
     def set_column(self, column: int | None) -> None:
         """Run column `column` (1..C, Table 3's numbering: column k is 2^(k-1) layers deep per block) alone

@@ -19,7 +19,6 @@ the network costs ~14x the parameters and ~8x the multiply-adds: what the bottle
 """
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Literal, NamedTuple, Sequence
 
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 
 from lightcnn.layers import LocalResponseNorm
-from lightcnn.models.base import Classifier, make_default_cfg, sequential_stages
+from lightcnn.models.base import Classifier, init_caffe_xavier_, make_default_cfg, sequential_stages
 from lightcnn.models.registry import register_model
 
 
@@ -190,17 +189,8 @@ class GoogLeNet(Classifier):
         self.fc = nn.Linear(channels, num_classes)
         self.default_cfg = make_default_cfg("imagenet", num_classes, in_chans, 224)
         if init == "caffe":
-            self._init_caffe()
-
-    @torch.no_grad()
-    def _init_caffe(self) -> None:
-        # BVLC train_val.prototxt: bias_filler 0.2 everywhere but the three classifiers (0)
-        classifiers = {self.fc} | {aux.fc2 for aux in self.aux.values()}
-        for m in self.modules():
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                bound = math.sqrt(3.0 / m.weight[0].numel())  # Caffe's "xavier" filler: variance 1 / fan_in
-                nn.init.uniform_(m.weight, -bound, bound)
-                nn.init.constant_(m.bias, 0.0 if m in classifiers else 0.2)
+            # BVLC train_val.prototxt: bias_filler 0.2 everywhere but the three classifiers (0)
+            init_caffe_xavier_(self, bias=0.2, zero_bias={self.fc} | {aux.fc2 for aux in self.aux.values()})
 
     def _features(self, x: torch.Tensor, with_aux: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
         x = self.stem(x)

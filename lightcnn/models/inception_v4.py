@@ -4,7 +4,7 @@ residual connections on learning"), Fig. 9: the stem of Fig. 3, 4 x Inception-A 
 3 x Inception-C (Fig. 6), average pooling, dropout (keep 0.8) and the classifier; 299x299 input.
 
 Built as released in TF-slim (`nets/inception_v4.py`), whose layout timm's `inception_v4` copies, so
-its weights import (`lightcnn.models.weights_timm.from_timm`): every convolution is conv (no bias) ->
+its weights import (`lightcnn.models.weights.from_timm`): every convolution is conv (no bias) ->
 BatchNorm (eps 0.001, as TF-slim's arg scope) -> ReLU, the stem's 7x1/1x7 pair is ordered 1x7 first,
 the pooling branches average over the valid (unpadded) inputs, and the modules and layers carry
 TF-slim's names (Mixed_5b, Branch_1, Conv2d_0b_1x7, ...). 42,679,816 parameters, 12.25 GMACs. Weights start

@@ -27,7 +27,7 @@ mode the logits alone.
 ScheduledDropPath (Sec. 4.1, released code's "v3"): every operation other than "none" is dropped for a
 whole example with probability  progress * (cell + 1) / (cells in total) * (1 - drop_path_keep_prob),
 and kept outputs are divided by the keep probability. `set_drop_path_progress(fraction of training done)`
-sets it; `lightcnn.training.drop_path.ScheduledDropPath` calls it every batch. Eval never drops.
+sets it; `lightcnn.training.ScheduledDropPath` calls it every batch. Eval never drops.
 
     model = lightcnn.models.create("nasnet_a_cifar")        # 6 @ 768, 3,346,538 (+1,631,498 aux) params
     model = from_timm("nasnet_a_large", timm.create_model("nasnetalarge", pretrained=True))  # TF-slim's weights
@@ -351,6 +351,43 @@ class AuxHead(nn.Module):
 # --- the network ---------------------------------------------------------------------------------------
 
 
+def _num_conv_filters(penultimate_filters: int, num_normal_cells: int, num_reduction_layers: int,
+                      filter_scaling_rate: float, stem: str, first_cell_prev: str, drop_path_keep_prob: float) -> int:
+    """The first stack's filters F = P / (6 * filter_scaling_rate ** num_reduction_layers), once the
+    arguments of `NASNet` are checked."""
+    if stem not in ("cifar", "imagenet"):
+        raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+    if first_cell_prev not in ("released", "relu_conv_bn"):
+        raise ValueError(f"first_cell_prev must be 'released' or 'relu_conv_bn', got {first_cell_prev!r}")
+    if not 0.0 < drop_path_keep_prob <= 1.0:
+        raise ValueError(f"drop_path_keep_prob must be in (0, 1], got {drop_path_keep_prob}")
+    if num_normal_cells < 1 or num_reduction_layers < 0:
+        raise ValueError(f"need num_normal_cells >= 1 and num_reduction_layers >= 0, got "
+                         f"{num_normal_cells}, {num_reduction_layers}")
+    divisor = 6 * filter_scaling_rate ** num_reduction_layers
+    num_conv_filters = penultimate_filters / divisor
+    if num_conv_filters != int(num_conv_filters):
+        raise ValueError(f"penultimate_filters={penultimate_filters} must be divisible by 6 * "
+                         f"filter_scaling_rate ** num_reduction_layers = {divisor:g}")
+    return int(num_conv_filters)
+
+
+def _make_stem(stem: str, in_chans: int, num_conv_filters: int, stem_multiplier: float, image_size: int,
+               norm: Callable[[int], nn.Module]) -> tuple[nn.Sequential, tuple[int, int, int]]:
+    """The stem (CIFAR: 3x3 SAME conv + BN, F * stem_multiplier filters; ImageNet: 3x3/2 VALID conv + BN,
+    32 * stem_multiplier filters) and its output as (width, stride-2 count, side)."""
+    seq, side = nn.Sequential(), image_size
+    if stem == "cifar":
+        stem_filters = int(num_conv_filters * stem_multiplier)
+        seq.conv = Conv2dSame(in_chans, stem_filters, 3)
+    else:
+        stem_filters = int(32 * stem_multiplier)
+        seq.conv = nn.Conv2d(in_chans, stem_filters, 3, stride=2, bias=False)  # VALID
+        side = (side - 3) // 2 + 1
+    seq.bn = norm(stem_filters)
+    return seq, (stem_filters, 0, side)
+
+
 class NASNet(Classifier):
     """NASNet-A "N @ P" as released in TF-slim (`build_nasnet_cifar/mobile/large`).
 
@@ -389,73 +426,68 @@ class NASNet(Classifier):
                  aux_head: bool = True, image_size: int | None = None, bn_eps: float = 1e-5,
                  bn_momentum: float = 0.1, first_cell_prev: Literal["released", "relu_conv_bn"] = "released"):
         super().__init__()
-        if stem not in ("cifar", "imagenet"):
-            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
-        if first_cell_prev not in ("released", "relu_conv_bn"):
-            raise ValueError(f"first_cell_prev must be 'released' or 'relu_conv_bn', got {first_cell_prev!r}")
-        if not 0.0 < drop_path_keep_prob <= 1.0:
-            raise ValueError(f"drop_path_keep_prob must be in (0, 1], got {drop_path_keep_prob}")
-        if num_normal_cells < 1 or num_reduction_layers < 0:
-            raise ValueError(f"need num_normal_cells >= 1 and num_reduction_layers >= 0, got "
-                             f"{num_normal_cells}, {num_reduction_layers}")
-        divisor = 6 * filter_scaling_rate ** num_reduction_layers
-        num_conv_filters = penultimate_filters / divisor
-        if num_conv_filters != int(num_conv_filters):
-            raise ValueError(f"penultimate_filters={penultimate_filters} must be divisible by 6 * "
-                             f"filter_scaling_rate ** num_reduction_layers = {divisor:g}")
-        num_conv_filters = int(num_conv_filters)
+        num_conv_filters = _num_conv_filters(penultimate_filters, num_normal_cells, num_reduction_layers,
+                                             filter_scaling_rate, stem, first_cell_prev, drop_path_keep_prob)
         image_size = image_size or (32 if stem == "cifar" else 224)
         self.num_classes, self.in_chans, self.num_features = num_classes, in_chans, penultimate_filters
         self.drop_path_progress = 0.0
         norm = partial(nn.BatchNorm2d, eps=bn_eps, momentum=bn_momentum)
+        self.stem, stem_output = _make_stem(stem, in_chans, num_conv_filters, stem_multiplier, image_size, norm)
+        self.cells = nn.ModuleDict()
+        self._prev_offset: dict[str, int] = {}  # where each cell finds h-1 in the list of outputs
+        self.aux = None
+        self._aux_after = None
+        width = self._stack_cells(stem_output, num_conv_filters, num_normal_cells, num_reduction_layers,
+                                  filter_scaling_rate, imagenet_stem=stem == "imagenet",
+                                  skip_reduction_layer_input=skip_reduction_layer_input,
+                                  drop_path_keep_prob=drop_path_keep_prob, first_cell_prev=first_cell_prev,
+                                  aux_head=aux_head, num_classes=num_classes, image_size=image_size, norm=norm)
+        if width != penultimate_filters:
+            raise AssertionError(f"built {width} final channels, expected {penultimate_filters}")
 
+        self.global_pool = nn.AdaptiveAvgPool2d(1)
+        self.dropout = nn.Dropout(drop_rate)
+        self.fc = nn.Linear(penultimate_filters, num_classes)
+        # TF-slim's ImageNet pipeline (inception preprocessing) scales the images to [-1, 1].
+        norm_stats = dict(mean=(0.5,), std=(0.5,)) if stem == "imagenet" else {}
+        self.default_cfg = make_default_cfg("imagenet" if stem == "imagenet" else "cifar", num_classes, in_chans,
+                                            image_size, **norm_stats)
+        self._init_released()
+
+    def _stack_cells(self, stem_output: tuple[int, int, int], num_conv_filters: int, num_normal_cells: int,
+                     num_reduction_layers: int, filter_scaling_rate: float, *, imagenet_stem: bool,
+                     skip_reduction_layer_input: bool, drop_path_keep_prob: float, first_cell_prev: str,
+                     aux_head: bool, num_classes: int, image_size: int, norm: Callable[[int], nn.Module]) -> int:
+        """The released `build_nasnet_base`: the ImageNet stem's two reduction cells, then the stacks of
+        normal cells with a reduction cell between them, and the auxiliary head after the second stack.
+        Returns the last cell's width."""
         num_cells = (num_reduction_layers + 1) * num_normal_cells  # the released `num_cells` (18 for 6 @ P)
         # calc_reduction_layers: the normal-cell indices before which a reduction cell is inserted.
         reduction_indices = [int(k / (num_reduction_layers + 1) * num_cells)
                              for k in range(1, num_reduction_layers + 1)]
-        total_cells = num_cells + num_reduction_layers + (2 if stem == "imagenet" else 0)
-        cell_count = 0  # the released `true_cell_num`: depth for the drop-path scaling
-
-        def max_drop(cell_num: int) -> float:
-            return (cell_num + 1) / total_cells * (1.0 - drop_path_keep_prob)
-
+        total_cells = num_cells + num_reduction_layers + (2 if imagenet_stem else 0)
         # Outputs as the released `cell_outputs`: (width, stride-2 count, side) for each, None at the start.
-        side = image_size
-        if stem == "cifar":
-            stem_filters = int(num_conv_filters * stem_multiplier)
-            self.stem = nn.Sequential()
-            self.stem.conv = Conv2dSame(in_chans, stem_filters, 3)
-            self.stem.bn = norm(stem_filters)
-        else:
-            stem_filters = int(32 * stem_multiplier)
-            self.stem = nn.Sequential()
-            self.stem.conv = nn.Conv2d(in_chans, stem_filters, 3, stride=2, bias=False)  # VALID
-            self.stem.bn = norm(stem_filters)
-            side = (side - 3) // 2 + 1
-        outputs: list[tuple[int, int, int] | None] = [None, (stem_filters, 0, side)]
-        self.cells = nn.ModuleDict()
-        self._prev_offset: dict[str, int] = {}  # where each cell finds h-1 in the list of outputs
+        outputs: list[tuple[int, int, int] | None] = [None, stem_output]
 
         def add_cell(name: str, spec: CellSpec, filters: int, stride: int, prev_offset: int) -> None:
-            nonlocal cell_count
             net, prev = outputs[-1], outputs[prev_offset]
             if prev is None and first_cell_prev == "relu_conv_bn":
                 prev = net  # h-1 is the stem output, treated like any other h-1
+            # the released `true_cell_num` (cells built so far) sets the depth scaling of drop-path
+            max_drop = (len(self.cells) + 1) / total_cells * (1.0 - drop_path_keep_prob)
             self.cells[name] = NASNetACell(spec, net[0], None if prev is None else prev[0],
                                            prev is not None and prev[1] < net[1], filters, stride, norm,
-                                           max_drop(cell_count) if drop_path_keep_prob < 1 else 0.0)
+                                           max_drop if drop_path_keep_prob < 1 else 0.0)
             self._prev_offset[name] = prev_offset
             outputs.append((self.cells[name].out_channels, net[1] + (stride > 1), math.ceil(net[2] / stride)))
-            cell_count += 1
 
-        if stem == "imagenet":
+        if imagenet_stem:
             scaling = 1.0 / filter_scaling_rate ** 2
             for i in range(2):
                 add_cell(f"cell_stem_{i}", REDUCTION_CELL, int(num_conv_filters * scaling), 2, -2)
                 scaling *= filter_scaling_rate
         aux_after = f"cell_{reduction_indices[1] - 1}" if len(reduction_indices) >= 2 else None
         scaling = 1.0
-        self.aux = None
         for cell_num in range(num_cells):
             prev_offset = -2
             if cell_num in reduction_indices:
@@ -472,18 +504,8 @@ class NASNet(Classifier):
                     raise ValueError(f"image_size={image_size} leaves a {aux_side}x{aux_side} map at the auxiliary "
                                      f"head, smaller than its 5x5 pool: use a larger image_size or aux_head=False")
                 self.aux = AuxHead(channels, num_classes, map_size, norm)
-        self._aux_after = aux_after if self.aux is not None else None
-        if outputs[-1][0] != penultimate_filters:
-            raise AssertionError(f"built {outputs[-1][0]} final channels, expected {penultimate_filters}")
-
-        self.global_pool = nn.AdaptiveAvgPool2d(1)
-        self.dropout = nn.Dropout(drop_rate)
-        self.fc = nn.Linear(penultimate_filters, num_classes)
-        # TF-slim's ImageNet pipeline (inception preprocessing) scales the images to [-1, 1].
-        norm_stats = dict(mean=(0.5,), std=(0.5,)) if stem == "imagenet" else {}
-        self.default_cfg = make_default_cfg("imagenet" if stem == "imagenet" else "cifar", num_classes, in_chans,
-                                            image_size, **norm_stats)
-        self._init_released()
+                self._aux_after = aux_after
+        return outputs[-1][0]
 
     @torch.no_grad()
     def _init_released(self) -> None:
@@ -598,7 +620,7 @@ _TIMM_RENAMES = (
 )
 
 
-def convert_timm_nasnet_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def convert_timm_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """timm's `nasnetalarge` state_dict under our keys: the layers are the same, only the names differ
     (`load_twin` checks that every key and shape fits `model`)."""
     out = {}
@@ -612,12 +634,12 @@ def convert_timm_nasnet_state_dict(model: nn.Module, state_dict: Mapping[str, to
 # timm has no auxiliary head, so its twin is built without one. The result computes what the TF-slim
 # checkpoint computes; it equals timm's outputs except at the borders of the stride-2 average pools, where
 # timm counts the zero padding and TensorFlow (and this model) average over the real pixels only.
-register_twin("timm", "nasnet_a_large", convert_timm_nasnet_state_dict, classifier="fc", aux_head=False)
+register_twin("timm", "nasnet_a_large", convert_timm_state_dict, classifier="fc", aux_head=False)
 
 
 def nasnet_from_timm(timm_model_or_state_dict: nn.Module | Mapping[str, torch.Tensor], load_classifier: bool = True,
                      **overrides) -> NASNet:
     """`nasnet_a_large` (without the auxiliary head) with the weights of timm's `nasnetalarge`:
-    `lightcnn.models.weights_timm.from_timm("nasnet_a_large", ...)`. The weights expect inputs scaled to
+    `lightcnn.models.weights.from_timm("nasnet_a_large", ...)`. The weights expect inputs scaled to
     [-1, 1] (mean = std = 0.5), as `default_cfg` says."""
     return load_twin("timm", "nasnet_a_large", timm_model_or_state_dict, load_classifier, **overrides)

@@ -20,7 +20,7 @@ builder here defaults to B, torchvision's choice, whose weights import and whose
 
 State-dict keys follow torchvision (`conv1`, `bn1`, `layer1.0.conv1`, `layer1.0.downsample.0`, `fc`),
 so torchvision's weights load unrenamed where the architectures are equal (`lightcnn.models.weights.
-from_torchvision`; the layout check is `_torchvision_state_dict` at the end of this file).
+from_torchvision`; the layout check is `convert_torchvision_state_dict` at the end of this file).
 """
 from __future__ import annotations
 
@@ -423,7 +423,7 @@ def resnet1202(**kwargs) -> ResNet:
 
 
 # --- torchvision's weights --------------------------------------------------------------------------------
-def _torchvision_state_dict(model: ResNet, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+def convert_torchvision_state_dict(model: ResNet, state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """Our keys are torchvision's, so nothing is renamed; what needs checking is the layout, because a v1
     bottleneck has the same tensor shapes as torchvision's v1.5 and would load silently but compute
     something else."""
@@ -446,4 +446,4 @@ def _torchvision_state_dict(model: ResNet, state_dict: Mapping[str, torch.Tensor
 
 # stride_in_1x1=False: torchvision's bottleneck is v1.5 (the basic block ignores the knob).
 for _name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
-    register_twin("torchvision", _name, _torchvision_state_dict, stride_in_1x1=False)
+    register_twin("torchvision", _name, convert_torchvision_state_dict, stride_in_1x1=False)

@@ -9,7 +9,7 @@ with 256/512/1024 output channels. Builders only: every knob is `ResNet`'s.
 from __future__ import annotations
 
 from lightcnn.models.registry import register_model
-from lightcnn.models.resnet import ResNet, _torchvision_state_dict
+from lightcnn.models.resnet import ResNet, convert_torchvision_state_dict
 from lightcnn.models.weights import register_twin
 
 RESNEXT = dict(block="bottleneck", stride_in_1x1=False)
@@ -45,5 +45,5 @@ def resnext101_32x8d(**kwargs) -> ResNet:
     return ResNet(**dict(model_args, **kwargs))
 
 
-register_twin("torchvision", "resnext50_32x4d", _torchvision_state_dict)
-register_twin("torchvision", "resnext101_32x8d", _torchvision_state_dict)
+register_twin("torchvision", "resnext50_32x4d", convert_torchvision_state_dict)
+register_twin("torchvision", "resnext101_32x8d", convert_torchvision_state_dict)

@@ -19,7 +19,7 @@ Builders only: every knob is `ResNet`'s.
 from __future__ import annotations
 
 from lightcnn.models.registry import register_model
-from lightcnn.models.resnet import CIFAR_RESNET, ResNet, _torchvision_state_dict
+from lightcnn.models.resnet import CIFAR_RESNET, ResNet, convert_torchvision_state_dict
 from lightcnn.models.weights import register_twin
 from lightcnn.models.wide_resnet import BNWeightInit, init_bn_weight_
 
@@ -55,4 +55,4 @@ def sd_resnet152(**kwargs) -> ResNet:
     return ResNet(**dict(model_args, **kwargs))
 
 
-register_twin("torchvision", "sd_resnet152", _torchvision_state_dict)
+register_twin("torchvision", "sd_resnet152", convert_torchvision_state_dict)

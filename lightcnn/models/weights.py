@@ -1,10 +1,11 @@
-"""Import of other libraries' weights, one entry point per library: `from_torchvision(name, tv_model)`.
+"""Import of other libraries' weights, one entry point per library: `from_torchvision`, `from_timm`.
 
     import torchvision
-    from lightcnn.models.weights import from_torchvision
+    from lightcnn.models.weights import from_timm, from_torchvision
     tv = torchvision.models.vgg16(weights="IMAGENET1K_V1")          # a module or its state_dict
     model = from_torchvision("vgg16", tv)                            # same outputs as tv in eval mode
     head = from_torchvision("resnet50", tv_sd, num_classes=10, load_classifier=False)   # fine-tuning
+    model = from_timm("inception_v4", timm.create_model("inception_v4", pretrained=True))
 
 Each family file says how its weights map, beside its layers (as torchvision's `densenet._load_state_dict`),
 and registers its twins in one line:
@@ -13,7 +14,9 @@ and registers its twins in one line:
 
 `convert(model, state_dict)` returns the state_dict under our keys (or raises a ValueError saying what
 differs); the keyword overrides are what `create` needs to build the twin's layout (e.g. ResNet's
-`stride_in_1x1=False`). `TWINS` is the one list of what can be imported: `twins("torchvision")`.
+`stride_in_1x1=False`). `TWINS` is the one list of what can be imported: `twins("torchvision")`,
+`twins("timm")` (Inception-v4 and Inception-ResNet-v2 map layer by layer in order, our TF-slim names against
+timm's numbered modules; NASNet-A Large by its converter).
 Nothing is downloaded here.
 """
 from __future__ import annotations
@@ -144,3 +147,11 @@ def from_torchvision(name: str, tv_model: nn.Module | StateDict, load_classifier
     """lightcnn's `name` with the weights of the torchvision model of the same architecture (see
     `twins("torchvision")`): `load_twin("torchvision", ...)`."""
     return load_twin("torchvision", name, tv_model, load_classifier, **overrides)
+
+
+def from_timm(name: str, timm_model_or_state_dict: nn.Module | StateDict, load_classifier: bool = True,
+              **overrides) -> nn.Module:
+    """lightcnn's `name` with the weights of the timm model of the same architecture (see `twins("timm")`):
+    `load_twin("timm", ...)`. The class count is timm's classifier's unless `num_classes` is given;
+    `load_classifier=False` keeps a fresh classifier."""
+    return load_twin("timm", name, timm_model_or_state_dict, load_classifier, **overrides)

@@ -20,13 +20,15 @@ from lightcnn.models.registry import register_model
 
 ZFNET_CONVS = (ConvSpec(96, 7, 2, 1), ConvSpec(256, 5, 2, 0), ConvSpec(384, 3, 1, 1), ConvSpec(384, 3, 1, 1),
                ConvSpec(256, 3, 1, 1))
+# Fig. 3: overlapping 3x3/2 pools after conv1, conv2, conv5 (ceil mode gives 55/26/13/6), LRN after pooling.
+ZFNET = dict(convs=ZFNET_CONVS, pool_after=(0, 1, 4), ceil_mode=True, lrn_after=(0, 1), pool_before_lrn=True,
+             init="zfnet", input_size=224)
 
 
 @register_model
 def zfnet(**kwargs) -> AlexNet:
     """ZFNet of Fig. 3: 96@7x7/2, 256@5x5/2, 384, 384, 256 @3x3, maps 110/55/26/13/6; 62,357,608 parameters."""
-    model_args = dict(convs=ZFNET_CONVS, pool_after=(0, 1, 4), ceil_mode=True, lrn_after=(0, 1),
-                      pool_before_lrn=True, init="zfnet", input_size=224)
+    model_args = dict(ZFNET)
     return AlexNet(**dict(model_args, **kwargs))
 
 
@@ -55,4 +57,5 @@ def zfnet_large(**kwargs) -> AlexNet:
     conv1 3*7*7*96 + 96 = 14,208; conv2 96*5*5*256 + 256 = 614,656; conv3 256*3*3*512 + 512 = 1,180,160;
     conv4 512*3*3*1024 + 1024 = 4,719,616; conv5 1024*3*3*512 + 512 = 4,719,104;
     fc6 512*6*6*4096 + 4096 = 75,501,568; fc7 4096*4096 + 4096 = 16,781,312; fc8 4096*1000 + 1000 = 4,097,000."""
-    return zfnet(**{"convs": ZFNET_LARGE_CONVS, **kwargs})
+    model_args = dict(ZFNET, convs=ZFNET_LARGE_CONVS)
+    return AlexNet(**dict(model_args, **kwargs))
