@@ -18,7 +18,7 @@ import yaml
 from lightcnn import export
 from lightcnn.models import create
 from lightcnn.ops import library_loaded
-from tests._small_models import SMALL, small
+from tests.helpers import SMALL, small
 
 # one network per kernel-backed layer (LRN, fused BN-ReLU-conv, DenseNet's concatenation)
 FAST = ["alexnet", "preact_resnet164", "densenet121"]

@@ -29,7 +29,7 @@ from lightcnn.constants import DATASETS
 from lightcnn.models import create, list_models
 from lightcnn.models.base import FeatureExtractor
 from lightcnn.published import published
-from tests._small_models import FAST, SMALL, small
+from tests.helpers import FAST, SMALL, small
 
 NAMES = list_models()
 LIGHT_GMACS = 1.0  # real forward passes above this are slow on the 2-core CI machine
