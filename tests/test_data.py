@@ -1,9 +1,7 @@
 """Datamodules on real formats: scikit-learn's digits, CIFAR python pickles and ImageFolder trees that
 the tests write themselves (no network), plus the global-batch-size rule."""
-import pickle
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -21,6 +19,7 @@ from lightcnn.data import (
 from lightcnn.data.cifar import Cutout
 from lightcnn.data.digits import load_digits_tensors
 from lightcnn.data.imagenet import imagenet_transforms
+from tests.helpers import write_cifar, write_folder_tree
 
 
 def _attach(dm, world_size: int, net=None):
@@ -124,34 +123,9 @@ def test_digits_bad_fractions_are_an_error():
 
 # --- CIFAR ---------------------------------------------------------------------------------------------------
 
-def _write_cifar(root, hundred: bool, n_train: int = 12, n_test: int = 6, seed: int = 0):
-    """A small CIFAR in the official python format: pickled dicts of uint8 rows (3 x 32 x 32, CHW)."""
-    rng = np.random.default_rng(seed)
-    label_key, folder = ("fine_labels", "cifar-100-python") if hundred else ("labels", "cifar-10-batches-py")
-    classes = 100 if hundred else 10
-    d = root / folder
-    d.mkdir(parents=True)
-
-    def batch(n):
-        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-                label_key: rng.integers(0, classes, n).tolist()}
-
-    files = {"train": batch(n_train), "test": batch(n_test)} if hundred else {
-        **{f"data_batch_{i}": batch(n_train // 5 + (i == 1) * (n_train % 5)) for i in range(1, 6)},
-        "test_batch": batch(n_test)}
-    for name, content in files.items():
-        with open(d / name, "wb") as f:
-            pickle.dump(content, f)
-    meta = ({"fine_label_names": [f"c{i}" for i in range(100)]} if hundred
-            else {"label_names": [f"c{i}" for i in range(10)]})
-    with open(d / ("meta" if hundred else "batches.meta"), "wb") as f:
-        pickle.dump(meta, f)
-    return files
-
-
 @pytest.mark.parametrize("hundred", [False, True], ids=["cifar10", "cifar100"])
 def test_cifar_reads_the_official_pickle_format(tmp_path, hundred):
-    files = _write_cifar(tmp_path, hundred)
+    files = write_cifar(tmp_path, hundred)
     cls, (mean, std) = (CIFAR100DataModule, (CIFAR100_MEAN, CIFAR100_STD)) if hundred else (
         CIFAR10DataModule, (CIFAR10_MEAN, CIFAR10_STD))
     dm = cls(root=str(tmp_path), batch_size=4, verify_md5=False, num_workers=0)
@@ -170,7 +144,7 @@ def test_cifar_reads_the_official_pickle_format(tmp_path, hundred):
 
 @pytest.mark.parametrize("padding_mode", ["zero", "mean", "reflect"])
 def test_cifar_augmentation_is_pad4_crop_and_flip(tmp_path, padding_mode):
-    _write_cifar(tmp_path, hundred=False)
+    write_cifar(tmp_path, hundred=False)
     dm = CIFAR10DataModule(root=str(tmp_path), batch_size=4, padding_mode=padding_mode, verify_md5=False,
                            num_workers=0)
     dm.setup("fit")
@@ -231,7 +205,7 @@ def test_cutout_zeroes_one_square_centred_anywhere_in_the_image():
 
 
 def test_cifar_cutout_applies_to_training_images_only(tmp_path):
-    _write_cifar(tmp_path, hundred=False)
+    write_cifar(tmp_path, hundred=False)
     dm = CIFAR10DataModule(root=str(tmp_path), batch_size=4, cutout=8, verify_md5=False, num_workers=0)
     dm.setup("fit")
     zeros = [(dm.train_set[i][0] == 0).sum().item() for i in range(8)]
@@ -240,7 +214,7 @@ def test_cifar_cutout_applies_to_training_images_only(tmp_path):
 
 
 def test_cifar_normalisation_comes_from_the_network_unless_the_recipe_sets_it(tmp_path):
-    _write_cifar(tmp_path, hundred=False)
+    write_cifar(tmp_path, hundred=False)
     mean, std = (0.1, 0.2, 0.3), (0.5, 0.6, 0.7)
 
     def background(dm):  # an all-black image's value after normalisation: -mean / std
@@ -258,7 +232,7 @@ def test_cifar_normalisation_comes_from_the_network_unless_the_recipe_sets_it(tm
 
 
 def test_cifar_val_split_is_held_out_of_training(tmp_path):
-    _write_cifar(tmp_path, hundred=False, n_train=20)
+    write_cifar(tmp_path, hundred=False, n_train=20)
     dm = CIFAR10DataModule(root=str(tmp_path), batch_size=4, val_size=5, verify_md5=False, num_workers=0)
     dm.setup("fit")
     assert len(dm.train_set) == 15 and len(dm.val_set) == 5
@@ -272,26 +246,16 @@ def test_cifar_missing_says_how_to_get_it(tmp_path):
 
 
 def test_cifar_md5_check_rejects_files_that_are_not_the_official_ones(tmp_path):
-    _write_cifar(tmp_path, hundred=False)
+    write_cifar(tmp_path, hundred=False)
     with pytest.raises(FileNotFoundError, match="MD5"):
         CIFAR10DataModule(root=str(tmp_path), batch_size=4).setup("fit")
 
 
 # --- ImageNet folders ----------------------------------------------------------------------------------------
 
-def _write_folder_tree(root, classes=("n01", "n02", "n03"), per_class=3, size=(40, 30)):
-    rng = np.random.default_rng(0)
-    for split in ("train", "val"):
-        for i, c in enumerate(classes):
-            (root / split / c).mkdir(parents=True)
-            for j in range(per_class):
-                img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-                img.save(root / split / c / f"{j}.{'JPEG' if j % 2 else 'png'}")
-
-
 @pytest.mark.parametrize("augmentation", ["alexnet", "scale", "inception"])
 def test_imagenet_folder_tree(tmp_path, augmentation):
-    _write_folder_tree(tmp_path)
+    write_folder_tree(tmp_path)
     dm = ImageNetDataModule(root=str(tmp_path), batch_size=2, augmentation=augmentation, image_size=16,
                             resize_size=20, scale_range=(16, 24), num_classes=3, num_workers=0)
     dm.setup("fit")
@@ -324,7 +288,7 @@ def test_imagenet_center_square_crops_inside_the_central_square_only():
 
 
 def test_imagenet_takes_size_and_normalisation_from_the_network(tmp_path):
-    _write_folder_tree(tmp_path)
+    write_folder_tree(tmp_path)
     net = _net(input_size=(3, 12, 12), mean=(0.0,) * 3, std=(1.0,) * 3, crop_pct=0.75)  # resize to 12 / 0.75 = 16
     dm = _attach(ImageNetDataModule(root=str(tmp_path), batch_size=2, augmentation="alexnet", num_classes=3,
                                     num_workers=0), 1, net)
@@ -338,7 +302,7 @@ def test_imagenet_takes_size_and_normalisation_from_the_network(tmp_path):
 
 
 def test_imagenet_class_count_is_checked(tmp_path):
-    _write_folder_tree(tmp_path)
+    write_folder_tree(tmp_path)
     dm = ImageNetDataModule(root=str(tmp_path), batch_size=2, image_size=16, resize_size=20, num_workers=0,
                             num_classes=1000)
     with pytest.raises(ValueError, match="3 class folders but num_classes=1000"):

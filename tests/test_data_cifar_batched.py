@@ -17,7 +17,7 @@ from lightcnn.constants import CIFAR10_MEAN, CIFAR10_STD
 from lightcnn.data import CIFAR10DataModule, CIFAR100DataModule
 from lightcnn.data.batched import CX, CY, DX, DY, FLIP, BatchAugment, EpochBatches, ImageSet, place
 from lightcnn.data.cifar import Cutout, normalised_black
-from tests.test_data import _write_cifar
+from tests.helpers import write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def _torchvision_image(raw: torch.Tensor, mean, std, padding_mode: str, dy: int,
 @pytest.mark.parametrize("cutout", [0, 16])
 def test_batch_equals_torchvision_per_image_output_for_the_same_crops_flips_and_cutout(tmp_path, padding_mode,
                                                                                       cutout):
-    files = _write_cifar(tmp_path, hundred=False, n_train=40)
+    files = write_cifar(tmp_path, hundred=False, n_train=40)
     dm = CIFAR10DataModule(root=str(tmp_path), batch_size=40, padding_mode=padding_mode, cutout=cutout,
                            verify_md5=False)
     dm.setup("fit")
@@ -65,7 +65,7 @@ def test_the_torchvision_pipeline_pads_with_the_value_of_a_black_pixel(tmp_path)
 
 
 def test_output_takes_the_network_s_dtype_and_memory_format(tmp_path):
-    _write_cifar(tmp_path, hundred=False, n_train=10)
+    write_cifar(tmp_path, hundred=False, n_train=10)
     net = torch.nn.Conv2d(3, 4, 3).to(torch.bfloat16, memory_format=torch.channels_last)
     dm = CIFAR10DataModule(root=str(tmp_path), batch_size=10, verify_md5=False, padding_mode="mean", cutout=8)
     dm.trainer = SimpleNamespace(world_size=1, global_rank=0, lightning_module=net)
@@ -145,7 +145,7 @@ def test_a_set_that_does_not_fit_the_device_stays_in_host_memory():
 
 
 def test_a_host_set_is_cropped_before_the_transfer(tmp_path):
-    _write_cifar(tmp_path, hundred=False, n_train=10)
+    write_cifar(tmp_path, hundred=False, n_train=10)
     dm = CIFAR10DataModule(root=str(tmp_path), batch_size=10, verify_md5=False)
     dm.setup("fit")
     (batch,) = list(dm.train_dataloader())
@@ -164,7 +164,7 @@ def test_mirror_set_holds_the_flipped_images():
 
 @pytest.mark.parametrize("hundred", [False, True], ids=["cifar10", "cifar100"])
 def test_batched_is_the_default_and_torchvision_stays_selectable(tmp_path, hundred):
-    files = _write_cifar(tmp_path, hundred)
+    files = write_cifar(tmp_path, hundred)
     cls = CIFAR100DataModule if hundred else CIFAR10DataModule
     dm = cls(root=str(tmp_path), batch_size=4, verify_md5=False, augment=False)
     tv = cls(root=str(tmp_path), batch_size=4, verify_md5=False, augment=False, pipeline="torchvision",
@@ -197,7 +197,7 @@ class RecordingCIFAR10(CIFAR10DataModule):
 
 @pytest.mark.slow
 def test_ddp_two_gloo_processes_split_each_global_batch_and_cover_the_epoch_once(tmp_path):
-    _write_cifar(tmp_path, hundred=False, n_train=48)
+    write_cifar(tmp_path, hundred=False, n_train=48)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"""
 seed_everything: 3

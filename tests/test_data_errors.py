@@ -10,11 +10,11 @@ from PIL import Image
 from lightcnn.data import CIFAR10DataModule, ImageNetDataModule
 from lightcnn.data.base import UnreadableDataError
 from lightcnn.training.cli import main
-from tests.test_data import _write_cifar, _write_folder_tree
+from tests.helpers import write_cifar, write_folder_tree
 
 
 def test_a_truncated_jpeg_in_an_imagenet_tree_is_named_in_the_error(tmp_path):
-    _write_folder_tree(tmp_path)
+    write_folder_tree(tmp_path)
     bad = tmp_path / "train" / "n02" / "1.JPEG"
     buffer = io.BytesIO()
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 80, 3), dtype=np.uint8)).save(buffer, "JPEG")
@@ -29,7 +29,7 @@ def test_a_truncated_jpeg_in_an_imagenet_tree_is_named_in_the_error(tmp_path):
 
 def test_a_truncated_cifar_batch_is_named_in_a_one_line_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["lightcnn.fit"])
-    _write_cifar(tmp_path, hundred=False, n_train=20)
+    write_cifar(tmp_path, hundred=False, n_train=20)
     bad = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     bad.write_bytes(bad.read_bytes()[:100])
     dm = CIFAR10DataModule(root=str(tmp_path), batch_size=4, verify_md5=False)

@@ -27,7 +27,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tmp_path):
         "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "4",
         "--trainer.limit_val_batches", "2", "--test_after_fit", "false", "--trainer.logger", "false",
         "--trainer.enable_progress_bar", "false",
-        "--trainer.callbacks+=tests._fit_helpers.SaveRankWeights", f"--trainer.callbacks.dirpath={tmp_path}",
+        "--trainer.callbacks+=tests.helpers.SaveRankWeights", f"--trainer.callbacks.dirpath={tmp_path}",
     ]
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "disabled"}

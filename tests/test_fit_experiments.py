@@ -9,6 +9,7 @@ import torch
 
 from lightcnn.models import is_model
 from lightcnn.training.cli import LightCNNCLI
+from tests.helpers import EXPERIMENTS, build_experiment
 
 
 @pytest.fixture(autouse=True)
@@ -16,7 +17,6 @@ def _argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["lightcnn.fit"])  # the CLI gets its arguments from the test only
 
 
-EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
 
 
 def test_there_is_an_experiment_per_paper_recipe():
@@ -48,12 +48,6 @@ def test_experiment_builds(path, tmp_path):
     assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
 
 
-def _build(name: str, tmp_path) -> LightCNNCLI:
-    path = next(p for p in EXPERIMENTS if p.stem == name)
-    return LightCNNCLI(["--config", str(path), "--run_root", str(tmp_path), "--trainer.logger", "false"],
-                       stage="fit", experiment_name=name)
-
-
 def _data_config(path: Path) -> dict:
     import yaml
 
@@ -71,19 +65,19 @@ def test_cifar_recipes_state_their_padding(path):
 def test_zfnet_recipe_renormalises_filters_to_0_1_and_crops_the_central_square(tmp_path):
     from lightcnn.training import RenormalizeFilters
 
-    cli = _build("zfnet_imagenet", tmp_path)
+    cli = build_experiment("zfnet_imagenet", tmp_path)
     (renorm,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, RenormalizeFilters)]
     assert renorm.radius == 0.1  # Zeiler & Fergus 2014, Sec. 3.1
     assert cli.datamodule.center_square and cli.datamodule.resize_size == 256
 
 
 def test_alexnet_recipe_crops_the_central_square(tmp_path):
-    data = _build("alexnet_imagenet", tmp_path).datamodule
+    data = build_experiment("alexnet_imagenet", tmp_path).datamodule
     assert data.center_square and (data.image_size, data.resize_size) == (227, 256)
 
 
 def test_googlenet_recipe_is_the_bvlc_solver(tmp_path):
-    cli = _build("googlenet_imagenet", tmp_path)
+    cli = build_experiment("googlenet_imagenet", tmp_path)
     cfg = cli.model.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     assert cli.datamodule.batch_size == 32 and cfg["lr_scheduler"]["interval"] == "step"
@@ -95,7 +89,7 @@ def test_googlenet_recipe_is_the_bvlc_solver(tmp_path):
 def test_stochastic_depth_recipe_tests_the_best_validation_checkpoint_of_a_45k_5k_split(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    cli = _build("sd_resnet110_cifar10", tmp_path)
+    cli = build_experiment("sd_resnet110_cifar10", tmp_path)
     assert cli.config.test_weights == "best"
     assert cli.datamodule.val_size == 5000  # of CIFAR-10's 50,000 training images: 45,000 are trained on
     (ckpt,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint)]

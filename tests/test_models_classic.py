@@ -10,7 +10,6 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn.layers import LocalResponseNorm, default_impl
 from lightcnn.models import create, list_models
@@ -18,6 +17,7 @@ from lightcnn.models.googlenet import GoogLeNetOutputs
 from lightcnn.models.weights import TWINS, from_torchvision, map_layers_in_order
 from lightcnn.published import MODELS as PUBLISHED
 from tests.conftest import DEVICES
+from tests.helpers import build_meta, feature_sides, macs, n_params, randomise_bn
 
 # lightcnn/published.py: name -> (trainable parameters with aux heads, GMACs, input side). Exact counts;
 # MACs within 1%.
@@ -38,23 +38,6 @@ TABLE1 = [
     ("4e", 256, 160, 320, 32, 128, 128, 14),
     ("5a", 256, 160, 320, 32, 128, 128, 7), ("5b", 384, 192, 384, 48, 128, 128, 7),
 ]
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def build_meta(name: str, **kw) -> nn.Module:
-    with torch.device("meta"):
-        return create(name, **kw)
-
-
-def macs(model: nn.Module, side: int) -> int:
-    """FlopCounterMode's FLOPs / 2 (convolutions and matmuls), eval mode, batch 1, on the meta device."""
-    model.eval()
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, model.in_chans, side, side, device="meta"))
-    return counter.get_total_flops() // 2
 
 
 def naive_googlenet_counts(num_classes: int = 1000) -> tuple[int, int, int]:
@@ -134,16 +117,6 @@ def test_lenet5_original_has_the_papers_parameters_per_layer():
 
 
 # ----------------------------------------------------------------------------------------- map sizes
-
-def feature_sides(model: nn.Module, side: int, types=(nn.Conv2d, nn.MaxPool2d)) -> list[int]:
-    sides = []
-    hooks = [m.register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
-             for m in model.modules() if isinstance(m, types)]
-    model.eval()(torch.zeros(1, model.in_chans, side, side, device="meta"))
-    for h in hooks:
-        h.remove()
-    return sides
-
 
 def test_alexnet_maps_are_55_27_13_6():
     assert feature_sides(build_meta("alexnet"), 227) == [55, 27, 27, 13, 13, 13, 13, 6]
@@ -358,20 +331,10 @@ def test_vgg_forward_intermediates_gives_named_maps():
 
 # --------------------------------------------------------------------------------- torchvision weights
 
-def _randomise_bn(model: nn.Module) -> None:
-    with torch.no_grad():  # so that a BN mapped onto the wrong layer, or left at its defaults, shows
-        for m in model.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.weight.normal_()
-                m.bias.normal_()
-                m.running_mean.normal_()
-                m.running_var.uniform_(0.5, 2.0)
-
-
 @pytest.mark.parametrize("name", ["alexnet_owt", "vgg11_bn"])
 def test_torchvision_weights_give_equal_outputs(name):
     tv = getattr(torchvision.models, name.replace("_owt", ""))(weights=None, num_classes=10)
-    _randomise_bn(tv)
+    randomise_bn(tv)
     ours = from_torchvision(name, tv)
     assert ours.num_classes == 10
     x = torch.randn(2, 3, 64, 64)

@@ -11,7 +11,7 @@ from torch import nn
 from lightcnn.models import create, list_models
 from lightcnn.models.fractalnet import FractalJoin, FractalNet
 from lightcnn.published import published
-from tests.test_models_classic import build_meta, macs, n_params
+from tests.helpers import bf16_autocast_error, build_experiment, build_meta, macs, n_params
 
 
 def conv_runs(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
@@ -234,30 +234,14 @@ def test_fractalnet20_runs_under_torch_compile():
     _compiled_matches_eager(model.train(), 32)
 
 
-def bf16_autocast_error(model: nn.Module, x: torch.Tensor) -> float:
-    """The relative error of the eval-mode logits under CPU bf16 autocast (checking that the features come out
-    in bf16 and are finite), against float32; logits centred per sample."""
-    model.eval()
-    with torch.no_grad():
-        expected = model(x)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert model.forward_head(model.forward_features(x), pre_logits=True).dtype == torch.bfloat16
-            y = model(x).float()
-    assert torch.isfinite(y).all()
-    centred = lambda t: t - t.mean(1, keepdim=True)  # noqa: E731
-    return ((centred(y) - centred(expected)).norm() / centred(expected).norm()).item()
-
-
 def test_bfloat16_autocast():
     # bfloat16 keeps 8 bits (~0.4% per rounding); measured 0.5-0.7% here, the classic models' bound is 3%
     assert bf16_autocast_error(create("fractalnet20"), torch.randn(2, 3, 32, 32)) < 0.03
 
 
 def test_recipe_is_the_papers(tmp_path, monkeypatch):
-    from tests.test_fit_experiments import _build
-
     monkeypatch.setattr("sys.argv", ["lightcnn.fit"])
-    cli = _build("fractalnet20_cifar10", tmp_path)
+    cli = build_experiment("fractalnet20_cifar10", tmp_path)
     cfg = cli.model.configure_optimizers()
     group, sched = cfg["optimizer"].param_groups[0], cfg["lr_scheduler"]["scheduler"]
     assert (group["lr"], group["momentum"]) == (0.02, 0.9) and cli.datamodule.batch_size == 100

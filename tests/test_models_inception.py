@@ -15,8 +15,7 @@ from lightcnn.models import create, list_models
 from lightcnn.models.inception_resnet import InceptionResNet, InceptionResNetBlock
 from lightcnn.models.weights import from_timm, map_layers_in_order, register_twin, twins
 from lightcnn.published import published
-from tests.test_models_classic import _randomise_bn, build_meta, feature_sides, macs, n_params
-from tests.test_models_fractal import bf16_autocast_error
+from tests.helpers import bf16_autocast_error, build_experiment, build_meta, feature_sides, macs, n_params, randomise_bn
 
 INCEPTION = ["inception_v4", "inception_resnet_v1", "inception_resnet_v2", "inception_resnet_v2_paper"]
 SMALL = 75  # 75 -> 35 -> 33 -> 16 (stem) -> 7 (Reduction-A) -> 3 (Reduction-B)
@@ -137,7 +136,7 @@ def test_residual_modules_scale_and_match_dimensions(name, counts, scales, linea
 def test_residual_module_computes_scaled_sum_then_relu():
     block = [m for m in create("inception_resnet_v1", num_blocks=(1, 1, 1)).modules()
              if isinstance(m, InceptionResNetBlock)][0].eval()
-    _randomise_bn(block)
+    randomise_bn(block)
     x = torch.randn(2, 256, 9, 9)
     with torch.no_grad():
         up = torch.cat([block.Branch_0(x), block.Branch_1(x), block.Branch_2(x)], 1)
@@ -197,7 +196,7 @@ def test_dropout_only_in_training_and_eval_is_deterministic(name):
 @pytest.mark.parametrize("name", ["inception_v4", "inception_resnet_v2"])
 def test_timm_weights_give_equal_outputs(name):
     reference = timm.create_model(name, pretrained=False, num_classes=10).eval()
-    _randomise_bn(reference)  # so that a BN mapped onto the wrong layer, or left at its defaults, shows
+    randomise_bn(reference)  # so that a BN mapped onto the wrong layer, or left at its defaults, shows
     ours = from_timm(name, reference).eval()
     assert ours.num_classes == 10
     x = torch.randn(2, 3, SMALL, SMALL)
@@ -208,7 +207,7 @@ def test_timm_weights_give_equal_outputs(name):
 
 def test_timm_weights_with_a_fresh_classifier_for_fine_tuning():
     reference = timm.create_model("inception_resnet_v2", pretrained=False).eval()
-    _randomise_bn(reference)
+    randomise_bn(reference)
     ours = from_timm("inception_resnet_v2", reference, num_classes=7, load_classifier=False).eval()
     assert ours.Logits.out_features == 7
     x = torch.randn(1, 3, SMALL, SMALL)
@@ -272,10 +271,8 @@ def test_bfloat16_autocast(name):
 def test_recipe_is_the_papers(recipe, tmp_path, monkeypatch):
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
-    from tests.test_fit_experiments import _build
-
     monkeypatch.setattr("sys.argv", ["lightcnn.fit"])
-    cli = _build(recipe, tmp_path)
+    cli = build_experiment(recipe, tmp_path)
     cfg = cli.model.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     # Sec. 4: RMSProp with decay 0.9 and epsilon 1.0, lr 0.045 decayed by 0.94 every two epochs

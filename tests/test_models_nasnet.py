@@ -14,7 +14,6 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn.data.synthetic import SyntheticDataModule
 from lightcnn.models import create, list_models
@@ -31,29 +30,13 @@ from lightcnn.models.nasnet import (
 from lightcnn.models.weights import from_timm, twins
 from lightcnn.published import published
 from lightcnn.training import ClassifierModule, ScheduledDropPath
+from tests.helpers import build_meta, macs, n_params
 
 NASNETS = ["nasnet_a_cifar", "nasnet_a_large", "nasnet_a_mobile"]
 # (N, F, stem filters, keep prob) of the released configs: cifar_config, mobile/large_imagenet_config.
 RELEASED = {"nasnet_a_cifar": (6, 32, 96, 0.6), "nasnet_a_mobile": (4, 44, 32, 1.0),
             "nasnet_a_large": (6, 168, 96, 0.7)}
 TINY = dict(num_normal_cells=1, penultimate_filters=96)  # F = 4: a 5-cell CIFAR net for the slow machinery
-
-
-def n_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def build_meta(name: str, **kw) -> nn.Module:
-    with torch.device("meta"):
-        return create(name, **kw)
-
-
-def macs(model: nn.Module, side: int, device: str = "meta") -> int:
-    """FlopCounterMode's FLOPs / 2 (convolutions and matmuls), eval mode, batch 1."""
-    model.eval()
-    with FlopCounterMode(display=False) as counter:
-        model(torch.zeros(1, model.in_chans, side, side, device=device))
-    return counter.get_total_flops() // 2
 
 
 def drop_paths(cell: nn.Module) -> list[DropPath]:

@@ -10,17 +10,12 @@ from torch import nn
 from torchvision.transforms import v2
 
 from lightcnn.data.imagenet import PCA_EIGVAL, PCA_EIGVEC, ImageNetDataModule, Lighting, imagenet_transforms
+from tests.helpers import build_experiment
 
 
 @pytest.fixture(autouse=True)
 def _argv(monkeypatch):
     monkeypatch.setattr("sys.argv", ["lightcnn.fit"])
-
-
-def _build(name, tmp_path):
-    from tests.test_fit_experiments import _build
-
-    return _build(name, tmp_path)
 
 
 def test_lighting_adds_eigvec_times_alpha_eigval_to_every_pixel():
@@ -61,13 +56,13 @@ def test_bad_colour_knobs_are_refused_at_construction(kwargs, message):
 
 
 def test_densenet121_recipe_adds_fb_resnet_torch_colour_and_lighting(tmp_path):
-    data = _build("densenet121_imagenet", tmp_path).datamodule
+    data = build_experiment("densenet121_imagenet", tmp_path).datamodule
     assert data.colour == dict(crop_scale_min=0.08, color_jitter=0.4, lighting=0.1)
 
 
 @pytest.mark.parametrize("name", ["inception_v4_imagenet", "inception_resnet_v2_imagenet"])
 def test_inception_recipes_train_as_tf_slim(name, tmp_path):
-    cli = _build(name, tmp_path)
+    cli = build_experiment(name, tmp_path)
     net, module = cli.model.net, cli.model
     assert net.AuxLogits is not None and module.hparams.aux_loss_weights == 0.4
     bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
@@ -76,7 +71,7 @@ def test_inception_recipes_train_as_tf_slim(name, tmp_path):
 
 
 def test_fractalnet_recipe_is_the_authors_caffe_network(tmp_path):
-    net = _build("fractalnet20_cifar10", tmp_path).model.net
+    net = build_experiment("fractalnet20_cifar10", tmp_path).model.net
     assert sum(p.numel() for p in net.parameters() if p.requires_grad) == 33_714_314
     assert not any(m.affine for m in net.modules() if isinstance(m, nn.BatchNorm2d))
 
@@ -84,7 +79,7 @@ def test_fractalnet_recipe_is_the_authors_caffe_network(tmp_path):
 @pytest.mark.parametrize("name", ["inception_v4_imagenet", "inception_resnet_v2_imagenet", "nasnet_a_cifar10"])
 def test_tf_slim_recipes_decay_conv_and_linear_weights_only(name, tmp_path):
     """TF-slim's regularisers act on convolution and linear weights: no decay on BN and biases."""
-    module = _build(name, tmp_path).model
+    module = build_experiment(name, tmp_path).model
     assert module.hparams.weight_decay_norm_bias is False
     cfg = module.configure_optimizers()
     optimizer = cfg["optimizer"] if isinstance(cfg, dict) else cfg

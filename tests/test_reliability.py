@@ -1,5 +1,5 @@
 """The reliability contract (docs/reliability.md) through the CLI: whole checkpoints, honest exit codes,
-`--ckpt_path last`, one-line errors. Faults are injected (tests/_fault_helpers.py); no disk is filled."""
+`--ckpt_path last`, one-line errors. Faults are injected (tests/helpers.py); no disk is filled."""
 import os
 import shutil
 import signal
@@ -13,7 +13,7 @@ import torch
 
 from lightcnn.training.checkpoint import CheckpointError, load_checkpoint, save_checkpoint_file
 from lightcnn.training.cli import SaveRunConfig, main
-from tests import _fault_helpers
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "lenet5_digits.yaml")
@@ -61,7 +61,7 @@ def test_kill_during_a_checkpoint_save_leaves_the_previous_checkpoint_whole(tmp_
     scratch = Path(f"/dev/shm/lightcnn-test-{os.getpid()}")
     scratch.mkdir(exist_ok=True)
     runs = tmp_path / "runs"
-    cmd = [sys.executable, "-m", "tests._fault_helpers", "kill", str(runs), "--",
+    cmd = [sys.executable, "-m", "tests.helpers", "kill", str(runs), "--",
            DIGITS, "--run_root", str(runs), "--trainer.max_epochs", "2", *SHORT]
     proc = subprocess.run(cmd, cwd=tmp_path, env={**_env(), "TMPDIR": str(scratch)}, capture_output=True, text=True,
                           timeout=240)
@@ -78,7 +78,7 @@ def test_full_disk_during_a_checkpoint_save_keeps_the_previous_checkpoint(tmp_pa
     runs = tmp_path / "runs"
     for name in ("os.sendfile", "os.fsync", "shutil.copyfileobj"):  # restored after the test
         monkeypatch.setattr(name, eval(name))
-    _fault_helpers.inject(_fault_helpers.no_space, _fault_helpers.second_save(str(runs)))
+    helpers.inject(helpers.no_space, helpers.second_save(str(runs)))
     code, err = _exit(capsys, DIGITS, "--run_root", str(runs), "--trainer.max_epochs", "2", *SHORT)
     assert code == 2 and "lightcnn.fit: error:" in err and "No space left on device" in err, err
     assert "Traceback" not in err
@@ -142,7 +142,7 @@ def test_empty_or_truncated_checkpoint_is_one_line_naming_the_intact_ones(damage
 ])
 def test_diverged_run_stops_with_exit_1_and_keeps_the_good_checkpoint(step, says, tmp_path, capsys):
     code, err = _exit(capsys, DIGITS, "--run_root", str(tmp_path / "runs"), "--trainer.max_epochs", "3", *SHORT,
-                      "--trainer.callbacks+=tests._fault_helpers.BlowUpAfterStep", f"--trainer.callbacks.step={step}")
+                      "--trainer.callbacks+=tests.helpers.BlowUpAfterStep", f"--trainer.callbacks.step={step}")
     assert code == 1, err
     (line,) = err.strip().splitlines()
     assert line.startswith(f"lightcnn.fit: error: {says}"), line
@@ -158,7 +158,7 @@ def test_diverged_run_stops_with_exit_1_and_keeps_the_good_checkpoint(step, says
 def test_sigterm_saves_a_resumable_checkpoint_exits_143_and_resumes(tmp_path, capsys):
     runs = str(tmp_path / "runs")
     code, err = _exit(capsys, DIGITS, "--run_root", runs, "--trainer.max_epochs", "2", *SHORT,
-                      "--trainer.callbacks+=tests._fault_helpers.SignalAtStep", "--trainer.callbacks.step=4")
+                      "--trainer.callbacks+=tests.helpers.SignalAtStep", "--trainer.callbacks.step=4")
     assert code == 143, err
     assert "stopped by SIGTERM" in err and "last.ckpt" in err, err
     (last,) = Path(runs).glob("*/*/checkpoints/last.ckpt")
@@ -172,7 +172,7 @@ def test_sigint_exits_130(tmp_path, capsys):
     handler = signal.getsignal(signal.SIGINT)
     try:
         code, err = _exit(capsys, DIGITS, "--run_root", str(tmp_path / "runs"), "--trainer.max_epochs", "2", *SHORT,
-                          "--trainer.callbacks+=tests._fault_helpers.SignalAtStep", "--trainer.callbacks.step=2",
+                          "--trainer.callbacks+=tests.helpers.SignalAtStep", "--trainer.callbacks.step=2",
                           f"--trainer.callbacks.signum={int(signal.SIGINT)}")
     finally:
         signal.signal(signal.SIGINT, handler)  # Lightning ignores further Ctrl-C while it shuts down
@@ -330,7 +330,7 @@ def test_slurm_requeue_resumes_in_the_same_run_folder_and_wandb_run(tmp_path, mo
     runs, wb = str(tmp_path / "runs"), tmp_path / "wb"
     args = [DIGITS, "--run_root", runs, "--trainer.max_epochs", "2", *SHORT[:-6], "--trainer.enable_progress_bar",
             "false", "--trainer.logger.init_args.save_dir", str(wb)]
-    code, err = _exit(capsys, *args, "--trainer.callbacks+=tests._fault_helpers.SignalAtStep",
+    code, err = _exit(capsys, *args, "--trainer.callbacks+=tests.helpers.SignalAtStep",
                       "--trainer.callbacks.step=4", f"--trainer.callbacks.signum={int(signal.SIGUSR1)}")
     assert code == 143, err
     assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"]
@@ -367,7 +367,7 @@ def _gone(pid: int) -> bool:
 @pytest.mark.parametrize("how", ["sigterm", "timeout"])
 def test_ddp_rank_blocked_by_a_stopped_peer_ends_on_sigterm_or_the_timeout(how, tmp_path):
     pid_file = tmp_path / "stopped.pid"
-    extra = ["--trainer.callbacks+=tests._fault_helpers.SignalAtStep", "--trainer.callbacks.step=3",
+    extra = ["--trainer.callbacks+=tests.helpers.SignalAtStep", "--trainer.callbacks.step=3",
              f"--trainer.callbacks.signum={int(signal.SIGSTOP)}", "--trainer.callbacks.rank=1",
              f"--trainer.callbacks.pid_file={pid_file}"]
     if how == "timeout":  # what a recipe sets: strategy: {class_path: ...DDPStrategy, init_args: {timeout: "0:01:30"}}
@@ -416,7 +416,7 @@ def test_ddp_user_error_inside_fit_is_one_line_from_rank_0(tmp_path):
 @pytest.mark.slow
 def test_ddp_sigterm_saves_a_resumable_checkpoint_and_ends_every_rank(tmp_path):
     pid_file = tmp_path / "rank0.pid"
-    proc = subprocess.run(_ddp_cmd(tmp_path, "--trainer.callbacks+=tests._fault_helpers.SignalAtStep",
+    proc = subprocess.run(_ddp_cmd(tmp_path, "--trainer.callbacks+=tests.helpers.SignalAtStep",
                                    "--trainer.callbacks.step=3", f"--trainer.callbacks.pid_file={pid_file}"),
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 143, proc.stderr[-3000:]

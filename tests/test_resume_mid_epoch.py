@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightcnn.training.cli import SaveRunConfig, main
-from tests.test_data import _write_cifar
+from tests.helpers import write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -37,7 +37,7 @@ def _digits_recipe(tmp_path: Path, every: int) -> Path:
 
 
 def _cifar_recipe(tmp_path: Path, every: int, pipeline: str, augmentation: str = "cutout: 8") -> Path:
-    _write_cifar(tmp_path, hundred=False, n_train=40, n_test=8)
+    write_cifar(tmp_path, hundred=False, n_train=40, n_test=8)
     recipe = tmp_path / f"cifar_{pipeline}.yaml"
     recipe.write_text(f"""
 seed_everything: 5

@@ -1,0 +1,275 @@
+"""Helpers shared by the test modules (no test module imports another), and the code that the tests' CLI
+subprocesses load by class path (`tests.helpers.X`) or run (`python -m tests.helpers FAULT RUN_ROOT -- ...`).
+
+- small models: one small member of every model family (`SMALL`, `FAST`, `small`) for real arithmetic;
+- meta-device builds and counts (`build_meta`, `meta_model`, `n_params`, `macs`, `feature_sides`);
+- data files in the real formats (`write_cifar`, `write_folder_tree`);
+- recipes built through the CLI (`build_experiment`);
+- callbacks and faults for fit runs (`SaveRankWeights`, `SignalAtStep`, `BlowUpAfterStep`, `inject`).
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import pickle
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from lightcnn.models import create
+
+EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+
+
+# --- small models --------------------------------------------------------------------------------------------
+# One small member of every model family, for the tests that run real arithmetic (model API, export):
+# (registered name, keyword overrides that shrink it, input side). The overrides keep each family's blocks
+# and stage layout; `FAST` is the subset the default suite runs, the others are marked slow where used.
+SMALL: dict[str, tuple[dict, int]] = {
+    "lenet5": ({}, 32),
+    "lenet5_original": ({}, 32),
+    "alexnet": (dict(hidden_features=32, num_classes=5), 67),
+    "zfnet": (dict(hidden_features=32, num_classes=5), 67),
+    "vgg11_bn": (dict(stages=((8,), (8,), (16,), (16,), (16,)), hidden_features=16, num_classes=5), 32),
+    "resnet20": (dict(layers=(1, 1, 1)), 16),
+    "resnet18": (dict(layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), stem_width=8, num_classes=5), 64),
+    "resnext29_8x64d": (dict(layers=(1, 1, 1), base_width=16, cardinality=2, widths=(8, 16, 16), stem_width=8), 16),
+    "sd_resnet110": (dict(layers=(2, 2, 2)), 16),
+    "preact_resnet164": (dict(layers=(1, 1, 1), widths=(4, 8, 8), stem_width=8), 16),
+    "wrn16_2": (dict(layers=(1, 1, 1), drop_rate=0.3), 16),
+    "densenet40_k12": (dict(block_config=(2, 2, 2)), 16),
+    "densenet121": (dict(block_config=(1, 2, 2, 1), growth_rate=4, num_init_features=8, num_classes=5), 64),
+    "fractalnet20": (dict(channels=(8, 8, 16), drop_rates=(0.0, 0.1, 0.2), input_size=16), 16),
+    "googlenet": (dict(aux_logits=False, num_classes=5), 64),
+    "inception_v4": (dict(num_blocks=(1, 1, 1), num_classes=5), 75),
+    "inception_resnet_v1": (dict(num_blocks=(1, 1, 1), num_classes=5), 75),
+    "nasnet_a_cifar": (dict(num_normal_cells=1, penultimate_filters=96, aux_head=False), 16),
+    "nasnet_a_mobile": (dict(num_normal_cells=1, penultimate_filters=96, aux_head=False, num_classes=5,
+                             image_size=64), 64),
+}
+# one per kernel-backed layer (LRN, PreActConv2d, DenseConv2d) and per way of building a network
+FAST = ["lenet5", "alexnet", "vgg11_bn", "resnet18", "preact_resnet164", "densenet121"]
+
+
+def small(name: str, **extra) -> tuple[nn.Module, torch.Tensor]:
+    """The small model (seeded, eval mode) and a batch of 2 random inputs for it."""
+    overrides, side = SMALL[name]
+    torch.manual_seed(0)
+    model = create(name, **{**overrides, **extra}).eval()
+    x = torch.randn(2, model.in_chans, side, side)
+    return model, x
+
+
+# --- meta-device builds and counts ---------------------------------------------------------------------------
+
+def n_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def build_meta(name: str, **kw) -> nn.Module:
+    with torch.device("meta"):
+        return create(name, **kw)
+
+
+def macs(model: nn.Module, side: int, device: str = "meta") -> int:
+    """FlopCounterMode's FLOPs / 2 (convolutions and matmuls), eval mode, batch 1, on the meta device."""
+    model.eval()
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, model.in_chans, side, side, device=device))
+    return counter.get_total_flops() // 2
+
+
+@functools.cache
+def meta_model(name: str) -> nn.Module:
+    """One meta-device build per model in its default configuration, shared by every test module that only
+    reads it (each test sets train/eval mode itself)."""
+    return build_meta(name)
+
+
+def has_kernel_layers(model: nn.Module) -> bool:
+    """Whether the model holds a kernel-backed layer (LRN, the fused BN-ReLU-conv, DenseNet's op)."""
+    from lightcnn.layers import LocalResponseNorm, PreActConv2d
+
+    return any(isinstance(m, (LocalResponseNorm, PreActConv2d)) for m in model.modules())
+
+
+def feature_sides(model: nn.Module, side: int, types=(nn.Conv2d, nn.MaxPool2d)) -> list[int]:
+    sides = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
+             for m in model.modules() if isinstance(m, types)]
+    model.eval()(torch.zeros(1, model.in_chans, side, side, device="meta"))
+    for h in hooks:
+        h.remove()
+    return sides
+
+
+def randomise_bn(model: nn.Module) -> None:
+    with torch.no_grad():  # so that a BN mapped onto the wrong layer, or left at its defaults, shows
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_()
+                m.bias.normal_()
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
+
+
+def bf16_autocast_error(model: nn.Module, x: torch.Tensor) -> float:
+    """The relative error of the eval-mode logits under CPU bf16 autocast (checking that the features come out
+    in bf16 and are finite), against float32; logits centred per sample."""
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model.forward_head(model.forward_features(x), pre_logits=True).dtype == torch.bfloat16
+            y = model(x).float()
+    assert torch.isfinite(y).all()
+    centred = lambda t: t - t.mean(1, keepdim=True)  # noqa: E731
+    return ((centred(y) - centred(expected)).norm() / centred(expected).norm()).item()
+
+
+# --- data files in the real formats ---------------------------------------------------------------------------
+
+def write_cifar(root, hundred: bool, n_train: int = 12, n_test: int = 6, seed: int = 0):
+    """A small CIFAR in the official python format: pickled dicts of uint8 rows (3 x 32 x 32, CHW)."""
+    rng = np.random.default_rng(seed)
+    label_key, folder = ("fine_labels", "cifar-100-python") if hundred else ("labels", "cifar-10-batches-py")
+    classes = 100 if hundred else 10
+    d = root / folder
+    d.mkdir(parents=True)
+
+    def batch(n):
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                label_key: rng.integers(0, classes, n).tolist()}
+
+    files = {"train": batch(n_train), "test": batch(n_test)} if hundred else {
+        **{f"data_batch_{i}": batch(n_train // 5 + (i == 1) * (n_train % 5)) for i in range(1, 6)},
+        "test_batch": batch(n_test)}
+    for name, content in files.items():
+        with open(d / name, "wb") as f:
+            pickle.dump(content, f)
+    meta = ({"fine_label_names": [f"c{i}" for i in range(100)]} if hundred
+            else {"label_names": [f"c{i}" for i in range(10)]})
+    with open(d / ("meta" if hundred else "batches.meta"), "wb") as f:
+        pickle.dump(meta, f)
+    return files
+
+
+def write_folder_tree(root, classes=("n01", "n02", "n03"), per_class=3, size=(40, 30)):
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for i, c in enumerate(classes):
+            (root / split / c).mkdir(parents=True)
+            for j in range(per_class):
+                img = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+                img.save(root / split / c / f"{j}.{'JPEG' if j % 2 else 'png'}")
+
+
+# --- recipes --------------------------------------------------------------------------------------------------
+
+def build_experiment(name: str, tmp_path):
+    """The module and datamodule of `experiments/<name>.yaml`, built through the CLI (no logger, no training)."""
+    from lightcnn.training.cli import LightCNNCLI
+
+    path = next(p for p in EXPERIMENTS if p.stem == name)
+    return LightCNNCLI(["--config", str(path), "--run_root", str(tmp_path), "--trainer.logger", "false"],
+                       stage="fit", experiment_name=name)
+
+
+# --- callbacks and faults for fit runs ------------------------------------------------------------------------
+
+
+class SaveRankWeights(L.Callback):
+    """At the end of fit, every process saves its own copy of the parameters as `dirpath/rank{R}.pt`."""
+
+    def __init__(self, dirpath: str):
+        self.dirpath = dirpath
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        params = {k: v.detach().cpu().clone() for k, v in pl_module.named_parameters()}
+        torch.save({"params": params, "global_step": trainer.global_step, "world_size": trainer.world_size},
+                   Path(self.dirpath) / f"rank{trainer.global_rank}.pt")
+
+
+# Faults injected into the CLI's own process by tests/test_reliability.py (`python -m tests.helpers` runs them
+# first). Each strikes while the bytes of a checkpoint go to disk, wherever the saver sends them: through
+# `os.sendfile`/`shutil.copyfileobj` (a copy from $TMPDIR over the target, Lightning's own save across
+# filesystems) or before `os.fsync` (a write of a file that is then flushed).
+
+def inject(fault, armed) -> None:
+    """Call `fault()` in the middle of the next checkpoint write once `armed()` is true."""
+    real_sendfile, real_copyfileobj, real_fsync = os.sendfile, shutil.copyfileobj, os.fsync
+
+    def sendfile(out_fd, in_fd, offset, count):
+        if armed():
+            real_sendfile(out_fd, in_fd, offset, max(1, count // 2048))  # part of the bytes, then the fault
+            fault()
+        return real_sendfile(out_fd, in_fd, offset, count)
+
+    def copyfileobj(fsrc, fdst, length=0):
+        if armed():
+            fdst.write(fsrc.read(100))
+            fdst.flush()
+            fault()
+        return real_copyfileobj(fsrc, fdst, length) if length else real_copyfileobj(fsrc, fdst)
+
+    def fsync(fd):
+        if armed():
+            fault()
+        return real_fsync(fd)
+
+    os.sendfile, shutil.copyfileobj, os.fsync = sendfile, copyfileobj, fsync
+
+
+def kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def no_space() -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def second_save(run_root: str):
+    """True once a `last.ckpt` exists under run_root (the first save is done)."""
+    return lambda: any(Path(run_root).glob("*/*/checkpoints/last.ckpt"))
+
+
+class SignalAtStep(L.Callback):
+    """Send `signum` to this process after training step `step` (global) of rank `rank`."""
+
+    def __init__(self, step: int, signum: int = int(signal.SIGTERM), rank: int = 0, pid_file: str | None = None):
+        self.step, self.signum, self.rank, self.pid_file = step, signum, rank, pid_file
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
+            if self.pid_file:  # tells the test which process it is and that the signal is on its way
+                Path(self.pid_file).write_text(str(os.getpid()))
+            os.kill(os.getpid(), self.signum)
+
+
+class BlowUpAfterStep(L.Callback):
+    """Set every weight to NaN after training step `step`: a run diverging at a known point."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            for p in pl_module.parameters():
+                p.data.fill_(float("nan"))
+
+
+if __name__ == "__main__":  # python -m tests.helpers FAULT RUN_ROOT -- fit arguments
+    fault, run_root = sys.argv[1], sys.argv[2]
+    inject({"kill": kill, "no_space": no_space}[fault], second_save(run_root))
+    from lightcnn.training.cli import main
+
+    main(sys.argv[4:], stage="fit")
