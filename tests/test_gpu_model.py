@@ -113,6 +113,7 @@ def test_recorder_matches_lanes_by_their_kth_access_and_sees_strides(emu):
     assert shared and all(i["wavefronts"] == i["ideal_wavefronts"] for i in shared)  # no bank conflict
 
 
+@pytest.mark.slow  # the emulator records every access of 3 cases: minutes on 2 cores
 def test_launch_plan_mirrors_the_host_logic(rows):
     """The full-size grids come from gpu_model.launch_plan: at the small shapes it must give the launches the
     emulator saw."""
@@ -149,6 +150,7 @@ def _misses(rows):
     return out
 
 
+@pytest.mark.slow  # the emulator records every access of 3 cases: minutes on 2 cores
 def test_the_kernels_meet_the_model_targets_or_are_listed_as_missing_them(rows):
     """Targets (benchmarks/gpu_model.py): every hot global access >= 80% coalesced and >= 90% overall, in both
     layouts; activation traffic <= 1.25x the compulsory; every launch moving > 1 MB at the full-size shape
