@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The one script to run on a machine with a GPU (DESIGN.md "GPU check"): builds the kernels there, offline,
-# on top of the torch already installed; measures everything issue 10 asks (WRN-28-10 step fused vs unfused
+# The one script to run on a machine with a GPU: builds the kernels there, offline,
+# on top of the torch already installed; measures what decides impl="auto" on CUDA (WRN-28-10 step fused vs unfused
 # at batch 128 in bf16 autocast + channels-last, fp32 TF32 on and off, drop_rate 0 and 0.3; PreAct-ResNet-164;
 # LRN at 96x55x55, 256x27x27, 64x56x56, 192x56x56 in fp32 and bf16, NCHW and channels-last, each layout's
 # torch.compile baseline in a fresh process); prints every target as MET/MISSED (summary at the end); then
@@ -14,7 +14,7 @@
 #   bash benchmarks/gpu_check.sh --device cpu --quick # smoke test of the same commands here (no build, tiny sizes)
 #
 # Order: the build, the CUDA kernel tests and compute-sanitizer runs (correctness first), then the benchmarks in order of what they
-# decide (the defaults of issue 10 first, then drop 0.3, PreAct-164, DenseNet, the opt-in variants). Each
+# decide (the default configurations first, then drop 0.3, PreAct-164, DenseNet, the opt-in variants). Each
 # runs only while the elapsed time since the build is under BUDGET seconds (default 290) and is cut at the
 # budget, so the check keeps to its 5 minutes whatever the machine; a skipped one prints "skipped (time
 # budget)". Adding a benchmark: one line in BENCHMARKS (and its toy-size twin in QUICK_BENCHMARKS);
@@ -61,7 +61,7 @@ BENCHMARKS=(
   "python $P $WRN --precision bf16 --channels-last --drop-rate 0.3 --json {out}_wrn_bf16_cl_drop03.json"
   "python $P $WRN --precision tf32 --drop-rate 0.3 --json {out}_wrn_tf32_drop03.json"
   "python $P $WRN --precision fp32 --drop-rate 0.3 --json {out}_wrn_fp32_drop03.json"
-  # The largest batch whose step fits in 16 GiB, fused vs unfused (issue 10: the fused one fits more)
+  # The largest batch whose step fits in 16 GiB, fused vs unfused (the fused one should fit more)
   "python $P --device cuda --model wrn28_10 --batch-size 128 --variants kernel,reference --timeout 150 --precision bf16 --channels-last --fit-memory-gib 16 --json {out}_wrn_fit16_bf16_cl.json"
   "python $P --device cuda --model preact_resnet164 --batch-size 128 --steps 10 --warmup 3 --variants kernel,reference --precision tf32 --json {out}_preact164_tf32.json"
   # DenseNet-121 (224x224) and DenseNet-BC-190 k=40 (32x32) training steps at batch 64, naive vs ours, in bf16

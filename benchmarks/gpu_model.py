@@ -200,7 +200,7 @@ def passes(case: Case) -> tuple[float, float, int]:
     ReLU backward 1, BN backward 2 (+ cat 1).
     LRN: the kernels read x, write y; backward read x, dy, write dx: 5. The reference F.local_response_norm
     forward: x*x, pad, avg_pool3d, mul, add, pow, div (2 + 2 + 2 + 2 + 2 + 2 + 3 = 15 passes), and its
-    autograd backward about twice that (the reference's measured step, issue 10: 7x the kernel's)."""
+    autograd backward about twice that (the reference's measured step: 7x the kernel's, benchmarks/RESULTS.md)."""
     if case.op == "lrn":
         return 5.0, 45.0, 21
     if case.op == "dense":

@@ -556,11 +556,11 @@ def test_dropout_bad_arguments_raise():
                                           1e-5, torch.ones(2, 3, 5, 4, dtype=torch.bool), 0.3)
 
 
-# ---- impl="auto": the default, chosen per device type, dtype, layout and TF32 (issue 10's measurements) ----
+# ---- impl="auto": the default, chosen per device type, dtype, layout and TF32 (the GPU measurements) -
 
 
 AUTO_CASES = [
-    # (op, config, expected) -- CUDA figures: WRN-28-10 step and LRN on an H200, issue 10
+    # (op, config, expected) -- CUDA figures: WRN-28-10 step and LRN on an H200 (benchmarks/RESULTS.md)
     (bn_relu_conv.OP, Config("cpu", torch.float32), "kernel"),  # CPU: same time, half the memory
     (bn_relu_conv.OP, Config("cpu", torch.float32, channels_last=True), "kernel"),
     (bn_relu_conv.OP, Config("cpu", torch.float32, torch.bfloat16), "kernel"),  # BN input float32, conv bf16
@@ -623,8 +623,8 @@ def test_auto_compiles_fullgraph():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_cuda_aten_reductions_variant_matches_reference(monkeypatch, dtype, channels_last):
-    """The opt-in variant with ATen's SyncBatchNorm reductions (LIGHTCNN_CUDA_BN_REDUCTIONS=aten, issue 10
-    item 1; not the default until a GPU measures it) computes the same unit, dropout included."""
+    """The opt-in variant with ATen's SyncBatchNorm reductions (LIGHTCNN_CUDA_BN_REDUCTIONS=aten; not
+    the default until a GPU measures it) computes the same unit, dropout included."""
     monkeypatch.setenv("LIGHTCNN_CUDA_BN_REDUCTIONS", "aten")
     layer, ref = _pair(cin=20, cout=8, config="k3", device="cuda", dtype=dtype)
     x = torch.randn(4, 20, 9, 7, device="cuda", dtype=dtype) * 2 + 0.3

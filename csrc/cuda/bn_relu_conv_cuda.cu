@@ -1,7 +1,7 @@
 // CUDA kernels of the fused pre-activation BN -> ReLU -> Conv2d (torch.ops.lightcnn.bn_relu_conv2d).
 // The forward/backward logic is shared with the CPU in ../bn_relu_conv.h; here are the four primitives.
 //
-// Design (issue 10): the two per-channel reductions use the whole GPU in both layouts, and the two
+// Design: the two per-channel reductions use the whole GPU in both layouts, and the two
 // elementwise passes run without a 64-bit division per element.
 //   stats       per-channel mean and biased variance: shifted sums (of x - K and (x - K)^2, K the channel's
 //               first value, so no cancellation whatever the mean) over many blocks per channel, then a
@@ -523,7 +523,7 @@ at::Tensor grad_input_cuda(const at::Tensor& g, const at::Tensor& x, const at::T
 const Prims kCudaPrims{stats_cuda,       bn_relu_cuda,          reduce_cuda, grad_input_cuda, /*fuses_dropout=*/true,
                        per_channel::affine, per_channel::coefs};
 
-// ---- Variant (issue 10, item 1): the two per-channel reductions on ATen's SyncBatchNorm primitives ----
+// ---- Variant: the two per-channel reductions on ATen's SyncBatchNorm primitives ----
 // at::batch_norm_stats (Welford) and at::batch_norm_backward_reduce use many blocks per channel and have
 // channels-last kernels with coalesced loads along C, as the kernels above do; the backward needs the
 // masked gradient written first (relu_mask_kernel), one extra pass. The elementwise passes stay ours.

@@ -45,12 +45,11 @@ from lightcnn.ops import _library, reference
 
 
 def _auto(cfg: _library.Config) -> bool:
-    # Issue 10, WRN-28-10 step on an H200 against the unfused reference: bf16 autocast + channels-last
-    # 2.34x the time, fp32 TF32 on 1.27x, fp32 TF32 off 1.08x. The kernel's per-channel reductions (one
-    # block per channel, strided in channels-last) are a fixed cost that a faster convolution (half
-    # precision, TF32) or channels-last addressing makes dominant: the reference is the default there,
-    # and in the unmeasured configurations that share the cause (half precision or channels-last in any
-    # dtype), until a GPU measurement says otherwise. CPU: the kernel (same time, half the memory).
+    # CUDA: the kernel only where a GPU measured it no slower than the unfused reference (the WRN-28-10 step
+    # in benchmarks/RESULTS.md): float32 with TF32 off and float64, NCHW. With a faster convolution (half
+    # precision, TF32) or channels-last the per-channel passes dominate and the kernel measured slower, so
+    # the reference is the default there until `benchmarks/gpu_check.sh` times the current kernels.
+    # CPU: the kernel (same time, half the memory).
     if cfg.device_type != "cuda":
         return True
     return cfg.compute_dtype in (torch.float32, torch.float64) and not cfg.tf32 and not cfg.channels_last
