@@ -20,7 +20,7 @@
 //         warp reads TX neighbouring channels of 32 / TX neighbouring pixels (coalesced); block (j, k) takes
 //         every splits-th group of TY pixels, then sums its TY rows in shared memory
 // `splits` gives each block at least kValuesPerBlock values of a channel, so a WRN-28-10 layer at batch
-// 128 runs thousands of blocks where one block per channel ran 160 to 640. The elementwise kernels find
+// 128 runs thousands of blocks rather than one per channel. The elementwise kernels find
 // an element's channel with a multiply-high and a shift (FastDiv) when the tensor has < 2^31 elements, and
 // load and store 16 bytes at a time (4 floats, 8 bfloat16) when C (channels-last) or H*W (NCHW) allows.
 // The alternative of ATen's SyncBatchNorm primitives for the reductions stays available (opt-in, below),

@@ -16,9 +16,8 @@ from lightcnn.ops import _library, reference
 
 
 def _auto(cfg: _library.Config) -> bool:
-    # H200: channels-last forward 2.19 ms vs 0.31 compiled, forward+backward 11 ms vs 4.8-5.9 eager
-    # (neighbouring threads read addresses C apart). NCHW and every CPU layout: the kernel is faster
-    # (CPU, AlexNet's shapes: 11-15x faster than eager with window sums recomputed, benchmarks/RESULTS.md).
+    # CUDA channels-last: the reference, where a GPU measured the kernel slower than compiled and eager;
+    # NCHW and every CPU layout: the kernel, measured faster (figures in benchmarks/RESULTS.md).
     return not (cfg.device_type == "cuda" and cfg.channels_last)
 
 
