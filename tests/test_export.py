@@ -105,7 +105,7 @@ def test_export_swaps_kernels_for_reference_ops_and_leaves_the_model_alone(tmp_p
     model, x = small("densenet121", impl="kernel")
     assert export.export_model(model, "pt2", tmp_path / "d.pt2", x) == []  # no torch.ops.lightcnn.* left
     assert export.lightcnn_ops(torch.export.load(str(tmp_path / "d.pt2"))) == []
-    impls = {m.impl for m in model.modules() if type(m).__name__ in ("DenseConv2d", "PreActConv2d")}
+    impls = {m.impl for m in model.modules() if type(m).__name__ in ("DenseConv2d", "BNReLUConv2d")}
     assert impls == {"kernel"}
 
 

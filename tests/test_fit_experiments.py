@@ -22,7 +22,7 @@ def _argv(monkeypatch):
 def test_there_is_an_experiment_per_paper_recipe():
     names = {p.stem for p in EXPERIMENTS}
     expected = {"lenet5_digits", "alexnet_imagenet", "zfnet_imagenet", "vgg16_imagenet", "googlenet_imagenet",
-                "resnet50_imagenet", "resnet110_cifar10", "preact_resnet164_cifar10", "wrn28_10",
+                "resnet50_imagenet", "resnet110_cifar10", "preact_resnet164_cifar10", "wrn28_10_cifar10",
                 "resnext29_8x64d_cifar10", "sd_resnet110_cifar10", "densenet_bc100_k12_cifar10",
                 "densenet121_imagenet", "fractalnet20_cifar10", "nasnet_a_cifar10", "inception_v4_imagenet",
                 "inception_resnet_v2_imagenet"}

@@ -6,9 +6,9 @@ from lightcnn.layers._impl import (
     resolve_impl,
     set_default_impl,
 )
+from lightcnn.layers.bn_relu_conv import BNReLUConv2d
 from lightcnn.layers.dense import DenseConv2d
 from lightcnn.layers.lrn import LocalResponseNorm
-from lightcnn.layers.preact import PreActConv2d
 
-__all__ = ["DenseConv2d", "LocalResponseNorm", "PreActConv2d", "backend_info", "default_impl", "get_default_impl",
+__all__ = ["BNReLUConv2d", "DenseConv2d", "LocalResponseNorm", "backend_info", "default_impl", "get_default_impl",
            "resolve_impl", "set_default_impl"]

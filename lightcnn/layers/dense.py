@@ -7,11 +7,11 @@ import torch
 from torch import nn
 
 from lightcnn.layers._impl import LAYER_OPS, runs_kernel
-from lightcnn.layers.preact import PreActConv2d
+from lightcnn.layers.bn_relu_conv import BNReLUConv2d
 from lightcnn.ops import dense, dense_bn_relu_conv2d
 
 
-class DenseConv2d(PreActConv2d):
+class DenseConv2d(BNReLUConv2d):
     """BatchNorm2d -> ReLU -> Conv2d (stride 1, no bias) over the concatenation of a list of feature maps:
     a DenseNet layer's bottleneck 1x1 (or, without bottleneck, its 3x3) and a transition's 1x1.
 

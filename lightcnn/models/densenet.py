@@ -9,7 +9,7 @@ average pooling. After the last block: BN, ReLU, global average pooling, the cla
 Memory (`memory_efficient=True`, the default): every BN-ReLU-Conv over a concatenation is a
 `lightcnn.layers.DenseConv2d`, which takes the block's list of feature maps and never stores their
 concatenation nor its BN-ReLU output (recomputed in the backward from the saved batch statistics), and
-every 3x3 of a bottleneck layer is the fused `PreActConv2d`, which keeps only its input; so a block's
+every 3x3 of a bottleneck layer is the fused `BNReLUConv2d`, which keeps only its input; so a block's
 activation memory grows linearly with its depth instead of quadratically. `memory_efficient=False`, or
 `impl="reference"`, runs the naive sequence (`torch.cat`, BatchNorm2d, ReLU, Conv2d per layer); the
 state_dict, the outputs, the gradients and the running statistics are the same either way.
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightcnn.layers import DenseConv2d, PreActConv2d
+from lightcnn.layers import BNReLUConv2d, DenseConv2d
 from lightcnn.models.base import Classifier, init_he_, make_default_cfg
 from lightcnn.models.registry import register_model
 from lightcnn.models.weights import register_twin
@@ -57,7 +57,7 @@ class DenseLayer(nn.Module):
         if bn_size:  # DenseNet-B: 1x1 to bn_size * k, then the 3x3 (the fused pre-activation unit)
             self.bottleneck = DenseConv2d(in_channels, bn_size * growth_rate, 1, impl=concat_impl)
             self.drop_bottleneck = nn.Dropout(drop_rate) if drop_rate else None
-            self.conv = PreActConv2d(bn_size * growth_rate, growth_rate, 3, padding=1, impl=impl)
+            self.conv = BNReLUConv2d(bn_size * growth_rate, growth_rate, 3, padding=1, impl=impl)
         else:
             self.bottleneck = self.drop_bottleneck = None
             self.conv = DenseConv2d(in_channels, growth_rate, 3, padding=1, impl=concat_impl)

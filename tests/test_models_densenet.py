@@ -231,8 +231,8 @@ def test_saved_memory_grows_linearly_with_depth():
 
 def _units(model):
     """The convolutions in forward order: the stem's, then every DenseConv2d / fused 3x3 unit."""
-    from lightcnn.layers import PreActConv2d
-    return [model.stem.conv0] + [m for m in model.modules() if isinstance(m, PreActConv2d)]
+    from lightcnn.layers import BNReLUConv2d
+    return [model.stem.conv0] + [m for m in model.modules() if isinstance(m, BNReLUConv2d)]
 
 
 @pytest.mark.parametrize("name, per_layer", [("densenet40_k12", 1), ("densenet_bc100_k12", 2)])
