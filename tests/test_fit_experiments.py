@@ -108,3 +108,29 @@ def test_every_recipe_logs_through_lightcnn_wandb_logger_and_names_callbacks_by_
             module, _, name = cb["class_path"].rpartition(".")
             if module.startswith("lightcnn."):
                 assert module == "lightcnn.training" and name in lightcnn.training.__all__, f"{path.name}: {cb}"
+
+
+def test_model_impl_from_the_command_line_reaches_every_kernel_layer(tmp_path):
+    from lightcnn.layers import LocalResponseNorm
+
+    recipe = next(p for p in EXPERIMENTS if p.stem == "alexnet_imagenet")
+    cli = LightCNNCLI(["--config", str(recipe), "--run_root", str(tmp_path), "--trainer.logger", "false",
+                       "--model.impl", "reference"], stage="fit", experiment_name="alexnet_imagenet")
+    assert [m.impl for m in cli.model.net.modules() if isinstance(m, LocalResponseNorm)] == ["reference"] * 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model.impl", "kernal"], "error: --model.impl: 'kernal' is not one of 'auto', 'kernel', 'reference' (or null)"),
+    (["--model.impl", "kernel"], "lightcnn.fit: error: create('lenet5'): unknown argument 'impl' for LeNet5."),
+    (["--model.impl", "kernel", "--model.model_kwargs", "{impl: reference}"],
+     "lightcnn.fit: error: impl is given twice, as impl and as model_kwargs.impl: keep one"),
+], ids=["not-a-choice", "model-without-kernels", "given-twice"])
+def test_model_impl_from_the_command_line_is_checked_in_one_line(args, says, tmp_path, capsys):
+    from lightcnn.training.cli import main
+
+    digits = next(p for p in EXPERIMENTS if p.stem == "lenet5_digits")
+    with pytest.raises(SystemExit) as e:
+        main([str(digits), "--run_root", str(tmp_path), "--trainer.logger", "false", *args])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(says), last

@@ -125,12 +125,23 @@ def test_torchvision_weights_give_equal_outputs():
     assert {"densenet121", "densenet161", "densenet169", "densenet201"} <= set(twins("torchvision"))
 
 
-def test_memory_efficient_false_is_the_naive_path_with_the_same_state_dict():
-    eff, naive, ref = _small(None), _small(None, memory_efficient=False), _small("reference")
+def test_concat_impl_reference_is_the_naive_path_with_the_same_state_dict():
+    eff, naive, ref = _small(None), _small(None, concat_impl="reference"), _small("reference")
     assert list(eff.state_dict()) == list(naive.state_dict()) == list(ref.state_dict())
     assert all(m.impl == "reference" for m in naive.modules() if type(m).__name__ == "DenseConv2d")
+    assert all(m.impl is None for m in naive.modules() if type(m).__name__ == "BNReLUConv2d")  # follows `impl`
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(naive.eval()(x), ref.eval()(x))
+
+
+def test_torchvisions_memory_efficient_is_refused_with_the_new_name():
+    # torchvision's memory_efficient=True checkpoints; here the default already stores no concatenation
+    with pytest.raises(TypeError, match=r"create\('densenet121'\): DenseNet's 'memory_efficient' is now concat_impl: "
+                                        r"memory_efficient=False is concat_impl='reference'"):
+        create("densenet121", memory_efficient=False)
+    with pytest.raises(TypeError, match=r"concat_impl='kernal' does not fit DenseNet's concat_impl: 'auto' \| "
+                                        r"'kernel' \| 'reference' \| None"):
+        create("densenet121", concat_impl="kernal")
 
 
 def _step_all(model, x):

@@ -6,7 +6,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from lightcnn.layers._impl import LAYER_OPS, resolve_impl, runs_kernel
+from lightcnn.layers._impl import LAYER_OPS, Impl, resolve_impl, runs_kernel
 from lightcnn.ops import bn_relu_conv, bn_relu_conv2d, reference
 
 
@@ -32,7 +32,7 @@ class BNReLUConv2d(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int = 1,
                  padding: int | tuple[int, int] = 0, dilation: int = 1, groups: int = 1, bias: bool = False,
-                 eps: float = 1e-5, momentum: float | None = 0.1, drop_rate: float = 0.0, impl: str | None = None):
+                 eps: float = 1e-5, momentum: float | None = 0.1, drop_rate: float = 0.0, impl: Impl | None = None):
         if isinstance(padding, str):
             raise ValueError(f"BNReLUConv2d: padding must be an int or a pair of ints, got {padding!r}")
         super().__init__(OrderedDict(

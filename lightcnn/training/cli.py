@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -139,10 +140,24 @@ class SaveRunConfig(SaveConfigCallback):
 
 
 class _Parser(LightningArgumentParser):
-    """Adds to a wrong-key error the closest accepted keys and the list of the keys accepted there."""
+    """Adds to a wrong-key error the closest accepted keys and the list of the keys accepted there, and says a
+    value outside a knob's choices in one line."""
 
     def error(self, message: str, ex: Exception | None = None):
-        return super().error(message + key_hint(self, message), ex)
+        return super().error(_choices_error(message) or message + key_hint(self, message), ex)
+
+
+def _choices_error(message: str) -> str | None:
+    """jsonargparse's several lines for a value outside a `Literal[...]` (or `Literal[...] | None`) knob, as
+    one: `--model.impl: 'kernal' is not one of 'auto', 'kernel', 'reference' (or null)`; None for another error."""
+    key = re.search(r'Parser key "([\w.]+)"', message)
+    choices = re.findall(r"Literal\[([^\]]*)\]", message)
+    value = re.search(r"(?:Given|Got) value: (.*)", message)
+    if not (key and choices and value) or len(set(choices)) != 1:
+        return None
+    optional = "NoneType" in message
+    return (f"--{key.group(1)}: {value.group(1).strip()!r} is not one of {choices[0]}"
+            + (" (or null)" if optional else ""))
 
 
 class LightCNNCLI(LightningCLI):
