@@ -5,7 +5,7 @@ subprocesses load by class path (`tests.helpers.X`) or run (`python -m tests.hel
 - meta-device builds and counts (`build_meta`, `meta_model`, `n_params`, `macs`, `feature_sides`);
 - the checks every test_models_<family>.py runs on its own models (`check_*`);
 - data files in the real formats (`write_cifar`, `write_folder_tree`);
-- recipes built through the CLI (`build_experiment`);
+- recipes built through the CLI (`build_experiment`), or with another checkpoint (`recipe_with_checkpoint`);
 - callbacks and faults for fit runs (`SaveRankWeights`, `SignalAtStep`, `BlowUpAfterStep`, `inject`).
 """
 from __future__ import annotations
@@ -314,6 +314,16 @@ def build_experiment(name: str, tmp_path):
     path = next(p for p in EXPERIMENTS if p.stem == name)
     return LightCNNCLI(["--config", str(path), "--run_root", str(tmp_path), "--trainer.logger", "false"],
                        stage="fit", experiment_name=name)
+
+
+def recipe_with_checkpoint(recipe: Path, out: Path, init_args: str) -> Path:
+    """`recipe` (one without callbacks of its own) written to `out` with one `ModelCheckpoint(**init_args)`
+    (a YAML flow mapping) in place of the last-checkpoint callback every recipe inherits."""
+    text = recipe.read_text()
+    assert "\ntrainer:\n" in text and "callbacks" not in text, recipe
+    out.write_text(text.replace("\ntrainer:\n", "\ntrainer:\n  callbacks:\n    - class_path: "
+                                "lightning.pytorch.callbacks.ModelCheckpoint\n      init_args: " + init_args + "\n", 1))
+    return out
 
 
 # --- callbacks and faults for fit runs ------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 `lightcnn.fit` and `lightcnn.test` are thin faces of `main` here. What this adds to LightningCLI:
 - the experiment file is a positional argument (`python -m lightcnn.fit experiments/x.yaml`);
+- every recipe inherits `recipe_defaults.yaml` (seed, logger, a last-checkpoint callback), LightningCLI's
+  `default_config_files`, and holds only what its paper sets;
 - each fit gets a run folder `RUN_ROOT/NAME/TIMESTAMP/` (NAME defaults to the experiment file's name)
   holding the resolved `config.yaml` and `checkpoints/`; the folder is chosen on rank 0 and broadcast,
   so every DDP process agrees on it however it was launched (Lightning, torchrun, SLURM);
@@ -139,6 +141,10 @@ class SaveRunConfig(SaveConfigCallback):
                         pass
 
 
+# The trainer block every recipe shares (seed, logger, last-checkpoint callback), read before the experiment file.
+RECIPE_DEFAULTS = Path(__file__).with_name("recipe_defaults.yaml")
+
+
 class _Parser(LightningArgumentParser):
     """Adds to a wrong-key error the closest accepted keys and the list of the keys accepted there, and says a
     value outside a knob's choices in one line."""
@@ -180,7 +186,7 @@ class LightCNNCLI(LightningCLI):
             auto_configure_optimizers=False,
             # allow_abbrev=False: argparse would otherwise take a misspelt prefix (`--trainer.max_epoch`) as a key.
             parser_kwargs={"prog": f"python -m lightcnn.{stage}", "description": _DESCRIPTIONS[stage],
-                           "allow_abbrev": False},
+                           "allow_abbrev": False, "default_config_files": [str(RECIPE_DEFAULTS)]},
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -237,6 +243,7 @@ class LightCNNCLI(LightningCLI):
                                                               self.config.name, config_file)
         if self.stage == "test":  # a test writes no checkpoints
             self.config.trainer.enable_checkpointing = False
+        if self.config.trainer.enable_checkpointing is False:  # nor the checkpoint callback recipes inherit
             self.config.trainer.callbacks = [
                 cb for cb in self.config.trainer.callbacks or []
                 if not getattr(cb, "class_path", "").endswith("ModelCheckpoint")
