@@ -41,7 +41,7 @@ def load_model(name: str | None, checkpoint: str | Path | None = None, **overrid
     """The registered network `name` in eval mode, with the weights of `checkpoint` if given.
 
     `checkpoint` is a Lightning checkpoint of `lightcnn.fit` (its `ClassifierModule` keeps the network at
-    `.net`; the model name, class count, input channels, impl and model_kwargs are read from its
+    `.net`; the model name, class count, input channels and model_kwargs are read from its
     hyper-parameters, so `name` may be None), a snapshot of `FeatureSnapshots` (same layout), or a plain
     state_dict of the network. `overrides` go to `lightcnn.models.create` (e.g. `num_classes=10`)."""
     state, hp, run_eval = None, {}, {}
@@ -64,7 +64,7 @@ def load_model(name: str | None, checkpoint: str | Path | None = None, **overrid
     if name is None:
         raise ValueError("give a model name (lightcnn.models.list_models()) or a checkpoint of lightcnn.fit")
     kwargs = dict(hp.get("model_kwargs") or {})
-    for key in ("num_classes", "in_chans", "impl"):
+    for key in ("num_classes", "in_chans"):  # not `impl`: a run's choice of kernels need not suit this machine
         if hp.get(key) is not None:
             kwargs[key] = hp[key]
     kwargs.update(overrides)
