@@ -30,7 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn.models import create
 
-EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+# experiments/wrn28_10.yaml is the headline command's short name for wrn28_10_cifar10.yaml (a link): listed once
+EXPERIMENTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")
+                     if not p.is_symlink())
 
 
 # --- small models --------------------------------------------------------------------------------------------

@@ -181,3 +181,9 @@ def test_model_impl_from_the_command_line_is_checked_in_one_line(args, says, tmp
     assert e.value.code == 2
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith(says), last
+
+
+def test_the_headline_command_runs_the_wide_resnet_recipe():
+    """`python -m lightcnn.fit experiments/wrn28_10.yaml` (the short name) is the WRN-28-10 CIFAR-10 recipe."""
+    short = EXPERIMENTS[0].parent / "wrn28_10.yaml"
+    assert short.is_symlink() and short.resolve() == EXPERIMENTS[0].parent / "wrn28_10_cifar10.yaml"
