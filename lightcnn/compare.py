@@ -56,6 +56,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn import models
+from lightcnn.layers import default_impl, resolve_impl
+from lightcnn.layers._impl import IMPLS
 from lightcnn.published import published
 
 COLUMNS = ("model", "family", "dataset", "input", "params", "gmacs", "act_mib_per_image", "infer_img_s",
@@ -84,14 +86,9 @@ def select(patterns: str | Sequence[str] = "*") -> list[str]:
     return names
 
 
-def build(name: str, device: str | torch.device = "cpu", impl: str | None = None) -> nn.Module:
-    """The model in its default configuration; `impl` is passed to models that take it."""
+def build(name: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The model in its default configuration (its kernel-backed layers follow the process-wide default impl)."""
     with torch.device(device):
-        if impl is not None:
-            try:
-                return models.create(name, impl=impl)
-            except TypeError:  # a model without kernel-backed layers
-                pass
         return models.create(name)
 
 
@@ -209,9 +206,17 @@ def cuda_peak_training_bytes(model: nn.Module, input_size: Sequence[int], batch:
 
 def measure(name: str, device: str = "cpu", speed: bool = True, batch_size: int | None = None,
             min_time: float = 1.0, impl: str | None = None, warmup: float | None = None) -> dict:
-    """One row of the comparison (see the module docstring for what each column is)."""
+    """One row of the comparison (see the module docstring for what each column is). `impl` ("auto", "kernel",
+    "reference"; None: the process-wide default) is the default of lightcnn.layers while the model is measured,
+    so every kernel-backed layer chooses its path as it does in training (lightcnn.layers._impl)."""
+    with default_impl(resolve_impl(impl)):
+        return _measure(name, device, speed, batch_size, min_time, warmup)
+
+
+def _measure(name: str, device: str, speed: bool, batch_size: int | None, min_time: float,
+             warmup: float | None) -> dict:
     dev = torch.device(device)
-    model = build(name, dev, impl)
+    model = build(name, dev)
     input_size = tuple(model.default_cfg["input_size"])
     pub = published(name)
     row = {"model": name, "family": type(model).__module__.rsplit(".", 1)[-1],
@@ -603,8 +608,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-time", type=float, default=1.0, help="seconds each timing runs at least (default: 1)")
     p.add_argument("--warmup", type=float, help="seconds of untimed steps before each timing (default: half "
                    "of --min-time; at least 3 steps)")
-    p.add_argument("--impl", choices=("kernel", "reference"), help="kernel-backed layers on the lightcnn kernels "
-                   "or on the PyTorch reference (default: the global default)")
+    p.add_argument("--impl", choices=IMPLS, help="the default implementation of the kernel-backed layers while "
+                   "measuring, chosen per call as in training (lightcnn.layers: auto = the kernel where measured "
+                   "faster; kernel; reference = PyTorch ops); default: the process-wide default")
     p.add_argument("--results", metavar="RUNS_FOLDER", help="plot the test accuracy of your own runs (run folders "
                    "of lightcnn.fit at or under RUNS_FOLDER) beside the papers'")
     args = p.parse_args(argv)

@@ -10,11 +10,11 @@ import matplotlib.image as mpimg
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightcnn.compare import (
     TIMED_STEPS,
     WARMUP_STEPS,
-    build,
     chart_points,
     compare,
     count_macs,
@@ -24,6 +24,8 @@ from lightcnn.compare import (
     seconds_per_step,
     select,
 )
+from lightcnn.layers import get_default_impl
+from lightcnn.ops import library_loaded
 from lightcnn.published import MODELS, published
 
 DIGITS = Path(__file__).resolve().parents[1] / "experiments" / "lenet5_digits.yaml"
@@ -76,10 +78,39 @@ def test_select_names_patterns_and_clear_errors(capsys):
     assert e.value.code == 0 and "--no-speed" in capsys.readouterr().out
 
 
-def test_kernel_backed_model_reports_the_same_macs_as_its_reference():
-    kernel = count_macs(build("wrn16_4", "cpu", impl="kernel"), (3, 32, 32))
-    reference = count_macs(build("wrn16_4", "cpu", impl="reference"), (3, 32, 32))
-    assert kernel == reference
+class OpNamespaces(TorchDispatchMode):
+    """Records the namespace of every op that runs (aten, lightcnn, ...)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(func.namespace)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.skipif(not library_loaded(), reason="needs the compiled lightcnn._C")
+def test_impl_is_the_layers_default_while_measuring_and_the_macs_do_not_depend_on_it(monkeypatch):
+    """--impl goes through lightcnn.layers' resolution (the process-wide default while a model is measured):
+    "kernel" runs torch.ops.lightcnn.*, "reference" none, and both count the same MACs."""
+    from lightcnn import compare as cmp
+
+    seen, macs, default = {}, {}, get_default_impl()
+
+    def spy(model, input_size):
+        with torch.no_grad(), OpNamespaces() as ops:
+            model.eval()(torch.zeros(1, *input_size))
+        seen[get_default_impl()] = ops.seen
+        return count_macs(model, input_size)
+
+    monkeypatch.setattr(cmp, "count_macs", spy)
+    monkeypatch.setattr(cmp, "saved_activation_bytes", lambda *a, **k: 0)
+    for impl in ("kernel", "reference"):
+        macs[impl] = cmp.measure("wrn16_4", speed=False, impl=impl)["gmacs"]
+    assert "lightcnn" in seen["kernel"] and "lightcnn" not in seen["reference"]
+    assert macs["kernel"] == macs["reference"] > 0
+    assert get_default_impl() == default  # restored after each model
 
 
 
