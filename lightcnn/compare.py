@@ -33,7 +33,8 @@ What is measured, per model in its default configuration at its native input siz
 - speed: images/s of inference (eval, no grad) and of a training step (forward, backward, SGD step) at
   `--batch-size` on `--device` (fp32): untimed warm-up steps for `--warmup` seconds (so that the order of
   the models does not change the figures), then the median of single-step times over at least
-  `--min-time` seconds.
+  `--min-time` seconds; on CPU with torch's threads, or `--threads` (the table says how many: on a machine
+  shared with other jobs, several threads wait on each other and `--threads 1` gives stable figures).
 Published figures come from `lightcnn.published`.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import gc
 import json
 import os
 import statistics
@@ -146,8 +148,10 @@ def seconds_per_step(step: Callable[[], object], min_time: float = 1.0, warmup: 
     times, untimed, so that what a first call pays once (thread pools, allocator, oneDNN/cuDNN algorithm
     choice, the CPU clock ramping up) is not charged to whichever model happens to be timed first. Then
     each call is timed on its own for at least `min_time` seconds and TIMED_STEPS calls; the median is
-    robust to the other processes of a shared machine."""
+    robust to the other processes of a shared machine. The garbage the previous model left is collected first, so
+    that no collection of it falls into this timing."""
     warmup = min_time / 2 if warmup is None else warmup
+    gc.collect()
     n, start = 0, clock()
     while n < WARMUP_STEPS or clock() - start < warmup:
         step()
@@ -401,8 +405,10 @@ def markdown(rows: Sequence[dict], device: str, runs: Sequence[dict] = ()) -> st
     lines = [head, "|" + "---|" * 4 + "---:|" * 9]
     lines += ["| " + " | ".join(_fmt(k, r.get(k)) for k in keys) + " |" for r in rows]
     timed = any(r["infer_img_s"] is not None for r in rows)
-    speed = ('Speed on ' + device + ', fp32, median step after a warm-up' if timed
-             else 'Speed not measured (--no-speed)')
+    n = torch.get_num_threads()
+    threads = f" ({n} CPU thread{'s' if n > 1 else ''})" if device == "cpu" else ""
+    speed = (f"Speed on {device}{threads}, fp32, median step after a warm-up" if timed
+             else "Speed not measured (--no-speed)")
     lines.append(f"\n{speed}. Errors: published (lightcnn.published): ImageNet top-1/top-5 for "
                  "ImageNet models, CIFAR-10 (and CIFAR-100) test error for CIFAR models.")
     sources = [(r["model"], r["source"]) for r in rows if r.get("source")]
@@ -595,6 +601,20 @@ def write(rows: Sequence[dict], out: str | Path, device: str = "cpu", runs: Sequ
     return paths
 
 
+def busy_note(device: str, speed: bool, load: float | None = None, cores: int | None = None) -> str:
+    """A warning when CPU timings with several threads run on a machine busier than its cores (else ""): there
+    the threads of one step wait for each other to be scheduled and the figures drop by orders of magnitude."""
+    threads = torch.get_num_threads()
+    if device != "cpu" or not speed or threads == 1:
+        return ""
+    load = os.getloadavg()[0] if load is None else load
+    cores = (os.cpu_count() or 1) if cores is None else cores
+    if load <= cores:
+        return ""
+    return (f"the load average ({load:.1f}) exceeds the {cores} CPU cores: timings on {threads} threads wait for "
+            "other jobs; --threads 1 gives stable figures")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lightcnn.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
@@ -608,6 +628,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-time", type=float, default=1.0, help="seconds each timing runs at least (default: 1)")
     p.add_argument("--warmup", type=float, help="seconds of untimed steps before each timing (default: half "
                    "of --min-time; at least 3 steps)")
+    p.add_argument("--threads", type=int, help="CPU threads of the timings (torch.set_num_threads; default: torch's, "
+                   "one per core); on a machine shared with other jobs --threads 1 gives stable figures")
     p.add_argument("--impl", choices=IMPLS, help="the default implementation of the kernel-backed layers while "
                    "measuring, chosen per call as in training (lightcnn.layers: auto = the kernel where measured "
                    "faster; kernel; reference = PyTorch ops); default: the process-wide default")
@@ -621,6 +643,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.min_time < 0 or (args.warmup is not None and args.warmup < 0):
             raise ValueError("--min-time and --warmup must be >= 0 seconds")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         runs = read_runs(args.results) if args.results else []
         unknown = sorted({r["model"] for r in runs if not models.is_model(r["model"])})
         if unknown:
@@ -632,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"lightcnn.compare: error: {e}", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    busy = busy_note(args.device, not args.no_speed)
+    if busy:
+        print(f"lightcnn.compare: note: {busy}", file=sys.stderr)
     rows: list[dict] = []
 
     def keep(row: dict) -> None:  # the table so far, on disk as soon as each model is measured
