@@ -197,7 +197,7 @@ ORDER = textwrap.dedent("""
 def test_the_same_model_timed_first_and_last_agrees_within_a_factor_on_a_shared_machine():
     """Without a warm-up, lenet5 timed first in a fresh process ran 20-35x slower than timed after another
     model. A quiet machine agrees within 10% (docs/compare.md has the figures); this test allows 2x, for a
-    2-core machine shared by other jobs, so it stays slow (a fresh process and six timings: ~10 s)."""
+    2-core machine shared by other jobs, so it stays slow (a fresh process and six timings: 24 s at load 19)."""
     proc = subprocess.run([sys.executable, "-c", ORDER], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
