@@ -608,7 +608,8 @@ def busy_note(device: str, speed: bool, load: float | None = None, cores: int | 
     if device != "cpu" or not speed or threads == 1:
         return ""
     load = os.getloadavg()[0] if load is None else load
-    cores = (os.cpu_count() or 1) if cores is None else cores
+    if cores is None:  # the cores this process may use (a container's share), else the machine's
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if load <= cores:
         return ""
     return (f"the load average ({load:.1f}) exceeds the {cores} CPU cores: timings on {threads} threads wait for "
