@@ -118,7 +118,7 @@ def test_impl_is_the_layers_default_while_measuring_and_the_macs_do_not_depend_o
 
     monkeypatch.setattr(cmp, "count_macs", spy)
     monkeypatch.setattr(cmp, "saved_activation_bytes", lambda *a, **k: 0)
-    for impl in ("kernel", "reference"):  # WRN-10-1: the smallest pre-activation network, all PreActConv2d
+    for impl in ("kernel", "reference"):  # WRN-10-1: a small network of fused BN-ReLU-convs
         macs[impl] = cmp.measure("wrn10_1", speed=False, impl=impl)["gmacs"]
     assert "lightcnn" in seen["kernel"] and "lightcnn" not in seen["reference"]
     assert macs["kernel"] == macs["reference"] > 0

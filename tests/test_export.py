@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from lightcnn import export
+from lightcnn.layers._impl import LAYER_OPS
 from lightcnn.models import create
 from lightcnn.ops import library_loaded
 from tests.helpers import SMALL, small
@@ -122,7 +123,7 @@ def test_every_family_exports(tmp_path):
 def test_export_swaps_kernels_for_reference_ops_and_leaves_the_model_alone(fast_export):
     _, nets, folder = fast_export
     assert export.lightcnn_ops(torch.export.load(str(folder / "densenet121.pt2"))) == []  # no torch.ops.lightcnn.*
-    impls = {m.impl for m in nets["densenet121"].modules() if type(m).__name__ in ("DenseConv2d", "PreActConv2d")}
+    impls = {m.impl for m in nets["densenet121"].modules() if type(m).__name__ in LAYER_OPS}  # kernel-backed
     assert impls == {"kernel"}
 
 
