@@ -11,7 +11,7 @@ from torch import nn
 import lightcnn.ops as ops
 from lightcnn.layers import LocalResponseNorm
 from lightcnn.models import create
-from tests._lrn_samples import FINITE_SAMPLES, SAMPLES, TOL, assert_lrn_close, lrn_references, lrn_sample
+from tests.samples_lrn import FINITE_SAMPLES, SAMPLES, TOL, assert_lrn_close, lrn_references, lrn_sample
 from tests.conftest import DEVICES, requires_cuda
 
 SHAPES_SIZES = [
@@ -31,7 +31,7 @@ def lrn_args(beta=0.75):
 
 
 def check_sample(x, size, what="", grad=None, **kw):
-    """The kernel's forward and input gradient on x (a sample of tests/_lrn_samples.py) against
+    """The kernel's forward and input gradient on x (a sample of tests/samples_lrn.py) against
     F.local_response_norm in the kernel's compute dtype and in float64 (assert_lrn_close: the same NaN/Inf
     places, values within TOL[x.dtype] or no further from float64 than the reference); returns them."""
     xk = x.detach().clone().requires_grad_(True)  # clone keeps the layout
