@@ -4,8 +4,9 @@
 configurations and kernels, thread by thread with real barriers and warp shuffles) compiled for the CPU;
 see tests/cuda_emu/README.md for what the emulator checks (its own tests: tests/test_cuda_emu.py). Each op's
 samples (tests/samples_<op>.py) are compared with the CPU kernel in float32/float64 and with a float64
-reference for float16/bfloat16, in every layout, with every opt-in CUDA variant. What the emulator cannot show is speed, and races between threads of different
-blocks (they run one after another): those need the GPU (benchmarks/gpu_check.sh).
+reference for float16/bfloat16, in every layout, with every opt-in CUDA variant. What the emulator cannot
+show is speed, and races between threads of different blocks (they run one after another): those need the
+GPU (benchmarks/gpu_check.sh).
 """
 import pytest
 import torch

@@ -11,8 +11,8 @@ from torch import nn
 import lightcnn.ops as ops
 from lightcnn.layers import LocalResponseNorm
 from lightcnn.models import create
-from tests.samples_lrn import FINITE_SAMPLES, SAMPLES, TOL, assert_lrn_close, lrn_references, lrn_sample
 from tests.conftest import DEVICES, requires_cuda
+from tests.samples_lrn import FINITE_SAMPLES, SAMPLES, TOL, assert_lrn_close, lrn_references, lrn_sample
 
 SHAPES_SIZES = [
     ((2, 7, 5, 3), 5),  # AlexNet's n=5
