@@ -146,15 +146,19 @@ SAMPLES = {s.name: s for s in [
     Sample("k1_stride2_eval", shape=(3, 5, 6, 7), kernel_size=1, padding=0, stride=(2, 2), training=False,
             conv_bias=False),
     # small: gradcheck's and opcheck's (a stride per axis)
-    Sample("stride2x1", shape=(2, 3, 5, 4), stride=(2, 1)),
-    Sample("stride2x1_eval", shape=(2, 3, 5, 4), stride=(2, 1), training=False),
-    Sample("stride2x1_dropout", shape=(2, 3, 5, 4), stride=(2, 1), drop_rate=0.4),
+    Sample("small", shape=(2, 3, 5, 4), stride=(2, 1)),
+    Sample("small_eval", shape=(2, 3, 5, 4), stride=(2, 1), training=False),
+    Sample("small_dropout", shape=(2, 3, 5, 4), stride=(2, 1), drop_rate=0.4),
 ]}
-# the small samples gradcheck (float64) and opcheck (float32) run, each contiguous and channels-last
-GRADCHECK = ("stride2x1", "stride2x1_eval", "stride2x1_dropout", "depthwise")
-OPCHECK = ("stride2x1", "stride2x1_eval", "stride2x1_dropout")
+# (sample, layout) pairs gradcheck (float64) and opcheck (float32) run
+GRADCHECK = (("small", "contiguous"), ("small_eval", "contiguous"), ("small_dropout", "contiguous"),
+             ("small_dropout", "channels_last"))
+OPCHECK = tuple((name, kind) for name in ("small", "small_eval", "small_dropout")
+                for kind in ("contiguous", "channels_last"))
 
 
 def with_dropout(sample: Sample, rate: float = 0.3) -> Sample:
-    """The sample with dropout (training samples only: eval has none)."""
-    return dataclasses.replace(sample, name=f"{sample.name}+dropout", drop_rate=rate) if sample.training else sample
+    """The sample with dropout; itself if it has dropout already or is an eval sample (eval drops nothing)."""
+    if sample.drop_rate or not sample.training:
+        return sample
+    return dataclasses.replace(sample, name=f"{sample.name}+dropout", drop_rate=rate)

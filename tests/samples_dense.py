@@ -18,7 +18,7 @@ import torch
 
 from tests.samples_bn_relu_conv import DTYPES, HALF, layout
 
-__all__ = ["DTYPES", "HALF", "KINDS", "SAMPLES", "GRADCHECK", "Args", "Sample"]
+__all__ = ["DTYPES", "HALF", "KINDS", "SAMPLES", "GRADCHECK", "OPCHECK", "Args", "Sample"]
 
 KINDS = ("contiguous", "channels_last", "mixed")
 _MIXED = ("channels_last", "strided", "contiguous")
@@ -100,12 +100,10 @@ SAMPLES = {s.name: s for s in [
     Sample("many_images", channels=(3, 2), shape=(16, 5, 4)),  # a CUDA thread's values span several images
     Sample("no_affine_3x3", channels=(3, 1), shape=(3, 3, 5), kernel_size=3, affine=False),
     Sample("one_pixel_eval", channels=(2, 3), shape=(1, 1, 1), training=False),
-    # gradcheck's and opcheck's
-    Sample("gradcheck", channels=(2, 1, 2), shape=(2, 3, 3), kernel_size=3),
-    Sample("gradcheck_eval", channels=(2, 1, 2), shape=(2, 3, 3), kernel_size=3, training=False),
-    Sample("opcheck", channels=(3, 2), shape=(2, 4, 5), out_channels=4, kernel_size=3),
-    Sample("opcheck_eval", channels=(3, 2), shape=(2, 4, 5), out_channels=4, kernel_size=3, training=False),
+    # small: gradcheck's and opcheck's
+    Sample("small", channels=(2, 1, 2), shape=(2, 3, 3), kernel_size=3),
+    Sample("small_eval", channels=(2, 1, 2), shape=(2, 3, 3), kernel_size=3, training=False),
 ]}
-# the small float64 samples gradcheck runs and the float32 ones opcheck runs (each in both layouts)
-GRADCHECK = ("gradcheck", "gradcheck_eval", "no_affine_3x3", "one_pixel_eval")
-OPCHECK = ("opcheck", "opcheck_eval", "no_affine_3x3")
+# (sample, layout) pairs gradcheck (float64) and opcheck (float32) run
+GRADCHECK = (("small", "contiguous"), ("small_eval", "contiguous"))
+OPCHECK = tuple((name, kind) for name in ("small", "small_eval") for kind in ("contiguous", "channels_last"))

@@ -216,8 +216,7 @@ _DIFFERENTIABLE = ("input", "weight", "bias", "conv_weight", "conv_bias")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("name", GRADCHECK)
+@pytest.mark.parametrize("name, kind", GRADCHECK)
 def test_gradcheck(device, kind, name):
     args = SAMPLES[name].make(torch.float64, kind, device)
     names = [n for n in _DIFFERENTIABLE if getattr(args, n) is not None]
@@ -232,8 +231,7 @@ def test_gradcheck(device, kind, name):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
-@pytest.mark.parametrize("name", OPCHECK)
+@pytest.mark.parametrize("name, kind", OPCHECK)
 def test_opcheck(device, kind, name):
     args = SAMPLES[name].make(torch.float32, kind, device)
     if args.training:
