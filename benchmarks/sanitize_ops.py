@@ -30,15 +30,16 @@ from lightcnn import ops  # noqa: E402
 from lightcnn.ops import reference  # noqa: E402
 from tests import samples_bn_relu_conv, samples_dense, samples_lrn  # noqa: E402
 
-LRN_SHAPES = (((3, 96, 7, 5), 5), ((2, 300, 3, 3), 4), ((2, 7, 5, 3), 12))
+LRN_SHAPES_SIZES = (*((shape, size) for shape in samples_lrn.CUDA_SHAPES for size in samples_lrn.CUDA_SIZES),
+                    *samples_lrn.GPU_SHAPES_SIZES)
 LRN_ARGS = dict(alpha=1e-2, beta=0.75, k=2.0)
 
 
 def lrn_cases(device, dtypes):
-    """Every sample kind of tests/samples_lrn.py (NaN/Inf included) on wide and narrow channel counts, both
+    """Every sample kind of tests/samples_lrn.py (NaN/Inf included) on its CUDA shapes and window sizes, both
     layouts, both channels-last designs; checked with the samples' own comparison (assert_lrn_close)."""
     for dtype in dtypes:
-        for shape, size in LRN_SHAPES:
+        for shape, size in LRN_SHAPES_SIZES:
             for sample in samples_lrn.SAMPLES:
                 for kind in ("contiguous", "channels_last"):
                     x = samples_bn_relu_conv.layout(samples_lrn.lrn_sample(sample, shape, dtype, device), kind)

@@ -15,7 +15,7 @@ import lightcnn.ops  # noqa: F401  (loads torch.ops.lightcnn.*)
 from tests import samples_bn_relu_conv, samples_dense
 from tests.cuda_emu.build import build
 from tests.samples_bn_relu_conv import DTYPES, HALF, LAYOUTS, layout
-from tests.samples_lrn import SAMPLES, assert_lrn_close, lrn_references, lrn_sample
+from tests.samples_lrn import CUDA_SHAPES, CUDA_SIZES, SAMPLES, assert_lrn_close, lrn_references, lrn_sample
 from tests.samples_lrn import TOL as LRN_TOL
 
 # max |emulated - reference| / max(max |reference|, 1), per dtype (the inputs are O(1), so a per-channel sum
@@ -43,9 +43,6 @@ def assert_close(actual, expected, dtype, what=""):
 # ---------------------------------------------------------------- LRN
 
 LRN = dict(alpha=0.3, beta=0.75, k=2.0)  # a large alpha, so that every channel of the window matters
-# C = 300: several channels a lane in the channels-last kernels, runs of channels in the others;
-# (1, 96, 1, 1): 1 pixel, so 12 runs of 8 channels
-LRN_SHAPES = [(2, 7, 5, 3), (1, 1, 2, 2), (3, 33, 1, 4), (1, 300, 2, 1), (1, 96, 1, 1), (1, 16, 2, 1)]
 
 
 def check_lrn(emu, x, size, what, beta=LRN["beta"]):
@@ -71,8 +68,8 @@ def test_lrn_forward_and_backward(emu, monkeypatch, variant, kind, dtype):
     2 (even), 5 and 6."""
     if variant == "column":  # the per-column kernels on channels-last inputs too
         monkeypatch.setenv("LIGHTCNN_CUDA_LRN_CHANNELS_LAST", "column")
-    for shape in LRN_SHAPES:
-        for size in (1, 2, 5, 6):
+    for shape in CUDA_SHAPES:
+        for size in CUDA_SIZES:
             for sample in SAMPLES:
                 check_lrn(emu, layout(lrn_sample(sample, shape, dtype), kind), size, f"{sample} {shape} size {size}")
 

@@ -12,18 +12,15 @@ import lightcnn.ops as ops
 from lightcnn.layers import LocalResponseNorm
 from lightcnn.models import create
 from tests.conftest import DEVICES, requires_cuda
-from tests.samples_lrn import FINITE_SAMPLES, SAMPLES, TOL, assert_lrn_close, lrn_references, lrn_sample
-
-SHAPES_SIZES = [
-    ((2, 7, 5, 3), 5),  # AlexNet's n=5
-    ((2, 7, 5, 3), 4),  # even window: [c - 2, c + 1]
-    ((3, 4, 11), 9),  # 3-D input, window wider than the channel count
-    ((2, 6, 3, 2, 4), 2),  # 5-D input
-    ((1, 1, 3, 3), 3),  # one channel
-    ((2, 13, 1, 1), 1),  # size 1: a plain power of the own square
-    ((2, 33, 7, 37), 7),  # odd sizes past the vector width and tile edges
-    ((2, 5, 3, 3), 12),  # window much wider than C
-]
+from tests.samples_lrn import (
+    FINITE_SAMPLES,
+    SAMPLES,
+    SHAPES_SIZES,
+    TOL,
+    assert_lrn_close,
+    lrn_references,
+    lrn_sample,
+)
 
 
 def lrn_args(beta=0.75):
