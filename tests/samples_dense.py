@@ -18,7 +18,7 @@ import torch
 
 from tests.samples_bn_relu_conv import DTYPES, HALF, layout
 
-__all__ = ["DTYPES", "HALF", "KINDS", "SAMPLES", "GRADCHECK", "OPCHECK", "Args", "Sample"]
+__all__ = ["DTYPES", "HALF", "KINDS", "SAMPLES", "GRADCHECK", "OPCHECK", "CUDA_ONLY", "Args", "Sample"]
 
 KINDS = ("contiguous", "channels_last", "mixed")
 _MIXED = ("channels_last", "strided", "contiguous")
@@ -104,6 +104,9 @@ SAMPLES = {s.name: s for s in [
     Sample("small", channels=(2, 1, 2), shape=(2, 3, 3), kernel_size=3),
     Sample("small_eval", channels=(2, 1, 2), shape=(2, 3, 3), kernel_size=3, training=False),
 ]}
+# samples for the CUDA kernels' launch structure only (several blocks per channel, launches of at most 64
+# features): the CPU tests skip them
+CUDA_ONLY = ("split_reduction", "70_features")
 # (sample, layout) pairs gradcheck (float64) and opcheck (float32) run
 GRADCHECK = (("small", "contiguous"), ("small_eval", "contiguous"))
 OPCHECK = tuple((name, kind) for name in ("small", "small_eval") for kind in ("contiguous", "channels_last"))
