@@ -13,7 +13,7 @@ So torch.ops.lightcnn_emu.<op> takes CPU tensors and runs the CUDA code path of 
 host logic, every kernel launch and every kernel, thread by thread. See README.md in this folder.
 
 The library is built once per content: into cache_root()/<hash of the sources, headers and flags>, under a
-file lock; later runs, in any process, load it in a fraction of a second.
+file lock; later runs, in any process, only load it.
 
 Used by tests/test_cuda_emulated.py, tests/test_cuda_emu.py and tests/test_gpu_model.py; by hand:
 `python tests/cuda_emu/build.py [BUILD_DIR]` (builds, into the cache without BUILD_DIR, and loads).
