@@ -104,6 +104,22 @@ def test_cache_root_follows_the_environment(monkeypatch, tmp_path):
     assert emu_build.cache_root() == tmp_path / "xdg" / "lightcnn" / "cuda_emu"
 
 
+def test_the_build_lock_excludes_another_process(tmp_path):
+    """While one process builds (holds the lock), another cannot take it: it waits instead of compiling too."""
+    lock = tmp_path / "build.lock"
+    probe = ("import fcntl, sys\nwith open(sys.argv[1], 'a+') as f:\n    try:\n"
+             "        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\n    except BlockingIOError:\n"
+             "        print('held')\n    else:\n        print('free')\n")
+
+    def other_process_sees():
+        return subprocess.run([sys.executable, "-c", probe, str(lock)], capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+
+    with emu_build._locked(lock):
+        assert other_process_sees() == "held"
+    assert other_process_sees() == "free"
+
+
 @pytest.fixture(scope="module")
 def emu():
     emu_build.build()
