@@ -1,7 +1,7 @@
-"""Every lightcnn kernel once, forward and backward, on small odd shapes: the workload that
-benchmarks/gpu_check.sh runs under NVIDIA's compute-sanitizer (memcheck, racecheck, synccheck), which sees
-what the CPU emulator of tests/cuda_emu cannot: real out-of-bounds accesses, races between real warps,
-barriers misused on the hardware.
+"""Every lightcnn kernel, forward and backward, on each sample of its op's table (tests/samples_<op>.py): the
+workload that benchmarks/gpu_check.sh runs under NVIDIA's compute-sanitizer (memcheck, racecheck, synccheck),
+which sees what the CPU emulator of tests/cuda_emu cannot: real out-of-bounds accesses, races between real
+warps, barriers misused on the hardware.
 
     python benchmarks/sanitize_ops.py --sanitizer racecheck   # itself under compute-sanitizer: MET/MISSED
     python benchmarks/sanitize_ops.py                         # the cases alone, on the GPU
@@ -13,78 +13,101 @@ still fails); exit status 1 on any mismatch. Imports neither jsonargparse nor wa
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import torch
 
-from lightcnn import ops
-from lightcnn.ops import reference
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # lightcnn and the tests' sample tables without installing them
+    sys.path.insert(0, str(ROOT))
 
-FORMATS = (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last))
+from lightcnn import ops  # noqa: E402
+from lightcnn.ops import reference  # noqa: E402
+from tests import samples_bn_relu_conv, samples_dense, samples_lrn  # noqa: E402
+
+LRN_SHAPES_SIZES = (*((shape, size) for shape in samples_lrn.CUDA_SHAPES for size in samples_lrn.CUDA_SIZES),
+                    *samples_lrn.GPU_SHAPES_SIZES)
+LRN_ARGS = dict(alpha=1e-2, beta=0.75, k=2.0)
 
 
 def lrn_cases(device, dtypes):
+    """Every sample kind of tests/samples_lrn.py (NaN/Inf included) on its CUDA shapes and window sizes, both
+    layouts, both channels-last designs; checked with the samples' own comparison (assert_lrn_close)."""
     for dtype in dtypes:
-        for shape, size in (((3, 96, 7, 5), 5), ((2, 300, 3, 3), 4), ((2, 7, 5, 3), 12)):
-            for name, fmt in FORMATS:
-                x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
-                for variant in ("default", "column"):
-                    if variant == "column":
-                        os.environ["LIGHTCNN_CUDA_LRN_CHANNELS_LAST"] = "column"
-                    xk = x.detach().clone().requires_grad_()
-                    yk = ops.local_response_norm(xk, size, 1e-2, 0.75, 2.0)
-                    yk.sum().backward()
-                    os.environ.pop("LIGHTCNN_CUDA_LRN_CHANNELS_LAST", None)
-                    xr = x.detach().double().requires_grad_()
-                    yr = reference.local_response_norm(xr, size, 1e-2, 0.75, 2.0)
-                    yr.sum().backward()
-                    yield f"lrn {dtype} {shape} {name} {variant}", [(yk, yr), (xk.grad, xr.grad)]
+        for shape, size in LRN_SHAPES_SIZES:
+            for sample in samples_lrn.SAMPLES:
+                for kind in ("contiguous", "channels_last"):
+                    x = samples_bn_relu_conv.layout(samples_lrn.lrn_sample(sample, shape, dtype, device), kind)
+                    g = torch.randn(shape, dtype=torch.float64).to(device, dtype)
+                    for variant in ("default", "column"):
+                        if variant == "column":
+                            os.environ["LIGHTCNN_CUDA_LRN_CHANNELS_LAST"] = "column"
+                        xk = x.detach().clone().requires_grad_()
+                        yk = ops.local_response_norm(xk, size, **LRN_ARGS)
+                        yk.backward(g)
+                        os.environ.pop("LIGHTCNN_CUDA_LRN_CHANNELS_LAST", None)
+                        y, y64, dx, dx64 = samples_lrn.lrn_references(x, size, g, **LRN_ARGS)
+                        tol = samples_lrn.TOL[dtype]
+                        yield f"lrn {dtype} {shape} {sample} {kind} {variant}", [
+                            functools.partial(samples_lrn.assert_lrn_close, yk, y, y64, **tol),
+                            functools.partial(samples_lrn.assert_lrn_close, xk.grad, dx, dx64, **tol)]
+
+
+def _close(got, want, tol):
+    """A check: max |got - want| / max(max |want|, 1) within tol."""
+    def check():
+        err = (got.double() - want.double()).abs().max().item() / max(want.abs().max().item(), 1.0)
+        assert err <= tol, f"relative error {err:.3g}"
+    return check
+
+
+def _run(fn, args, leaves):
+    """fn(**args.functional()) with fresh running statistics and gradients of `leaves` (argument names):
+    (output, input or feature gradients)."""
+    kw = args.functional()
+    kw.update(running_mean=kw["running_mean"].clone(), running_var=kw["running_var"].clone())
+    for n in leaves:
+        kw[n] = [f.detach().clone().requires_grad_() for f in kw[n]] if n == "features" else \
+            kw[n].detach().clone().requires_grad_()
+    out = fn(**kw)
+    out.sum().backward()
+    grads = torch.cat([f.grad for f in kw["features"]], 1) if "features" in leaves else kw["input"].grad
+    return out, grads
 
 
 def bn_relu_conv_cases(device, dtypes):
+    """Every sample of tests/samples_bn_relu_conv.py (each training one also with dropout) in every layout,
+    with both designs of the CUDA reductions."""
     for dtype in dtypes:
-        for shape in ((2, 6, 5, 4), (3, 37, 1, 3), (2, 3, 64, 64)):
-            for name, fmt in FORMATS:
-                x = torch.randn(shape, device=device, dtype=dtype).contiguous(memory_format=fmt)
-                for drop, variant in ((0.0, "default"), (0.3, "default"), (0.0, "aten"), (0.3, "aten")):
-                    if variant == "aten":  # the other design of the reductions (ATen's SyncBatchNorm kernels)
-                        os.environ["LIGHTCNN_CUDA_BN_REDUCTIONS"] = "aten"
-                    C = shape[1]
-                    w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
-                    cw = torch.randn(4, C, 3, 3, device=device, dtype=dtype)
-                    mask = torch.rand(shape, device=device) >= drop if drop else None
-                    outs = []
-                    for fn, dt in ((ops.bn_relu_conv2d, dtype), (reference.bn_relu_conv2d, torch.float64)):
-                        xi = x.detach().to(dt).requires_grad_()
-                        wd, bd = (w.to(dt), b.to(dt)) if dt == torch.float64 else (w, b)
-                        out = fn(xi, None, None, wd, bd, cw.to(dt), None, padding=1, training=True, drop_rate=drop,
-                                 drop_mask=mask)
-                        out.sum().backward()
-                        outs.append((out, xi.grad))
-                    os.environ.pop("LIGHTCNN_CUDA_BN_REDUCTIONS", None)
-                    yield f"bn_relu_conv2d {dtype} {shape} {name} drop {drop} {variant}", list(zip(*outs))
+        for base in samples_bn_relu_conv.SAMPLES.values():
+            for sample in dict.fromkeys([base, samples_bn_relu_conv.with_dropout(base)]):
+                for kind in samples_bn_relu_conv.LAYOUTS:
+                    args = sample.make(dtype, kind, device)
+                    for variant in ("default", "aten"):
+                        if variant == "aten":  # the other design of the reductions (ATen's SyncBatchNorm kernels)
+                            os.environ["LIGHTCNN_CUDA_BN_REDUCTIONS"] = "aten"
+                        got = _run(ops.bn_relu_conv2d, args, ["input"])
+                        os.environ.pop("LIGHTCNN_CUDA_BN_REDUCTIONS", None)
+                        want = _run(reference.bn_relu_conv2d, args.double(), ["input"])
+                        yield f"bn_relu_conv2d {dtype} {sample} {kind} {variant}", [
+                            _close(a, b, TOL[dtype]) for a, b in zip(got, want)]
 
 
 def dense_cases(device, dtypes):
+    """Every sample of tests/samples_dense.py in every layout."""
     for dtype in dtypes:
-        for channels, hw in (([4, 2, 3], (5, 4)), ([1] * 35 + [2] * 35, (2, 3)), ([2, 3], (64, 64))):
-            for name, fmt in FORMATS:
-                feats = [torch.randn(2, c, *hw, device=device, dtype=dtype).contiguous(memory_format=fmt)
-                         for c in channels]
-                C = sum(channels)
-                w, b = torch.rand(C, device=device) + 0.5, torch.randn(C, device=device)
-                cw = torch.randn(3, C, 1, 1, device=device, dtype=dtype)
-                outs = []
-                for fn, dt in ((ops.dense_bn_relu_conv2d, dtype), (reference.dense_bn_relu_conv2d, torch.float64)):
-                    fi = [f.detach().to(dt).requires_grad_() for f in feats]
-                    wd, bd = (w.to(dt), b.to(dt)) if dt == torch.float64 else (w, b)
-                    out = fn(fi, None, None, wd, bd, cw.to(dt), training=True)
-                    out.sum().backward()
-                    outs.append((out, torch.cat([f.grad for f in fi], 1)))
-                yield f"dense_bn_relu_conv2d {dtype} {len(channels)} features {hw} {name}", list(zip(*outs))
+        for sample in samples_dense.SAMPLES.values():
+            for kind in samples_dense.KINDS:
+                args = sample.make(dtype, kind, device)
+                got = _run(ops.dense_bn_relu_conv2d, args, ["features"])
+                want = _run(reference.dense_bn_relu_conv2d, args.double(), ["features"])
+                yield f"dense_bn_relu_conv2d {dtype} {sample} {kind}", [
+                    _close(a, b, TOL[dtype]) for a, b in zip(got, want)]
 
 
 TOL = {torch.float32: 1e-3, torch.float64: 1e-9, torch.bfloat16: 5e-2, torch.float16: 1e-2}
@@ -130,14 +153,14 @@ def main() -> int:
     dtypes = [torch.float32, torch.bfloat16] if args.device == "cuda" else [torch.float32]
     failures = cases = 0
     for gen in (lrn_cases, bn_relu_conv_cases, dense_cases):
-        for name, pairs in gen(args.device, dtypes):
+        for name, checks in gen(args.device, dtypes):
             cases += 1
-            for got, want in pairs:
-                want = want.double()
-                err = (got.double() - want).abs().max().item() / max(want.abs().max().item(), 1.0)
-                if not err <= TOL[got.dtype]:
+            for check in checks:
+                try:
+                    check()
+                except AssertionError as e:
                     failures += 1
-                    print(f"MISMATCH {name}: relative error {err:.3g}")
+                    print(f"MISMATCH {name}: {str(e).splitlines()[0]}")
     if args.device == "cuda":
         torch.cuda.synchronize()
     print(f"sanitize_ops.py: {cases} cases, {failures} mismatches (library {ops.backend_info()['library']})")

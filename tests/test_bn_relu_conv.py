@@ -14,9 +14,10 @@ from torch import nn
 
 from lightcnn import ops
 from lightcnn.layers import BNReLUConv2d, LocalResponseNorm, get_default_impl
-from lightcnn.ops import _library, bn_relu_conv, lrn
+from lightcnn.ops import _library, bn_relu_conv, lrn, reference
 from lightcnn.ops._library import Config
 from tests.conftest import DEVICES, requires_cuda
+from tests.samples_bn_relu_conv import CONFIGS, CUDA_ONLY, GRADCHECK, LAYOUTS, OPCHECK, SAMPLES
 
 pytestmark = pytest.mark.skipif(not _library.op_defined("bn_relu_conv2d"),
                                 reason="lightcnn._C without bn_relu_conv2d (build it first)")
@@ -35,18 +36,6 @@ def _no_tf32():
 # double on the CPU), so agreement is to a few float32 ulps of the largest terms.
 TOL = {torch.float64: (1e-10, 1e-10), torch.float32: (2e-5, 2e-4),
        torch.float16: (2e-2, 2e-2), torch.bfloat16: (1e-1, 5e-2)}
-
-# (kernel_size, stride, padding, dilation, groups)
-CONFIGS = {
-    "k1": (1, 1, 0, 1, 1),
-    "k3": (3, 1, 1, 1, 1),
-    "k1_stride2": (1, 2, 0, 1, 1),
-    "k3_stride2": (3, 2, 1, 1, 1),
-    "k3_pad2_dilation2": (3, 1, 2, 2, 1),
-    "k3_groups2": (3, 1, 1, 1, 2),
-    "k3_depthwise": (3, 1, 1, 1, 4),
-}
-
 
 def _pair(cin=4, cout=8, config="k3", bias=True, device="cpu", dtype=torch.float64, momentum=0.1):
     """A BNReLUConv2d on the kernel and its reference Sequential, with identical random parameters."""
@@ -201,45 +190,66 @@ def test_sync_batchnorm_conversion_keeps_the_replacement_forward():
     assert calls == [1]
 
 
-def _op_args(device, dtype, training, channels_last=False):
-    x = torch.randn(2, 3, 5, 4, device=device, dtype=dtype)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return (x, torch.rand(3, device=device, dtype=dtype) + 0.5, torch.randn(3, device=device, dtype=dtype),
-            torch.randn(3, device=device, dtype=dtype), torch.rand(3, device=device, dtype=dtype) + 0.5,
-            torch.randn(4, 3, 3, 3, device=device, dtype=dtype), torch.randn(4, device=device, dtype=dtype),
-            [2, 1], [1, 1], [1, 1], 1, training, 1e-5)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_op_matches_reference_on_every_sample(device, kind, dtype):
+    """Every sample of tests/samples_bn_relu_conv.py through lightcnn.ops.bn_relu_conv2d against the unfused
+    reference: output, the gradients of the input and of every parameter, the running statistics."""
+    atol, rtol = TOL[dtype]
+    for sample in SAMPLES.values():
+        if device == "cpu" and sample.name in CUDA_ONLY:
+            continue
+        args, grad, runs = sample.make(dtype, kind, device), None, []
+        for fn in (ops.bn_relu_conv2d, reference.bn_relu_conv2d):
+            kw = args.functional()
+            kw.update(running_mean=args.running_mean.clone(), running_var=args.running_var.clone())
+            leaves = {n: kw[n].detach().clone().requires_grad_() for n in _DIFFERENTIABLE if kw[n] is not None}
+            kw.update(leaves)
+            out = fn(**kw)
+            grad = torch.randn_like(out) if grad is None else grad
+            out.backward(grad)
+            runs.append((out, *(t.grad for t in leaves.values()), kw["running_mean"], kw["running_var"]))
+        for i, (got, want) in enumerate(zip(*runs, strict=True)):
+            torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{sample} result {i}: {m}")
+
+
+_DIFFERENTIABLE = ("input", "weight", "bias", "conv_weight", "conv_bias")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("training", [True, False])
-def test_gradcheck(device, training):
-    x, w, b, rm, rv, cw, cb, stride, padding, dilation, groups, _, eps = _op_args(device, torch.float64, training)
+@pytest.mark.parametrize("name, kind", GRADCHECK)
+def test_gradcheck(device, kind, name):
+    args = SAMPLES[name].make(torch.float64, kind, device)
+    names = [n for n in _DIFFERENTIABLE if getattr(args, n) is not None]
 
-    def fn(x, w, b, cw, cb):
-        return ops.bn_relu_conv2d(x, rm.clone(), rv.clone(), w, b, cw, cb, stride, padding, dilation, groups,
-                                  training, 0.1, eps)
+    def fn(*tensors):
+        kw = dict(args.functional(), **dict(zip(names, tensors)))
+        kw.update(running_mean=args.running_mean.clone(), running_var=args.running_var.clone())
+        return ops.bn_relu_conv2d(**kw)
 
-    inputs = [t.requires_grad_() for t in (x, w, b, cw, cb)]
+    inputs = [getattr(args, n).requires_grad_() for n in names]
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(device, training, channels_last):
-    args = list(_op_args(device, torch.float32, training, channels_last))
-    for i in (0, 1, 2, 5, 6):
-        args[i].requires_grad_()
-    if training:
-        args[3] = args[4] = None  # the op ignores running statistics in training
-    torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d.default, tuple(args))
-    x, w, b, cw = (args[i].detach() for i in (0, 1, 2, 5))
-    mean, var = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
-    grad_out = torch.randn(2, 4, 3, 4, device=device)
+@pytest.mark.parametrize("name, kind", OPCHECK)
+def test_opcheck(device, kind, name):
+    args = SAMPLES[name].make(torch.float32, kind, device)
+    if args.training:
+        args.running_mean = args.running_var = None  # the op ignores running statistics in training
+    C = args.input.shape[1]
+    mean, var = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    grad_out = torch.randn_like(torch.ops.lightcnn.bn_relu_conv2d(*args.op())[0])
+    for n in _DIFFERENTIABLE:
+        if getattr(args, n) is not None:
+            getattr(args, n).requires_grad_()
+    torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d.default, tuple(args.op()))
+    back = args.backward(grad_out, mean, var)
+    back[1:7] = [t.detach() if isinstance(t, torch.Tensor) else t for t in back[1:7]]
     for has_conv_bias in (True, False):
-        back = (grad_out, x, w, b, mean, var, cw, *args[7:], has_conv_bias)
-        torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d_backward.default, back)
+        back[13] = has_conv_bias
+        torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d_backward.default, tuple(back))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -462,36 +472,6 @@ def test_dropout_layer_kernel_equals_reference_from_the_same_seed(device):
     for a, b in ((out_k, out_r), (grad_k, grad_r), (layer.conv.weight.grad, ref.conv.weight.grad),
                  (layer.bn.weight.grad, ref.bn.weight.grad)):
         torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_dropout_gradcheck(device, channels_last):
-    x, w, b, _, _, cw, cb, stride, padding, dilation, groups, _, eps = _op_args(device, torch.float64, True,
-                                                                                 channels_last)
-    mask = torch.rand(x.shape, device=device) >= 0.4
-
-    def fn(x, w, b, cw, cb):
-        return ops.bn_relu_conv2d(x, None, None, w, b, cw, cb, stride, padding, dilation, groups, True, 0.1, eps,
-                                  drop_rate=0.4, drop_mask=mask)
-
-    inputs = [t.requires_grad_() for t in (x, w, b, cw, cb)]
-    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_dropout_opcheck(device, channels_last):
-    args = list(_op_args(device, torch.float32, True, channels_last))
-    for i in (0, 1, 2, 5, 6):
-        args[i].requires_grad_()
-    args[3] = args[4] = None
-    mask = torch.rand(args[0].shape, device=device) >= 0.3
-    torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d.default, (*args, mask, 0.3))
-    x, w, b, cw = (args[i].detach() for i in (0, 1, 2, 5))
-    mean, var = torch.randn(3, device=device), torch.rand(3, device=device) + 0.5
-    back = (torch.randn(2, 4, 3, 4, device=device), x, w, b, mean, var, cw, *args[7:], True, mask, 0.3)
-    torch.library.opcheck(torch.ops.lightcnn.bn_relu_conv2d_backward.default, back)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -2,84 +2,52 @@
 
 `torch.ops.lightcnn_emu.<op>` is the CUDA code path of `torch.ops.lightcnn.<op>` (its host logic, launch
 configurations and kernels, thread by thread with real barriers and warp shuffles) compiled for the CPU;
-see tests/cuda_emu/cuda_emu.h for what the emulator checks. Each op is compared with the CPU kernel in
-float32/float64 and with a float64 reference for float16/bfloat16, in both layouts and on odd shapes, with
-every opt-in CUDA variant. What the emulator cannot show is speed, and races between threads of different
-blocks (they run one after another): those need the GPU (benchmarks/gpu_check.sh).
+see tests/cuda_emu/README.md for what the emulator checks (its own tests: tests/test_cuda_emu.py). Each op's
+samples (tests/samples_<op>.py) are compared with the CPU kernel in float32/float64 and with a float64
+reference for float16/bfloat16, in every layout, with every opt-in CUDA variant. What the emulator cannot
+show is speed, and races between threads of different blocks (they run one after another): those need the
+GPU (benchmarks/gpu_check.sh).
 """
 import pytest
 import torch
 
 import lightcnn.ops  # noqa: F401  (loads torch.ops.lightcnn.*)
-from tests._lrn_samples import SAMPLES, assert_lrn_close, lrn_references, lrn_sample
-from tests._lrn_samples import TOL as LRN_TOL
+from tests import samples_bn_relu_conv, samples_dense
 from tests.cuda_emu.build import build
+from tests.samples_bn_relu_conv import DTYPES, HALF, LAYOUTS, layout
+from tests.samples_lrn import CUDA_SHAPES, CUDA_SIZES, SAMPLES, assert_lrn_close, lrn_references, lrn_sample
+from tests.samples_lrn import TOL as LRN_TOL
 
-HALF = [torch.float16, torch.bfloat16]
 # max |emulated - reference| / max(max |reference|, 1), per dtype (the inputs are O(1), so a per-channel sum
 # that cancels to ~0 still carries rounding of O(1) terms): a wrong index or a lost partial sum is O(1)
 REL_TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 
 
 @pytest.fixture(scope="module")
-def emu(tmp_path_factory):
-    build(tmp_path_factory.mktemp("cuda_emu"))
+def emu():
+    build()  # cached between runs (tests/cuda_emu/build.py)
     return torch.ops.lightcnn_emu
 
 
-def assert_close(actual, expected, dtype, what=""):
+def assert_close(actual, expected, dtype, what="", scale=None):
+    """max |actual - expected| <= REL_TOL[dtype] * scale, scale max(max |expected|, 1) unless given."""
+    if actual is None or expected is None or expected.numel() == 0:  # a gradient the sample has none of
+        assert (actual is None or actual.numel() == 0) and (expected is None or expected.numel() == 0), what
+        return
     assert actual.shape == expected.shape, what
     actual, expected = actual.double(), expected.double()
-    scale = max(expected.abs().max().item(), 1.0)
+    scale = max(expected.abs().max().item(), 1.0) if scale is None else scale
     err = (actual - expected).abs().max().item()
     assert err <= REL_TOL[dtype] * scale, f"{what}: max error {err:.3g} vs scale {scale:.3g} ({dtype})"
-
-
-def layout(x, kind):
-    if kind == "channels_last":
-        return x.contiguous(memory_format=torch.channels_last)
-    if kind == "strided":  # every other column of a wider tensor
-        wide = torch.zeros(*x.shape[:3], 2 * x.shape[3], dtype=x.dtype)
-        wide[..., ::2] = x
-        return wide[..., ::2]
-    return x.contiguous()
-
-
-# ---------------------------------------------------------------- the emulator itself
-
-
-def test_emulator_runs_a_correct_block_reduction(emu):
-    x = torch.randn(1000)
-    assert emu.emu_selftest(x, 0)[0].item() == pytest.approx(x.sum().item(), rel=1e-5, abs=1e-4)
-
-
-def test_emulator_exposes_a_missing_barrier(emu):
-    x = torch.arange(64, dtype=torch.float32)
-    y = emu.emu_selftest(x, 1)
-    # a thread read its neighbour's shared slot before the neighbour wrote it: poison (NaN) or a wrong value
-    assert not torch.equal(y, x.roll(-1))
-
-
-@pytest.mark.parametrize("case, match", [
-    (2, "deadlock: lanes wait at a warp shuffle"),
-    (3, "names lanes that do not exist in a block of 48 threads"),
-    (4, "1 to 1024 threads per block"),
-])
-def test_emulator_reports_misuse(emu, case, match):
-    with pytest.raises(RuntimeError, match=match):
-        emu.emu_selftest(torch.zeros(64), case)
 
 
 # ---------------------------------------------------------------- LRN
 
 LRN = dict(alpha=0.3, beta=0.75, k=2.0)  # a large alpha, so that every channel of the window matters
-# C = 300: several channels a lane in the channels-last kernels, runs of channels in the others;
-# (1, 96, 1, 1): 1 pixel, so 12 runs of 8 channels
-LRN_SHAPES = [(2, 7, 5, 3), (1, 1, 2, 2), (3, 33, 1, 4), (1, 300, 2, 1), (1, 96, 1, 1), (1, 16, 2, 1)]
 
 
 def check_lrn(emu, x, size, what, beta=LRN["beta"]):
-    """The emulated forward and input gradient against F.local_response_norm (tests/_lrn_samples.py: the same
+    """The emulated forward and input gradient against F.local_response_norm (tests/samples_lrn.py: the same
     NaN/Inf places; values as the reference in the kernel's compute dtype, or no further from float64)."""
     kw = dict(LRN, beta=beta)
     args = (size, kw["alpha"], kw["beta"], kw["k"])
@@ -94,15 +62,15 @@ def check_lrn(emu, x, size, what, beta=LRN["beta"]):
 
 
 @pytest.mark.parametrize("variant", ["default", "column"])
-@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_lrn_forward_and_backward(emu, monkeypatch, variant, kind, dtype):
     """Every sample of the op (O(1), 1e-3..1e19, large channels, tiny, NaN/Inf), every shape, window widths 1,
     2 (even), 5 and 6."""
     if variant == "column":  # the per-column kernels on channels-last inputs too
         monkeypatch.setenv("LIGHTCNN_CUDA_LRN_CHANNELS_LAST", "column")
-    for shape in LRN_SHAPES:
-        for size in (1, 2, 5, 6):
+    for shape in CUDA_SHAPES:
+        for size in CUDA_SIZES:
             for sample in SAMPLES:
                 check_lrn(emu, layout(lrn_sample(sample, shape, dtype), kind), size, f"{sample} {shape} size {size}")
 
@@ -119,111 +87,72 @@ def test_lrn_every_beta_path(emu):
 # ---------------------------------------------------------------- fused BN-ReLU-Conv
 
 
-def _bn_relu_conv_args(dtype, kind, training, shape=(2, 6, 5, 4), groups=1, stride=(1, 1), drop=False,
-                       affine=True):
-    N, C, H, W = shape
-    pdt = torch.float32 if dtype in HALF else dtype  # half activations with float32 BN parameters (AMP)
-    x = layout(torch.randn(shape, dtype=torch.float64).to(dtype), kind)
-    mask = torch.rand(shape) > 0.3 if drop else None
-    w, b = (torch.rand(C, dtype=pdt) + 0.5, torch.randn(C, dtype=pdt)) if affine else (None, None)
-    return [x, w, b, torch.randn(C, dtype=pdt),
-            torch.rand(C, dtype=pdt) + 0.5, torch.randn(4, C // groups, 3, 3, dtype=torch.float64).to(dtype),
-            torch.randn(4, dtype=torch.float64).to(dtype), list(stride), [1, 1], [1, 1], groups, training, 1e-5,
-            mask, 0.3 if drop else 0.0]
+def shifted_scale(features) -> float:
+    """The scale of the CUDA variance's rounding: its shifted sums add (x - K)^2, K the channel's first value,
+    so a float32 variance carries rounding of E[(x - K)^2], which exceeds the variance where K lies far from
+    the mean."""
+    x = torch.cat([f.double() for f in features], 1)
+    k = x[:1, :, :1, :1]
+    return max((x - k).square().mean((0, 2, 3)).max().item(), 1.0)
 
 
-def _as_double(args):
-    return [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-
-
-def _run_bn_relu_conv(op_ns, args):
-    out, mean, var = op_ns.bn_relu_conv2d(*args)
+def check_bn_relu_conv(emu, sample, kind, dtype):
+    """The emulated forward and backward of a sample (tests/samples_bn_relu_conv.py) against the CPU kernel (in
+    float64 for the half types)."""
+    args = sample.make(dtype, kind)
+    out, mean, var = emu.bn_relu_conv2d(*args.op())
     g = torch.randn(out.shape, dtype=torch.float64).to(out.dtype)
-    grads = op_ns.bn_relu_conv2d_backward(g, args[0], args[1], args[2], mean, var, args[5], *args[7:13], True,
-                                          args[13], args[14])
-    return (out, mean, var, *grads), g
+    got = (out, mean, var, *emu.bn_relu_conv2d_backward(*args.backward(g, mean, var)))
+    ref = args.double() if dtype in HALF else args
+    r_out, r_mean, r_var = torch.ops.lightcnn.bn_relu_conv2d(*ref.op())
+    expected = (r_out, r_mean, r_var,
+                *torch.ops.lightcnn.bn_relu_conv2d_backward(*ref.backward(g.to(r_out.dtype), r_mean, r_var)))
+    names = ["out", "mean", "var", "grad_input", "grad_weight", "grad_bias", "grad_conv_weight", "grad_conv_bias"]
+    for name, a, b in zip(names, got, expected, strict=True):
+        scale = shifted_scale([args.input]) if name == "var" else None
+        assert_close(a, b, dtype, f"{name} of {sample} ({kind})", scale)
+    assert got[0].dtype == dtype and got[3].dtype == dtype
 
 
-@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "strided"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
+@pytest.mark.parametrize("kind", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_bn_relu_conv_forward_and_backward(emu, kind, dtype):
-    check_bn_relu_conv(emu, kind, dtype)
-
-
-def check_bn_relu_conv(emu, kind, dtype):
-    configs = [dict(training=True), dict(training=False), dict(training=True, groups=2, stride=(2, 1)),
-               dict(training=True, drop=True), dict(training=True, shape=(3, 37, 1, 3)),
-               dict(training=True, shape=(2, 3, 64, 64)),  # several blocks per channel in the reductions
-               # 16-byte vectors in the elementwise passes: channels-last (C % 8 == 0), NCHW (H*W % 8 == 0),
-               # with the dropout too
-               dict(training=True, shape=(2, 16, 3, 5)), dict(training=True, shape=(2, 5, 4, 4), drop=True),
-               dict(training=True, shape=(2, 16, 4, 4), drop=True),
-               dict(training=True, affine=False), dict(training=False, affine=False)]  # BN without weight/bias
-    for cfg in configs:
-        args = _bn_relu_conv_args(dtype, kind, **cfg)
-        got, g = _run_bn_relu_conv(emu, args)
-        ref_args = _as_double(args) if dtype in HALF else args
-        out, mean, var = torch.ops.lightcnn.bn_relu_conv2d(*ref_args)
-        grads = torch.ops.lightcnn.bn_relu_conv2d_backward(
-            g.to(out.dtype), ref_args[0], ref_args[1], ref_args[2], mean, var, ref_args[5], *ref_args[7:13], True,
-            ref_args[13], ref_args[14])
-        names = ["out", "mean", "var", "grad_input", "grad_weight", "grad_bias", "grad_conv_weight", "grad_conv_bias"]
-        for name, a, b in zip(names, got, (out, mean, var, *grads)):
-            assert_close(a, b, dtype, f"{name} {cfg}")
-        assert got[0].dtype == dtype and got[3].dtype == dtype
+    """Every sample of the op, in every layout and dtype."""
+    for sample in samples_bn_relu_conv.SAMPLES.values():
+        check_bn_relu_conv(emu, sample, kind, dtype)
 
 
 # ---------------------------------------------------------------- DenseNet's concatenation op
 
 
-def _dense_args(dtype, kinds, channels, shape=(2, 5, 4), training=True, kernel_size=1):
-    N, H, W = shape
-    pdt = torch.float32 if dtype in HALF else dtype
-    feats = [layout(torch.randn(N, c, H, W, dtype=torch.float64).to(dtype), kind) for c, kind in zip(channels, kinds)]
-    C = sum(channels)
-    return [feats, torch.rand(C, dtype=pdt) + 0.5, torch.randn(C, dtype=pdt), torch.randn(C, dtype=pdt),
-            torch.rand(C, dtype=pdt) + 0.5, torch.randn(3, C, kernel_size, kernel_size, dtype=torch.float64).to(dtype),
-            [kernel_size // 2] * 2, training, 1e-5]
+def check_dense(emu, sample, kind, dtype):
+    """The emulated forward and backward of a sample (tests/samples_dense.py) against the CPU kernel (in float64
+    for the half types)."""
+    args = sample.make(dtype, kind)
+    out, mean, var = emu.dense_bn_relu_conv2d(*args.op())
+    g = torch.randn(out.shape, dtype=torch.float64)
+    grads, gw, gb, gcw = emu.dense_bn_relu_conv2d_backward(*args.backward(g.to(out.dtype), mean, var))
+    ref = args.double() if dtype in HALF else args
+    r_out, r_mean, r_var = torch.ops.lightcnn.dense_bn_relu_conv2d(*ref.op())
+    r_grads, r_gw, r_gb, r_gcw = torch.ops.lightcnn.dense_bn_relu_conv2d_backward(
+        *ref.backward(g.to(r_out.dtype), r_mean, r_var))
+    got, expected = [out, mean, var, *grads, gw, gb, gcw], [r_out, r_mean, r_var, *r_grads, r_gw, r_gb, r_gcw]
+    for i, (a, b) in enumerate(zip(got, expected, strict=True)):
+        scale = shifted_scale(args.features) if i == 2 else None  # the variance
+        assert_close(a, b, dtype, f"result {i} of {sample} ({kind})", scale)
 
 
-def _run_dense(op_ns, args, g):
-    out, mean, var = op_ns.dense_bn_relu_conv2d(*args)
-    grads, gw, gb, gcw = op_ns.dense_bn_relu_conv2d_backward(g.to(out.dtype), args[0], args[1], args[2], mean, var,
-                                                             *args[5:])
-    return [out, mean, var, *grads, gw, gb, gcw]
+# one dtype is enough for the big samples in mixed layouts
+_BIG = ("70_features", "split_reduction")
 
 
-DENSE_CASES = {
-    "three features": dict(channels=[4, 2, 3]),
-    "3x3 eval": dict(channels=[4, 2, 3], training=False, kernel_size=3),
-    "one feature": dict(channels=[5]),
-    "split reduction": dict(channels=[2, 1, 3], shape=(2, 64, 64)),  # N*H*W = 8192: two blocks per channel
-    "70 features": dict(channels=[1] * 35 + [2] * 35, shape=(2, 2, 3)),  # two launches of at most 64
-    "many images": dict(channels=[3, 2], shape=(16, 5, 4)),  # a thread's values span several images
-}
-
-
-@pytest.mark.parametrize("kind", ["contiguous", "channels_last", "mixed"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, *HALF])
-@pytest.mark.parametrize("case", list(DENSE_CASES))
+@pytest.mark.parametrize("kind", samples_dense.KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", list(samples_dense.SAMPLES))
 def test_dense_forward_and_backward(emu, case, kind, dtype):
-    if dtype != torch.float64 and case in ("70 features", "split reduction") and kind == "mixed":
-        pytest.skip("one dtype is enough for the big cases in mixed layouts")
-    check_dense(emu, case, kind, dtype)
-
-
-def check_dense(emu, case, kind, dtype):
-    cfg = dict(DENSE_CASES[case])
-    n = len(cfg["channels"])
-    kinds = {"mixed": ["channels_last", "strided", "contiguous"] * n}.get(kind, [kind] * n)
-    args = _dense_args(dtype, kinds, **cfg)
-    N, H, W = cfg.get("shape", (2, 5, 4))
-    g = torch.randn(N, 3, H, W, dtype=torch.float64)
-    got = _run_dense(emu, args, g)
-    ref_args = [[f.double() for f in args[0]], *_as_double(args[1:])] if dtype in HALF else args
-    expected = _run_dense(torch.ops.lightcnn, ref_args, g)
-    for i, (a, b) in enumerate(zip(got, expected)):
-        assert_close(a, b, dtype, f"result {i} of {case}")
+    if dtype != torch.float64 and case in _BIG and kind == "mixed":
+        pytest.skip("one dtype is enough for the big samples in mixed layouts")
+    check_dense(emu, samples_dense.SAMPLES[case], kind, dtype)
 
 
 # ---------------------------------------------------------------- the 64-bit index paths
@@ -232,12 +161,13 @@ def check_dense(emu, case, kind, dtype):
 @pytest.mark.parametrize("kind", ["contiguous", "channels_last"])
 def test_64_bit_index_paths(emu, monkeypatch, kind):
     """The elementwise kernels index with 32 bits and FastDiv below 2^31 elements, with int64_t above;
-    LIGHTCNN_TEST_INDEX64 (honoured by the emulator's build only) sends these small tensors down the
-    64-bit path."""
+    LIGHTCNN_TEST_INDEX64 (honoured by the emulator's stand-in for indexing.cuh, tests/cuda_emu/index64.h)
+    sends these small tensors down the 64-bit path."""
     monkeypatch.setenv("LIGHTCNN_TEST_INDEX64", "1")
-    check_bn_relu_conv(emu, kind, torch.float64)
-    for case in ("three features", "3x3 eval"):
-        check_dense(emu, case, kind, torch.float64)
+    for sample in samples_bn_relu_conv.SAMPLES.values():
+        check_bn_relu_conv(emu, sample, kind, torch.float64)
+    for case in ("three_features", "3x3_eval"):
+        check_dense(emu, samples_dense.SAMPLES[case], kind, torch.float64)
 
 
 # ---------------------------------------------------------------- batch statistics far from zero

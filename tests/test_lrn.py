@@ -11,19 +11,16 @@ from torch import nn
 import lightcnn.ops as ops
 from lightcnn.layers import LocalResponseNorm
 from lightcnn.models import create
-from tests._lrn_samples import FINITE_SAMPLES, SAMPLES, TOL, assert_lrn_close, lrn_references, lrn_sample
 from tests.conftest import DEVICES, requires_cuda
-
-SHAPES_SIZES = [
-    ((2, 7, 5, 3), 5),  # AlexNet's n=5
-    ((2, 7, 5, 3), 4),  # even window: [c - 2, c + 1]
-    ((3, 4, 11), 9),  # 3-D input, window wider than the channel count
-    ((2, 6, 3, 2, 4), 2),  # 5-D input
-    ((1, 1, 3, 3), 3),  # one channel
-    ((2, 13, 1, 1), 1),  # size 1: a plain power of the own square
-    ((2, 33, 7, 37), 7),  # odd sizes past the vector width and tile edges
-    ((2, 5, 3, 3), 12),  # window much wider than C
-]
+from tests.samples_lrn import (
+    FINITE_SAMPLES,
+    SAMPLES,
+    SHAPES_SIZES,
+    TOL,
+    assert_lrn_close,
+    lrn_references,
+    lrn_sample,
+)
 
 
 def lrn_args(beta=0.75):
@@ -31,7 +28,7 @@ def lrn_args(beta=0.75):
 
 
 def check_sample(x, size, what="", grad=None, **kw):
-    """The kernel's forward and input gradient on x (a sample of tests/_lrn_samples.py) against
+    """The kernel's forward and input gradient on x (a sample of tests/samples_lrn.py) against
     F.local_response_norm in the kernel's compute dtype and in float64 (assert_lrn_close: the same NaN/Inf
     places, values within TOL[x.dtype] or no further from float64 than the reference); returns them."""
     xk = x.detach().clone().requires_grad_(True)  # clone keeps the layout

@@ -3,7 +3,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstdlib>
 
 namespace lightcnn {
 
@@ -20,15 +19,8 @@ struct FastDiv {
   __device__ __forceinline__ uint32_t operator()(uint32_t n) const { return (__umulhi(n, magic) + n) >> shift; }
 };
 
-// Whether 32-bit indices (and FastDiv) serve a launch whose largest index is below `extent`. The CUDA
-// emulator's build (tests/cuda_emu) defines LIGHTCNN_TEST_INDEX64 so that its tests also run the 64-bit
-// paths, which real sizes would need tensors of 2^31 elements to reach.
-inline bool fits_32_bits(int64_t extent) {
-#ifdef LIGHTCNN_TEST_INDEX64
-  if (std::getenv("LIGHTCNN_TEST_INDEX64") != nullptr) return false;
-#endif
-  return extent < (int64_t(1) << 31);
-}
+// Whether 32-bit indices (and FastDiv) serve a launch whose largest index is below `extent`.
+inline bool fits_32_bits(int64_t extent) { return extent < (int64_t(1) << 31); }
 
 // Calls f(i) for i = this thread's global index, then every gridDim.x * blockDim.x, while i < n.
 template <typename index_t, typename F>

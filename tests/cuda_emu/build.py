@@ -7,14 +7,23 @@ Each .cu file is rewritten a little, then compiled by the host compiler:
   c10::DeviceType::CUDA, .is_cuda()            ->  their CPU twins (a CPU tensor stands for a CUDA one)
   TORCH_LIBRARY_IMPL(lightcnn, CUDA, m) { m.impl(...) }  ->  TORCH_LIBRARY_FRAGMENT(lightcnn_emu, m) { m.def(...) }
   #include "x.cuh" (device helpers: no kernels, no shared memory)  ->  moved after cuda_emu.h
+  #include "indexing.cuh"                     ->  #include "index64.h" (it includes indexing.cuh and adds
+                                                  the LIGHTCNN_TEST_INDEX64 switch to the 64-bit index paths)
 So torch.ops.lightcnn_emu.<op> takes CPU tensors and runs the CUDA code path of torch.ops.lightcnn.<op>: the
-host logic, every kernel launch and every kernel, thread by thread. The build defines LIGHTCNN_TEST_INDEX64:
-the environment variable of that name then sends the kernels down their 64-bit index paths (indexing.cuh).
+host logic, every kernel launch and every kernel, thread by thread. See README.md in this folder.
 
-Used by tests/test_cuda_emulated.py; by hand: `python tests/cuda_emu/build.py BUILD_DIR` (builds and loads).
+The library is built once per content: into cache_root()/<hash of the sources, headers and flags>, under a
+file lock; later runs, in any process, only load it.
+
+Used by tests/test_cuda_emulated.py, tests/test_cuda_emu.py and tests/test_gpu_model.py; by hand:
+`python tests/cuda_emu/build.py [BUILD_DIR]` (builds, into the cache without BUILD_DIR, and loads).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
+import os
 import re
 import sys
 from pathlib import Path
@@ -23,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
 HERE = Path(__file__).resolve().parent
 NAMESPACE = "lightcnn_emu"
+# production headers and the test headers of this folder that stand in for them (each includes its original)
+STAND_INS = {"indexing.cuh": "index64.h"}
 
 
 def _kernel_name_start(src: str, end: int) -> int:
@@ -76,7 +87,7 @@ def rewrite(src: str) -> str:
         if re.match(r"\s*#include\s*<(c10/cuda/|ATen/cuda/|cuda)", line):
             continue  # cuda_emu.h stands in for them
         if m := re.match(r'\s*#include\s*"(\w+\.cuh)"', line):
-            device_headers.append(m[1])  # device code: after the emulator's macros, below
+            device_headers.append(STAND_INS.get(m[1], m[1]))  # device code: after the emulator's macros, below
             continue
         lines.append(line.replace('#include "../', '#include "'))
     # the emulator's macros (threadIdx, min, ...) come after every real header, then the device headers
@@ -96,33 +107,89 @@ def rewrite(src: str) -> str:
 RECORD_FLAGS = ["-fsanitize=kernel-address", "--param=asan-instrumentation-with-call-threshold=0",
                 "--param=asan-stack=0", "--param=asan-globals=0", "--param=asan-use-after-return=0",
                 "-fno-sanitize-address-use-after-scope"]
+CFLAGS = ["-O1", "-Wno-unknown-pragmas", *RECORD_FLAGS]
+LIBRARY = "lightcnn_cuda_emu"
 _loaded = False
 
 
-def build(build_dir: str | Path, verbose: bool = False) -> None:
+def cache_root() -> Path:
+    """Where the builds are kept between runs: $LIGHTCNN_CUDA_EMU_CACHE, else $XDG_CACHE_HOME/lightcnn/cuda_emu
+    (~/.cache/lightcnn/cuda_emu). Any of its folders may be deleted at any time."""
+    if env := os.environ.get("LIGHTCNN_CUDA_EMU_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lightcnn" / "cuda_emu"
+
+
+def _sources() -> dict[str, str]:
+    """The rewritten translation units: {file name in the build folder: text}."""
+    return {f"{cu.stem}_emu.cpp": rewrite(cu.read_text())
+            for cu in sorted((CSRC / "cuda").glob("*.cu")) + sorted(HERE.glob("*.cu"))}
+
+
+def build_key(sources: dict[str, str]) -> str:
+    """A hash of everything the library is made from: the rewritten sources, every header they can include
+    (csrc/ and this folder), the flags, torch's version, the compiler and the Python ABI."""
+    import sysconfig
+
+    import torch
+
+    h = hashlib.sha256()
+    headers = [p for d in (CSRC, CSRC / "cuda", HERE) for p in sorted(d.iterdir()) if p.suffix in (".h", ".cuh")]
+    parts = [*(f"{n}\0{t}" for n, t in sorted(sources.items())), *(f"{p.name}\0{p.read_text()}" for p in headers),
+             " ".join(CFLAGS), torch.__version__, os.environ.get("CXX", "c++"), sysconfig.get_config_var("SOABI") or ""]
+    for part in parts:
+        h.update(part.encode())
+        h.update(b"\1")
+    return h.hexdigest()[:20]
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock on `path` (released by the OS if the holder dies)."""
+    with open(path, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def build(build_dir: str | Path | None = None, verbose: bool = False) -> Path:
     """Rewrites and compiles every csrc/cuda/*.cu (and the emulator's own selftest.cu and recorder.cu) into
-    one library and loads it: its ops are then torch.ops.lightcnn_emu.*. Once per process (later calls
-    return at once, so test files share the build)."""
+    one library and loads it: its ops are then torch.ops.lightcnn_emu.*. Returns the build folder.
+
+    Without `build_dir` the library is built once into cache_root()/<build_key()> and later runs (any
+    process) only load it; a file lock there makes a second process that arrives during the build wait for
+    it instead of compiling too. With `build_dir`, torch.utils.cpp_extension builds there (ninja recompiles
+    what changed). Once per process: later calls return at once, so test files share the build."""
     global _loaded
     from torch.utils.cpp_extension import load
 
+    sources = _sources()
+    folder = Path(build_dir) if build_dir is not None else cache_root() / build_key(sources)
     if _loaded:
-        return
-    build_dir = Path(build_dir)
-    build_dir.mkdir(parents=True, exist_ok=True)
-    sources = []
-    for cu in sorted((CSRC / "cuda").glob("*.cu")) + sorted(HERE.glob("*.cu")):
-        out = build_dir / f"{cu.stem}_emu.cpp"
-        text = rewrite(cu.read_text())
-        if not out.exists() or out.read_text() != text:
-            out.write_text(text)
-        sources.append(str(out))
-    load(name="lightcnn_cuda_emu", sources=sources, extra_include_paths=[str(CSRC), str(CSRC / "cuda"), str(HERE)],
-         extra_cflags=["-O1", "-Wno-unknown-pragmas", "-DLIGHTCNN_TEST_INDEX64", *RECORD_FLAGS],
-         build_directory=str(build_dir), is_python_module=False, verbose=verbose)
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    library, done = folder / f"{LIBRARY}.so", folder / "complete"
+    with _locked(folder / "build.lock"):
+        if build_dir is None and done.exists() and library.exists():
+            import torch
+
+            torch.ops.load_library(str(library))
+        else:
+            done.unlink(missing_ok=True)
+            for name, text in sources.items():
+                out = folder / name
+                if not out.exists() or out.read_text() != text:  # unchanged files keep their time: no rebuild
+                    out.write_text(text)
+            load(name=LIBRARY, sources=[str(folder / n) for n in sources],
+                 extra_include_paths=[str(CSRC), str(CSRC / "cuda"), str(HERE)], extra_cflags=CFLAGS,
+                 build_directory=str(folder), is_python_module=False, verbose=verbose)
+            done.touch()
     _loaded = True
+    return folder
 
 
 if __name__ == "__main__":
-    build(sys.argv[1], verbose=True)
-    print(f"loaded: torch.ops.{NAMESPACE}.*")
+    print(f"built in {build(sys.argv[1] if len(sys.argv) > 1 else None, verbose=True)}; "
+          f"loaded: torch.ops.{NAMESPACE}.*")

@@ -7,8 +7,10 @@
 //   - __syncthreads() parks a fiber until every live thread of its block has arrived (threads that have
 //     returned count as arrived, as on the GPU);
 //   - __shfl_down_sync exchanges values among the lanes of a warp (__syncwarp() is a shuffle of nothing);
-//     the mask must name exactly the lanes that exist, every named lane must reach a shuffle with the same
-//     offset, and a lane at a shuffle while another is at __syncthreads() is reported as a divergent warp;
+//     the mask must name only lanes that exist, every named lane must reach a shuffle with the same
+//     offset, a lane may read only a lane its mask names (source lane + delta beyond the lane's `width`
+//     segment: its own value, as CUDA defines), and a lane at a shuffle while another is at __syncthreads()
+//     is reported as a divergent warp;
 //   - a block whose fibers all wait and none can go on is reported as a deadlock;
 //   - shared memory (static and dynamic) is fresh for every block and filled with 0xFF bytes (NaN for
 //     floats), so a read of shared memory no thread of the block wrote shows up in the results;
@@ -38,11 +40,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <optional>
 #include <random>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -170,6 +174,12 @@ inline void syncthreads() {
   yield_to_scheduler();
 }
 
+inline std::string hex(unsigned mask) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "%08x", mask);
+  return buf;
+}
+
 template <typename T>
 T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0: down, 4: none (__syncwarp)*/) {
   static_assert(sizeof(T) <= 16, "cuda_emu: shuffle of a type wider than 16 bytes");
@@ -181,11 +191,8 @@ T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0: down,
   const unsigned lanes_here = std::min(32u, threads - warp_id * 32);
   const unsigned existing = lanes_here == 32 ? 0xffffffffu : ((1u << lanes_here) - 1u);
   if ((mask & ~existing) != 0)
-    fail("warp shuffle with mask 0x" + ([&] {
-           char buf[16];
-           std::snprintf(buf, sizeof buf, "%08x", mask);
-           return std::string(buf);
-         })() + " names lanes that do not exist in a block of " + std::to_string(threads) + " threads");
+    fail("warp shuffle with mask 0x" + hex(mask) + " names lanes that do not exist in a block of " +
+         std::to_string(threads) + " threads");
   if (((mask >> lane) & 1u) == 0) fail("warp shuffle called by a lane its mask does not name");
   Warp& w = b.warps[warp_id];
   if (w.arrived == 0) {
@@ -210,7 +217,9 @@ T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0: down,
   // __shfl_down_sync: lane + delta within the lane's segment of `width` lanes, else the lane's own value
   const int l = static_cast<int>(lane) % width;
   const int src = l + src_lane_or_delta < width ? static_cast<int>(lane) + src_lane_or_delta : static_cast<int>(lane);
-  if (((mask >> src) & 1u) == 0) return v;  // undefined on the GPU; the emulator keeps the lane's own value
+  if (((mask >> src) & 1u) == 0)  // undefined on the GPU: no value to return
+    fail("warp shuffle: lane " + std::to_string(lane) + " reads lane " + std::to_string(src) + ", which its mask 0x" +
+         hex(mask) + " does not name (the result is undefined on the GPU)");
   T out;
   std::memcpy(&out, w.slots[gen & 1][src], sizeof(T));
   return out;

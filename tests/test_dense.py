@@ -16,6 +16,7 @@ from lightcnn import ops
 from lightcnn.layers import DenseConv2d
 from lightcnn.ops import _library, reference
 from tests.conftest import DEVICES, requires_cuda
+from tests.samples_dense import CUDA_ONLY, GRADCHECK, KINDS, OPCHECK, SAMPLES
 
 pytestmark = pytest.mark.skipif(not _library.op_defined("dense_bn_relu_conv2d"),
                                 reason="lightcnn._C without dense_bn_relu_conv2d (build it first)")
@@ -114,37 +115,67 @@ def test_running_stats_identical_to_batchnorm_after_several_steps(device, moment
     assert int(layer.bn.num_batches_tracked) == 3
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("training", [True, False])
-def test_gradcheck(device, training):
-    dt = torch.float64
-    feats = [t.requires_grad_() for t in _features(device, dt, channels=(2, 1, 2), shape=(2, 3, 3))]
-    w, b = (torch.rand(5, device=device, dtype=dt) + 0.5).requires_grad_(), torch.randn(5, device=device,
-                                                                                         dtype=dt).requires_grad_()
-    cw = torch.randn(3, 5, 3, 3, device=device, dtype=dt).requires_grad_()
-    rm, rv = torch.randn(5, device=device, dtype=dt), torch.rand(5, device=device, dtype=dt) + 0.5
-
-    def fn(f0, f1, f2, w, b, cw):
-        return ops.dense_bn_relu_conv2d([f0, f1, f2], rm.clone(), rv.clone(), w, b, cw, 1, training)
-
-    assert torch.autograd.gradcheck(fn, (*feats, w, b, cw), eps=1e-6, atol=1e-6)
+_DIFFERENTIABLE = ("weight", "bias", "conv_weight")
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_opcheck(device, training, channels_last):
-    feats = [f.requires_grad_() for f in _features(device, torch.float32, channels=(3, 2), shape=(2, 4, 5),
-                                                    channels_last=channels_last)]
-    w, b = torch.rand(5, device=device).requires_grad_(), torch.randn(5, device=device).requires_grad_()
-    rm, rv = torch.randn(5, device=device), torch.rand(5, device=device) + 0.5
-    cw = torch.randn(4, 5, 3, 3, device=device).requires_grad_()
-    args = (feats, w, b, None if training else rm, None if training else rv, cw, [1, 1], training, 1e-5)
-    torch.library.opcheck(torch.ops.lightcnn.dense_bn_relu_conv2d.default, args)
-    grad_out = torch.randn(2, 4, 4, 5, device=device)
-    back = (grad_out, [f.detach() for f in feats], w.detach(), b.detach(), rm, rv, cw.detach(), [1, 1], training,
-            1e-5)
-    torch.library.opcheck(torch.ops.lightcnn.dense_bn_relu_conv2d_backward.default, back)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_op_matches_reference_on_every_sample(device, kind, dtype):
+    """Every sample of tests/samples_dense.py through lightcnn.ops.dense_bn_relu_conv2d against the naive
+    concatenation: output, the gradients of every feature and parameter, the running statistics."""
+    atol, rtol = TOL[dtype]
+    for sample in SAMPLES.values():
+        if device == "cpu" and sample.name in CUDA_ONLY:
+            continue
+        args, grad, runs = sample.make(dtype, kind, device), None, []
+        for fn in (ops.dense_bn_relu_conv2d, reference.dense_bn_relu_conv2d):
+            kw = args.functional()
+            kw.update(running_mean=args.running_mean.clone(), running_var=args.running_var.clone(),
+                      features=[f.detach().clone().requires_grad_() for f in args.features])
+            kw.update({n: kw[n].detach().clone().requires_grad_() for n in _DIFFERENTIABLE if kw[n] is not None})
+            leaves = [*kw["features"], *(kw[n] for n in _DIFFERENTIABLE if kw[n] is not None)]
+            out = fn(**kw)
+            grad = torch.randn_like(out) if grad is None else grad
+            out.backward(grad)
+            runs.append((out, *(t.grad for t in leaves), kw["running_mean"], kw["running_var"]))
+        for i, (got, want) in enumerate(zip(*runs, strict=True)):
+            torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"{sample} result {i}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name, kind", GRADCHECK)
+def test_gradcheck(device, kind, name):
+    args = SAMPLES[name].make(torch.float64, kind, device)
+    names = [n for n in _DIFFERENTIABLE if getattr(args, n) is not None]
+    n_features = len(args.features)
+
+    def fn(*tensors):
+        kw = dict(args.functional(), features=list(tensors[:n_features]), **dict(zip(names, tensors[n_features:])))
+        kw.update(running_mean=args.running_mean.clone(), running_var=args.running_var.clone())
+        return ops.dense_bn_relu_conv2d(**kw)
+
+    inputs = [t.requires_grad_() for t in (*args.features, *(getattr(args, n) for n in names))]
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name, kind", OPCHECK)
+def test_opcheck(device, kind, name):
+    args = SAMPLES[name].make(torch.float32, kind, device)
+    rm, rv = args.running_mean, args.running_var
+    if args.training:
+        args.running_mean = args.running_var = None  # the op ignores running statistics in training
+    grad_out = torch.randn_like(torch.ops.lightcnn.dense_bn_relu_conv2d(*args.op())[0])
+    back = args.backward(grad_out, rm, rv)  # before requires_grad_: the backward's inputs need no gradient
+    back[1] = list(back[1])
+    for t in (*args.features, *(getattr(args, n) for n in _DIFFERENTIABLE)):
+        if t is not None:
+            t.requires_grad_()
+    torch.library.opcheck(torch.ops.lightcnn.dense_bn_relu_conv2d.default, tuple(args.op()))
+    back = [[f.detach() for f in v] if isinstance(v, list) and v and isinstance(v[0], torch.Tensor)
+            else v.detach() if isinstance(v, torch.Tensor) else v for v in back]
+    torch.library.opcheck(torch.ops.lightcnn.dense_bn_relu_conv2d_backward.default, tuple(back))
 
 
 @pytest.mark.parametrize("device", DEVICES)

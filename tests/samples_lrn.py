@@ -1,6 +1,6 @@
 """The LRN op's sample inputs and their comparison with `torch.nn.functional.local_response_norm`, shared by
-every test of the op: tests/test_lrn.py (CPU and GPU kernels) and tests/test_cuda_emulated.py (the CUDA
-kernels on the emulator).
+every test of the op: tests/test_lrn.py (CPU and GPU kernels), tests/test_cuda_emulated.py (the CUDA
+kernels on the emulator) and benchmarks/sanitize_ops.py (compute-sanitizer on a GPU).
 
 Besides O(1) values, the samples hold what broke window sums carried from channel to channel: NaN and
 +-Inf, magnitudes from 1e-3 to 1e19 (float32 squares up to 1e38, so that some window sums overflow), a
@@ -27,6 +27,27 @@ TOL = {
 }
 SAMPLES = ("normal", "mixed_magnitudes", "large_channels", "tiny", "non_finite")
 FINITE_SAMPLES = SAMPLES[:-1]
+
+# (shape, window size) of the CPU kernel's tests: any rank from 3-D
+SHAPES_SIZES = [
+    ((2, 7, 5, 3), 5),  # AlexNet's n=5
+    ((2, 7, 5, 3), 4),  # even window: [c - 2, c + 1]
+    ((3, 4, 11), 9),  # 3-D input, window wider than the channel count
+    ((2, 6, 3, 2, 4), 2),  # 5-D input
+    ((1, 1, 3, 3), 3),  # one channel
+    ((2, 13, 1, 1), 1),  # size 1: a plain power of the own square
+    ((2, 33, 7, 37), 7),  # odd sizes past the vector width and tile edges
+    ((2, 5, 3, 3), 12),  # window much wider than C
+]
+# 4-D shapes and window sizes of the CUDA code path's tests (tests/test_cuda_emulated.py, each shape with each
+# size, and benchmarks/sanitize_ops.py): C = 300, several channels a lane in the channels-last kernels, runs of
+# channels in the others; (1, 96, 1, 1): 1 pixel, so 12 runs of 8 channels; sizes 1, 2 (even), 5 and 6
+# (wider than some C).
+CUDA_SHAPES = ((2, 7, 5, 3), (1, 1, 2, 2), (3, 33, 1, 4), (1, 300, 2, 1), (1, 96, 1, 1), (1, 16, 2, 1))
+CUDA_SIZES = (1, 2, 5, 6)
+# larger (shape, window size) for the GPU only (benchmarks/sanitize_ops.py), kept off the emulator, which runs
+# each thread in turn
+GPU_SHAPES_SIZES = (((3, 96, 7, 5), 5), ((2, 300, 3, 3), 4), ((2, 7, 5, 3), 12))
 
 
 def lrn_sample(kind: str, shape, dtype=torch.float32, device="cpu") -> torch.Tensor:
