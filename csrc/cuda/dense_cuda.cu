@@ -237,6 +237,7 @@ __global__ void reduce_from_kernel(Pieces P, const scalar_t* __restrict__ g, con
       const acc_t s = scale[t.c], b = shift[t.c], mu = mean[t.c];
       int64_t xi = t.m * k + t.lc, gi = t.m * P.C + t.c;
       const int64_t x_step = t.step * k, g_step = t.step * P.C;
+#pragma unroll 4  // loads of four pixels in flight a thread
       for (int64_t m = t.m; m < M; m += t.step, xi += x_step, gi += g_step) {
         const acc_t xv = static_cast<acc_t>(x[xi]), gv = static_cast<acc_t>(g[gi]);  // unmasked load, as above
         const acc_t dz = preact(xv, s, b) > acc_t(0) ? gv : acc_t(0);
@@ -286,6 +287,7 @@ __global__ void stats_from_kernel(Pieces P, acc_t* __restrict__ sums, int splits
       K = static_cast<acc_t>(x[t.lc]);  // value (0, lc, 0)
       int64_t xi = t.m * k + t.lc;
       const int64_t x_step = t.step * k;
+#pragma unroll 4
       for (int64_t m = t.m; m < M; m += t.step, xi += x_step) {
         const acc_t d = static_cast<acc_t>(x[xi]) - K;
         a += d;
