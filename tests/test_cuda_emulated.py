@@ -8,6 +8,8 @@ reference for float16/bfloat16, in every layout, with every opt-in CUDA variant.
 show is speed, and races between threads of different blocks (they run one after another): those need the
 GPU (benchmarks/gpu_check.sh).
 """
+import json
+
 import pytest
 import torch
 
@@ -82,6 +84,26 @@ def test_lrn_every_beta_path(emu):
             for sample in SAMPLES:
                 check_lrn(emu, lrn_sample(sample, (2, 9, 3, 3), dtype), 5, f"{sample} beta {beta} {dtype}", beta)
 
+
+
+def _backward_kernels(emu, x, size):
+    emu.emu_profile_begin(False)  # the launches only
+    try:
+        emu.lrn_backward(torch.ones_like(x), x, size, 1e-4, 0.75, 2.0)
+    finally:
+        rec = json.loads(emu.emu_profile_end())
+    return [launch["name"] for launch in rec]
+
+
+def test_lrn_window_too_wide_for_the_one_pass_backward(emu):
+    """Channels-first, the backward runs in one pass while its two rings of n values a thread fit in shared
+    memory; a wider window (n = 30: 60 KiB of float32) takes the two-kernel backward, with the same results."""
+    x = torch.randn(2, 40, 3, 3)
+    assert _backward_kernels(emu, x, 24) == ["lrn_backward_kernel"]
+    assert _backward_kernels(emu, x, 30) == ["lrn_backward_t_kernel", "lrn_backward_grad_kernel"]
+    for dtype in (torch.float64, torch.float32):
+        for sample in SAMPLES:
+            check_lrn(emu, lrn_sample(sample, (2, 40, 3, 3), dtype), 30, f"{sample} size 30 {dtype}")
 
 # ---------------------------------------------------------------- fused BN-ReLU-Conv
 

@@ -11,6 +11,9 @@
 //   grad_inputs   grad_x = dz * alpha + x * beta + gamma, into a new tensor per feature
 //   stats_from    per channel: mean and biased variance from shifted sums (x - K, K the channel's first
 //                 value), split and added as reduce_from, then one finishing launch
+// The reductions follow the layout: NCHW, a block sums (a split of) one channel's contiguous rows; NHWC, a
+// block's lanes run along the channels of a pixel (a warp reads one contiguous run of a pixel's channels),
+// each thread sums one channel over many pixels, and the block adds its rows per channel (shared memory).
 // Arithmetic is in at::acc_type (float for half/bfloat16/float, double for double); the pre-activation
 // is computed with the same fma in every kernel, so that the backward's ReLU mask is the forward's.
 // Index arithmetic: the elementwise kernels divide by k and S with FastDiv (indexing.cuh) when the
@@ -47,6 +50,7 @@ struct Pieces {
   FastDiv by_k[kMaxPieces];   // division by k (32-bit launches)
   int64_t N, C, S;
   FastDiv by_S;
+  int count;  // features in this launch
   bool channels_last;
 };
 
@@ -118,47 +122,41 @@ __device__ __forceinline__ T block_sum(T v, T* smem) {
 }
 
 // Calls f(xi, gi) for the values m = m0 + threadIdx.x, m0 + threadIdx.x + blockDim.x, ... < m1 (m = n * S + s)
-// of local channel lc of feature j: xi is the value's offset in the feature, gi in the (N, C, H, W) buffer.
-// NCHW: x[(n * k + lc) * S + s], g[(n * C + c) * S + s]; NHWC: x[m * k + lc], g[m * C + c]. Both offsets
-// advance by addition (no division per value).
+// of local channel lc of NCHW feature j: xi = (n * k + lc) * S + s is the value's offset in the feature, gi =
+// (n * C + c) * S + s in the (N, C, H, W) buffer. Both offsets advance by addition (no division per value).
 template <typename F>
 __device__ __forceinline__ void walk_channel(const Pieces& P, int j, int64_t lc, int64_t m0, int64_t m1, F&& f) {
   int64_t m = m0 + threadIdx.x;
   if (m >= m1) return;
   const int64_t k = P.k[j], c = P.c0[j] + lc, step = blockDim.x;
   const int64_t n = m / P.S, step_n = step / P.S, step_s = step - step_n * P.S;
-  int64_t s = m - n * P.S, xi, gi, x_step, g_step, x_wrap = 0, g_wrap = 0;
-  if (P.channels_last) {
-    xi = m * k + lc;
-    gi = m * P.C + c;
-    x_step = step * k, g_step = step * P.C;
-  } else {
-    xi = (n * k + lc) * P.S + s;
-    gi = (n * P.C + c) * P.S + s;
-    x_step = step_n * k * P.S + step_s, g_step = step_n * P.C * P.S + step_s;
-    x_wrap = (k - 1) * P.S, g_wrap = (P.C - 1) * P.S;  // s passing S: the next image
-  }
+  int64_t s = m - n * P.S, xi = (n * k + lc) * P.S + s, gi = (n * P.C + c) * P.S + s;
+  const int64_t x_step = step_n * k * P.S + step_s, g_step = step_n * P.C * P.S + step_s;
+  const int64_t x_wrap = (k - 1) * P.S, g_wrap = (P.C - 1) * P.S;  // s passing S: the next image
   for (; m < m1; m += step) {
     f(xi, gi);
     xi += x_step;
     gi += g_step;
-    if (!P.channels_last) {
-      s += step_s;
-      if (s >= P.S) {
-        s -= P.S;
-        xi += x_wrap;
-        gi += g_wrap;
-      }
+    s += step_s;
+    if (s >= P.S) {
+      s -= P.S;
+      xi += x_wrap;
+      gi += g_wrap;
     }
   }
 }
 
-// The reductions' grid: blockIdx.y is the feature, blockIdx.x a (local channel, split) pair, splits
+// The reductions' grids. NCHW: blockIdx.y is the feature, blockIdx.x a (local channel, split) pair, splits
 // consecutive; blocks past the feature's channels return at once (uniformly: no thread reaches a barrier).
-// Each block sums its split of the channel's M = N * S values and adds the block's sums with atomicAdd
-// (so the order of float additions, and the last bits, may vary between runs).
+// Each block sums its split of the channel's M = N * S values.
+// NHWC: blockIdx.x is a (feature, group of TX channels) pair, features in order, blockIdx.y the split;
+// the block's 256 threads are TY rows of TX lanes, TX = min(32, k rounded up to a power of 2), lane l on
+// local channel group * TX + l, row r on the pixels split * TY + r + i * splits * TY (i = 0, 1, ...), so
+// that the rows of all blocks sweep the feature's memory together.
+// Both add the block's sums with atomicAdd (so the order of float additions, and the last bits, may vary
+// between runs).
 
-// This block's place in that grid: feature j, local channel lc (channel c of the concatenation) and its
+// This block's place in the NCHW grid: feature j, local channel lc (channel c of the concatenation) and its
 // range [m0, m1) of the channel's values; false for a block past the feature's channels.
 struct BlockSplit {
   int j;
@@ -176,12 +174,84 @@ __device__ __forceinline__ bool block_split(const Pieces& P, int splits, BlockSp
   return true;
 }
 
+// Lanes along the channels of a feature of k channels in the NHWC reductions (host and device).
+__host__ __device__ __forceinline__ int nhwc_lanes(int64_t k) {
+  int tx = 1;
+  while (tx < 32 && tx < k) tx *= 2;
+  return tx;
+}
+
+// This thread's place in the NHWC grid: feature j, its lanes tx, local channel lc (c in the concatenation;
+// active: lc < k) and the first pixel m and pixel step of its row.
+struct ThreadCol {
+  int j, tx, lane;
+  int64_t lc, c, m, step;
+  bool active;
+};
+
+__device__ __forceinline__ ThreadCol thread_col(const Pieces& P) {
+  ThreadCol t{};
+  int64_t group = blockIdx.x;
+  for (t.j = 0; t.j < P.count - 1; ++t.j) {  // uniform per block: at most kMaxPieces steps
+    const int64_t groups = (P.k[t.j] + nhwc_lanes(P.k[t.j]) - 1) / nhwc_lanes(P.k[t.j]);
+    if (group < groups) break;
+    group -= groups;
+  }
+  t.tx = nhwc_lanes(P.k[t.j]);
+  t.lane = threadIdx.x & (t.tx - 1);
+  const int row = threadIdx.x / t.tx, rows = blockDim.x / t.tx;
+  t.lc = group * t.tx + t.lane;
+  t.c = P.c0[t.j] + t.lc;
+  t.active = t.lc < P.k[t.j];
+  t.m = blockIdx.y * static_cast<int64_t>(rows) + row;
+  t.step = static_cast<int64_t>(gridDim.y) * rows;
+  return t;
+}
+
+// The NHWC block's sums per channel: each thread's (a, b) added over the block's rows in row order (lanes of
+// row 0 hold the results). smem: 2 * blockDim.x values.
+template <typename acc_t>
+__device__ __forceinline__ void column_sums(const ThreadCol& t, acc_t& a, acc_t& b, acc_t* smem) {
+  smem[threadIdx.x] = a;
+  smem[blockDim.x + threadIdx.x] = b;
+  __syncthreads();
+  if (threadIdx.x < t.tx)
+    for (unsigned r = t.tx; r < blockDim.x; r += t.tx) {
+      a += smem[r + threadIdx.x];
+      b += smem[blockDim.x + r + threadIdx.x];
+    }
+}
+
 // (sum dz, sum dz * (x - mean)) per channel, dz = g * [fma(x, scale, shift) > 0].
 template <typename scalar_t, typename acc_t>
 __global__ void reduce_from_kernel(Pieces P, const scalar_t* __restrict__ g, const acc_t* __restrict__ scale,
                                    const acc_t* __restrict__ shift, const acc_t* __restrict__ mean,
                                    acc_t* __restrict__ sum_dz, acc_t* __restrict__ sum_dzx, int splits) {
-  __shared__ acc_t smem[32];
+  __shared__ acc_t smem[2 * kThreads];
+  if (P.channels_last) {
+    const ThreadCol t = thread_col(P);
+    const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[t.j]);
+    const int64_t k = P.k[t.j], M = P.N * P.S;
+    acc_t a1 = 0, a2 = 0;
+    if (t.active) {
+      const acc_t s = scale[t.c], b = shift[t.c], mu = mean[t.c];
+      int64_t xi = t.m * k + t.lc, gi = t.m * P.C + t.c;
+      const int64_t x_step = t.step * k, g_step = t.step * P.C;
+#pragma unroll 4  // loads of four pixels in flight a thread
+      for (int64_t m = t.m; m < M; m += t.step, xi += x_step, gi += g_step) {
+        const acc_t xv = static_cast<acc_t>(x[xi]), gv = static_cast<acc_t>(g[gi]);  // unmasked load, as above
+        const acc_t dz = preact(xv, s, b) > acc_t(0) ? gv : acc_t(0);
+        a1 += dz;
+        a2 += dz * (xv - mu);
+      }
+    }
+    column_sums(t, a1, a2, smem);
+    if (threadIdx.x < t.tx && t.active) {
+      atomicAdd(sum_dz + t.c, a1);
+      atomicAdd(sum_dzx + t.c, a2);
+    }
+    return;
+  }
   BlockSplit bs;
   if (!block_split(P, splits, bs)) return;  // uniform per block: no thread reaches block_sum's barriers
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[bs.j]);
@@ -203,16 +273,40 @@ __global__ void reduce_from_kernel(Pieces P, const scalar_t* __restrict__ g, con
 }
 
 // Batch statistics per channel of the concatenation, as shifted sums: sums[(0|1) * C + c] += sum of x - K and
-// of (x - K)^2, with K = the channel's first value (no cancellation whatever the mean), which block 0 of
-// the channel writes to sums[2 * C + c].
+// of (x - K)^2, with K = the channel's first value (no cancellation whatever the mean), which the channel's
+// first block writes to sums[2 * C + c].
 template <typename scalar_t, typename acc_t>
 __global__ void stats_from_kernel(Pieces P, acc_t* __restrict__ sums, int splits) {
-  __shared__ acc_t smem[32];
+  __shared__ acc_t smem[2 * kThreads];
+  if (P.channels_last) {
+    const ThreadCol t = thread_col(P);
+    const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[t.j]);
+    const int64_t k = P.k[t.j], M = P.N * P.S;
+    acc_t a = 0, b = 0, K = 0;
+    if (t.active) {
+      K = static_cast<acc_t>(x[t.lc]);  // value (0, lc, 0)
+      int64_t xi = t.m * k + t.lc;
+      const int64_t x_step = t.step * k;
+#pragma unroll 4
+      for (int64_t m = t.m; m < M; m += t.step, xi += x_step) {
+        const acc_t d = static_cast<acc_t>(x[xi]) - K;
+        a += d;
+        b += d * d;
+      }
+    }
+    column_sums(t, a, b, smem);
+    if (threadIdx.x < t.tx && t.active) {
+      atomicAdd(sums + t.c, a);
+      atomicAdd(sums + P.C + t.c, b);
+      if (blockIdx.y == 0) sums[2 * P.C + t.c] = K;
+    }
+    return;
+  }
   BlockSplit bs;
   if (!block_split(P, splits, bs)) return;
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[bs.j]);
   const int64_t c = bs.c;
-  const acc_t K = static_cast<acc_t>(x[P.channels_last ? bs.lc : bs.lc * P.S]);  // value (0, lc, 0)
+  const acc_t K = static_cast<acc_t>(x[bs.lc * P.S]);  // value (0, lc, 0)
   acc_t a = 0, b = 0;
   walk_channel(P, bs.j, bs.lc, bs.m0, bs.m1, [&](int64_t xi, int64_t) {
     const acc_t d = static_cast<acc_t>(x[xi]) - K;
@@ -256,6 +350,7 @@ void for_chunks(const std::vector<at::Tensor>& feats, const std::vector<at::Tens
     P.channels_last = common_format(feats) == at::MemoryFormat::ChannelsLast;
     P.by_S = FastDiv(P.S);
     const int n = static_cast<int>(std::min<size_t>(kMaxPieces, feats.size() - start));
+    P.count = n;
     int64_t max_k = 0;
     for (int j = 0; j < n; ++j) {
       const at::Tensor& f = feats[start + j];
@@ -295,8 +390,8 @@ void bn_relu_into_cuda(at::Tensor& y, const std::vector<at::Tensor>& feats, cons
   });
 }
 
-// Blocks per channel in the reductions: enough to fill the GPU when a feature has few channels (k = 12 ...
-// 48 in DenseNets), each with at least 16 values a thread.
+// Blocks per channel in the NCHW reductions: enough to fill the GPU when a feature has few channels (k = 12
+// ... 48 in DenseNets), each with at least 16 values a thread.
 int reduction_splits(int64_t M, int64_t max_k) {
   const int splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(64, M / (kThreads * 16))));
   TORCH_CHECK(max_k * splits < (int64_t(1) << 31), "dense_bn_relu_conv2d: a feature has too many channels (", max_k,
@@ -304,17 +399,36 @@ int reduction_splits(int64_t M, int64_t max_k) {
   return splits;
 }
 
+// The reductions' grid (see above): NCHW (max_k * splits, features); NHWC (groups of TX channels over the
+// features, splits), splits chosen for about kTargetBlocks blocks (8 of 256 threads on each of 132 SMs: a
+// full H100) with at least 16 pixels a row of 8 threads.
+constexpr int64_t kTargetBlocks = 8 * 132;
+
+dim3 reduction_grid(const Pieces& P, int n, int64_t max_k, int& splits) {
+  const int64_t M = P.N * P.S;
+  if (!P.channels_last) {
+    splits = reduction_splits(M, max_k);
+    return dim3(static_cast<unsigned>(max_k * splits), n);
+  }
+  int64_t groups = 0;
+  for (int j = 0; j < n; ++j) groups += (P.k[j] + nhwc_lanes(P.k[j]) - 1) / nhwc_lanes(P.k[j]);
+  TORCH_CHECK(groups < (int64_t(1) << 31), "dense_bn_relu_conv2d: the features have too many channels (",
+              groups * 32, ") for the CUDA reduction's grid");
+  splits = static_cast<int>(std::clamp<int64_t>((kTargetBlocks + groups - 1) / groups, 1,
+                                                std::clamp<int64_t>(M / (8 * 16), 1, 65535)));
+  return dim3(static_cast<unsigned>(groups), static_cast<unsigned>(splits));
+}
+
 std::tuple<at::Tensor, at::Tensor> reduce_from_cuda(const at::Tensor& g, const std::vector<at::Tensor>& feats,
                                                     const at::Tensor& scale, const at::Tensor& shift,
                                                     const at::Tensor& mean) {
   const int64_t C = g.size(1);
   at::Tensor sum_dz = at::zeros({C}, scale.options()), sum_dzx = at::zeros({C}, scale.options());
-  const int64_t M = g.size(0) * g.size(2) * g.size(3);
   LIGHTCNN_DENSE_DISPATCH(g.scalar_type(), "dense_bn_relu_conv2d_reduce_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     for_chunks(feats, nullptr, C, [&](const Pieces& P, int n, int64_t max_k) {
-      const int splits = reduction_splits(M, max_k);
-      const dim3 grid(static_cast<unsigned>(max_k * splits), n);
+      int splits;
+      const dim3 grid = reduction_grid(P, n, max_k, splits);
       reduce_from_kernel<scalar_t, acc_t><<<grid, kThreads, 0, current_stream()>>>(
           P, g.const_data_ptr<scalar_t>(), scale.const_data_ptr<acc_t>(), shift.const_data_ptr<acc_t>(),
           mean.const_data_ptr<acc_t>(), sum_dz.mutable_data_ptr<acc_t>(), sum_dzx.mutable_data_ptr<acc_t>(), splits);
@@ -333,8 +447,8 @@ std::tuple<at::Tensor, at::Tensor> stats_from_cuda(const std::vector<at::Tensor>
   LIGHTCNN_DENSE_DISPATCH(f0.scalar_type(), "dense_bn_relu_conv2d_stats_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     for_chunks(feats, nullptr, C, [&](const Pieces& P, int n, int64_t max_k) {
-      const int splits = reduction_splits(M, max_k);
-      const dim3 grid(static_cast<unsigned>(max_k * splits), n);
+      int splits;
+      const dim3 grid = reduction_grid(P, n, max_k, splits);
       stats_from_kernel<scalar_t, acc_t><<<grid, kThreads, 0, current_stream()>>>(P, sums.mutable_data_ptr<acc_t>(),
                                                                                    splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -9,9 +9,12 @@
 // threads read neighbouring addresses (coalesced). A pixel's C channels are cut into runs (of >= 8) until
 // there are ~2^20 threads, so that enough loads are in flight to reach the memory bandwidth (one serial
 // walk over 96 channels per pixel left the GPU waiting on each load).
-// Channels-last: a warp per pixel (below). The backward saves only the input: kernel 1 writes
-// t_c = g_c a_c s_c^(-beta-1) to a scratch buffer, kernel 2 recomputes s_j and sums t over the mirrored
-// window (see ../lrn.h for the formula); channels-last does both in one pass per pixel.
+// Channels-last: a warp per pixel (below). The backward saves only the input and runs in one pass:
+// t_c = g_c a_c s_c^(-beta-1), then da_j sums t over the mirrored window (see ../lrn.h for the formula).
+// Channels-first, each thread computes t for its run and the n - 1 channels around it (recomputed by the
+// neighbouring runs' threads too) into its own slots of shared memory, n of them reused as it walks (every
+// sum still recomputed from its n terms); a window too wide for shared memory (n > 24 in float32) writes t
+// to a scratch tensor instead, then a second kernel sums it.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -119,7 +122,8 @@ __global__ void lrn_forward_kernel(const scalar_t* __restrict__ x, scalar_t* __r
   });
 }
 
-// Kernel 1 of the backward: t = g * a * s^-beta / s, in the layout of x, in acc_t.
+// Kernel 1 of the two-kernel backward (a window too wide for lrn_backward_kernel's rings): t = g * a * s^-beta / s,
+// in the layout of x, in acc_t.
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_t_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                       acc_t* __restrict__ t, Geometry g, acc_t coef, acc_t k, acc_t beta, PowMode mode,
@@ -138,7 +142,7 @@ __global__ void lrn_backward_t_kernel(const scalar_t* __restrict__ grad, const s
   });
 }
 
-// Kernel 2 of the backward: da_j = g_j s_j^-beta - coef2 * a_j * sum_{c in [j - hi, j + lo]} t_c.
+// Kernel 2 of the two-kernel backward: da_j = g_j s_j^-beta - coef2 * a_j * sum_{c in [j - hi, j + lo]} t_c.
 template <typename scalar_t, typename acc_t>
 __global__ void lrn_backward_grad_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
                                          const acc_t* __restrict__ t, scalar_t* __restrict__ dx, Geometry g,
@@ -154,6 +158,44 @@ __global__ void lrn_backward_grad_kernel(const scalar_t* __restrict__ grad, cons
       const acc_t p = neg_pow<acc_t>(k + coef * window_sum<acc_t>(sq, j, g.lo, g.hi, g.C), beta, mode);
       const acc_t tsum = window_sum<acc_t>(tc, j, g.hi, g.lo, g.C);  // the mirrored window
       dp[j * g.cs] = static_cast<scalar_t>(static_cast<acc_t>(gp[j * g.cs]) * p -
+                                           coef2 * static_cast<acc_t>(xp[j * g.cs]) * tsum);
+    }
+  });
+}
+
+// The whole channels-first backward in one pass: this thread's run [c0, c1) of a column walks i over
+// [c0 - hi, c1 + lo), computing p_i = s_i^-beta and t_i into slot i mod n of its two rings in shared memory
+// (i < C), and, once t_(j + lo) is there, da_j for j = i - lo >= c0 from the n slots of j's mirrored
+// window. ring: 2 * n * blockDim.x acc_t values, thread-major per slot (no bank conflict).
+template <typename scalar_t, typename acc_t>
+__global__ void lrn_backward_kernel(const scalar_t* __restrict__ grad, const scalar_t* __restrict__ x,
+                                    scalar_t* __restrict__ dx, Geometry g, acc_t coef, acc_t coef2, acc_t k,
+                                    acc_t beta, PowMode mode, acc_t nan_above) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const int64_t n = g.lo + g.hi + 1;
+  acc_t* pw = reinterpret_cast<acc_t*>(smem_raw) + threadIdx.x;  // slot q at pw[q * blockDim.x]
+  acc_t* tr = pw + n * blockDim.x;
+  grid_stride(g.NS * g.groups, [&](int64_t idx) {
+    int64_t c0, c1;
+    const int64_t base = column(g, idx, c0, c1);
+    const scalar_t *xp = x + base, *gp = grad + base;
+    scalar_t* dp = dx + base;
+    const Squares<scalar_t, acc_t> sq{xp, g.cs};
+    for (int64_t i = max(c0 - g.hi, int64_t(0)); i < c1 + g.lo; ++i) {
+      if (i < g.C) {
+        const acc_t sc = k + coef * window_sum<acc_t>(sq, i, g.lo, g.hi, g.C);
+        const acc_t pc = neg_pow<acc_t>(sc, beta, mode);
+        const int64_t q = (i % n) * blockDim.x;
+        pw[q] = pc;
+        tr[q] = static_cast<acc_t>(gp[i * g.cs]) * static_cast<acc_t>(xp[i * g.cs]) * pc *
+                inv_scale<acc_t>(sc, nan_above);
+      }
+      const int64_t j = i - g.lo;
+      if (j < c0) continue;
+      const int64_t j1 = min(j + g.lo, g.C - 1);
+      acc_t tsum = 0;
+      for (int64_t c = max(j - g.hi, int64_t(0)); c <= j1; ++c) tsum += tr[(c % n) * blockDim.x];
+      dp[j * g.cs] = static_cast<scalar_t>(static_cast<acc_t>(gp[j * g.cs]) * pw[(j % n) * blockDim.x] -
                                            coef2 * static_cast<acc_t>(xp[j * g.cs]) * tsum);
     }
   });
@@ -294,6 +336,14 @@ at::Tensor lrn_backward_cuda(const at::Tensor& grad_output, const at::Tensor& in
     if (const int warps = cl_warps(v, sizeof(acc_t), 3)) {
       lrn_backward_cl_kernel<scalar_t, acc_t><<<cl_blocks(g.NS, warps), dim3(32, warps),
                                                  3 * warps * g.C * sizeof(acc_t), stream>>>(
+          grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(), g,
+          coef, coef2, static_cast<acc_t>(k), static_cast<acc_t>(beta), mode, nan_above);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+    const size_t ring_bytes = 2 * static_cast<size_t>(size) * kThreads * sizeof(acc_t);
+    if (ring_bytes <= 48 * 1024) {
+      lrn_backward_kernel<scalar_t, acc_t><<<blocks_for(g.NS * g.groups), kThreads, ring_bytes, stream>>>(
           grad.const_data_ptr<scalar_t>(), v.x.const_data_ptr<scalar_t>(), grad_input.mutable_data_ptr<scalar_t>(), g,
           coef, coef2, static_cast<acc_t>(k), static_cast<acc_t>(beta), mode, nan_above);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
