@@ -48,8 +48,9 @@ LAUNCH_US = 3.0  # per launch: launch and ramp-up/tail of a short kernel
 BIG_LAUNCH = 1 << 20  # bytes: the launches whose waves are held
 # the targets (tests/test_gpu_model.py holds them on small shapes)
 COALESCING_PER_INSTR, COALESCING_OVERALL, TRAFFIC_MAX, WAVES_MIN = 0.80, 0.90, 1.25, 2.0
-# Hot: the instructions of the activation kernels that move at least HOT_SECTORS of the sector bytes of their
-# launch's busiest instruction (not a block's one-off write of its partial sum).
+# Hot: the instructions of the activation kernels that serve at least HOT_SECTORS of the bytes the lanes of
+# their launch's busiest instruction asked for (useful bytes: not a block's one-off write of its partial sum,
+# whose sector, at the emulator's small shapes, can weigh as much as a whole row of the activation's).
 HOT_SECTORS = 0.10
 
 # Kernels whose traffic grows with the batch (the others work on per-channel vectors).
@@ -79,13 +80,16 @@ class Case:
 
 
 def recorded_hw(H: int, W: int) -> tuple[int, int]:
-    """The spatial size the emulator runs for an (H, W) layer: the smallest square whose H*W has the same
-    residue mod 8. Besides C (always the true one), that residue is all the kernels' access pattern depends
-    on (16-byte vectors of 4 or 8 elements along H*W); waves and times use the true H, W."""
-    s = 2
-    while (s * s - H * W) % 8:
-        s += 1
-    return s, s
+    """The spatial size the emulator runs for an (H, W) layer: the smallest h x w (2 <= h <= w, squarest
+    first) whose h*w has the same residue mod 8, or (H, W) itself when none is smaller. Besides C (always
+    the true one), that residue is all the kernels' access pattern depends on (16-byte vectors of 4 or 8
+    elements along H*W); waves and times use the true H, W."""
+    for area in range(4, H * W):
+        if (area - H * W) % 8 == 0:
+            for h in range(math.isqrt(area), 1, -1):
+                if area % h == 0:
+                    return h, area // h
+    return H, W
 
 
 def dense_layer(net, N, first, k, layer, H):
@@ -281,14 +285,14 @@ def analyse(case: Case, dtype_name: str, layout: str, rec: list[dict], full_plan
     req = useful = sect = 0
     for ln in rec:
         hot_launch = ln["name"] in ACTIVATION_KERNELS
-        most = max((i["sector_bytes"] for i in ln["instrs"] if i["space"] == "global"), default=0)
+        most = max((i["useful"] for i in ln["instrs"] if i["space"] == "global"), default=0)
         for i in ln["instrs"]:
             if i["space"] != "global" or i["sector_bytes"] == 0:
                 continue
             eff = i["useful"] / i["sector_bytes"]
             row = dict(kernel=ln["name"], op=i["op"], size=i["size"], requests=i["requests"], coalescing=eff,
                        sector_bytes=i["sector_bytes"],
-                       hot=hot_launch and i["sector_bytes"] >= HOT_SECTORS * most)
+                       hot=hot_launch and i["useful"] >= HOT_SECTORS * most)
             instrs.append(row)
             if row["hot"]:
                 hot_instrs.append(row)
