@@ -17,7 +17,7 @@ kernel:
 The model cannot see latency, occupancy or instruction throughput: a GPU run (benchmarks/gpu_check.sh) says
 how far off it is (the measured / predicted ratio per kernel goes to benchmarks/RESULTS.md).
 
-    python benchmarks/gpu_model.py                  # every case (several minutes on 2 cores)
+    python benchmarks/gpu_model.py                  # every case (half an hour on 2 busy cores)
     python benchmarks/gpu_model.py --quick          # the CI-sized shapes (seconds)
     python benchmarks/gpu_model.py --json benchmarks/gpu_model.json   # also write the predictions
     python benchmarks/gpu_model.py --measure --predictions benchmarks/gpu_model.json   # on a GPU: measured
@@ -80,16 +80,21 @@ class Case:
 
 
 def recorded_hw(H: int, W: int) -> tuple[int, int]:
-    """The spatial size the emulator runs for an (H, W) layer: the smallest h x w (2 <= h <= w, squarest
-    first) whose h*w has the same residue mod 8, or (H, W) itself when none is smaller. Besides C (always
-    the true one), that residue is all the kernels' access pattern depends on (16-byte vectors of 4 or 8
-    elements along H*W); waves and times use the true H, W."""
-    for area in range(4, H * W):
+    """The spatial size the emulator runs for an (H, W) layer: the smallest h x w of at least MIN_AREA values
+    (2 <= h <= w, squarest first) whose h*w has the same residue mod 8, or (H, W) itself when none is smaller.
+    Besides C (always the true one), that residue is all the kernels' access pattern depends on (16-byte
+    vectors of 4 or 8 elements along H*W); waves and times use the true H, W."""
+    for area in range(MIN_AREA, H * W):
         if (area - H * W) % 8 == 0:
             for h in range(math.isqrt(area), 1, -1):
                 if area % h == 0:
                     return h, area // h
     return H, W
+
+
+# A channel's row (NCHW) at least a sector long in bf16, as in every real layer (>= 7 x 7): a shorter one would
+# make the reductions' row-by-row reads look uncoalesced.
+MIN_AREA = 16
 
 
 def dense_layer(net, N, first, k, layer, H):

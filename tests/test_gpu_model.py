@@ -4,6 +4,7 @@ from what a GPU has measured. The figures are predictions; benchmarks/gpu_check.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,13 +70,20 @@ KNOWN_MISSES = {
         "38 us against 34 on an H100 (fp32: 50 against 51, met)",
     ("bn_relu_conv", "time", "NHWC"): "as NCHW",
     ("dense", "coalescing per instruction", "NCHW"):
-        "reduce_from: a block's lanes walk one channel's rows, whose ends (H*W values) split sectors: 54-58%",
+        "reduce_from/stats_from loads: 50-52% at the CI's 2x4, 53-58% at 4x4 (dense_cuda.cu)",
     ("dense", "coalescing per instruction", "NHWC"):
         "stats_from/reduce_from: a block reads one channel's column, lanes k elements apart (6% bf16, 12.5% fp32)",
     ("dense", "coalescing overall", "NHWC"): "the same reductions",
     ("dense", "mergeable launches", "NCHW"):
         "finish_stats + affine: dense.h's forward takes the statistics and the affine step as two primitives",
     ("dense", "mergeable launches", "NHWC"): "as NCHW",
+}
+# and on the wider cases
+KNOWN_MISSES_BIG = KNOWN_MISSES | {
+    ("bn_relu_conv", "coalescing overall", "NHWC"):
+        "WRN-28-10 160 channels bf16: 87%; bn_relu and grad_input load a vector's 8 float parameters as two "
+        "16-byte vectors a lane, 32 bytes apart lane to lane (80% a request at C = 160); L1 serves the second "
+        "half of each sector, so DRAM traffic is not affected",
 }
 
 
@@ -170,5 +178,20 @@ def test_the_kernels_meet_the_model_targets_or_are_listed_as_missing_them(cases,
     >= 2 waves of 132 SMs; the fused unit's predicted memory-bound time <= the unfused reference's; no two
     neighbouring launches that could be one."""
     misses = _misses(request.getfixturevalue(cases))
-    assert set(misses) - set(KNOWN_MISSES) == set(), {k: misses[k] for k in set(misses) - set(KNOWN_MISSES)}
-    assert set(KNOWN_MISSES) - set(misses) == set(), "met now: remove from KNOWN_MISSES"
+    known = KNOWN_MISSES if cases == "rows" else KNOWN_MISSES_BIG
+    assert set(misses) - set(known) == set(), {k: misses[k] for k in set(misses) - set(known)}
+    assert set(known) - set(misses) == set(), "met now: remove from KNOWN_MISSES"
+
+
+def test_gpu_check_finds_the_predictions_of_every_case_it_measures():
+    """benchmarks/gpu_check.sh runs `gpu_model.py --measure --predictions benchmarks/gpu_model.json`: the file
+    (written by `gpu_model.py --json`) holds every case of the model in both dtypes and layouts, with the
+    predicted and the reference's times that --measure prints beside the measured ones."""
+    path = Path(gpu_model.ROOT) / "benchmarks" / "gpu_model.json"
+    assert "--measure --predictions benchmarks/gpu_model.json" in (path.parent / "gpu_check.sh").read_text()
+    rows = json.loads(path.read_text())
+    assert sorted((r["case"], r["dtype"], r["layout"]) for r in rows) == sorted(
+        (c.name, d, lay) for c in gpu_model.CASES for d in gpu_model.DTYPES for lay in gpu_model.LAYOUTS)
+    for r in rows:
+        assert set(r["predicted_us"]) == set(r["reference_us"]) == set(gpu_model.BANDWIDTH)
+        assert all(t > 0 for t in (*r["predicted_us"].values(), *r["reference_us"].values()))
