@@ -24,10 +24,11 @@ GPU model (PREDICTIONS of benchmarks/gpu_model.py from the CUDA emulator's acces
 docs/gpu_model.md; the figures are in benchmarks/RESULTS.md, "GPU model (predictions)"): a training call
 (forward + backward) is 8 launches, each reduction finishing in one launch that also does the per-channel
 step; it moves close to the compulsory 10 activation-sized passes, below the unfused reference's 13; every
-hot access of the activations is coalesced in NCHW and in channels-last; every launch moving more than
-1 MB at the real layers' shapes runs several waves of an H100's 132 SMs; and its predicted memory-bound
-time is below the reference's for the real layers, except the narrowest (PreAct-164's 16-channel unit in
-bfloat16), which is launch-bound: 8 launches against the reference's 6.
+access to the activations is coalesced in NCHW and in channels-last (in channels-last bfloat16 the loads
+of the per-channel parameters, which L1 keeps, use half of each sector for some channel counts); every
+launch moving more than 1 MB at the real layers' shapes runs several waves of an H100's 132 SMs; and its
+predicted memory-bound time on an H100 is below the reference's for the real layers, except the narrowest
+(PreAct-164's 16-channel unit in bfloat16), which is launch-bound: 8 launches against the reference's 6.
 """
 from __future__ import annotations
 
