@@ -514,8 +514,9 @@ def main(argv=None) -> int:
     rows = model(cases)
     print("per kernel, lowest coalescing of its hot instructions:",
           ", ".join(f"{k} {v:.0%}" for k, v in sorted(per_kernel(rows).items())))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1, default=float))
+    if args.json:  # each row's figures and worst instruction, without its per-instruction list (bulky)
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "instrs"} for r in rows], indent=1,
+                                        default=float))
     print(summary(rows))
     return 0
 

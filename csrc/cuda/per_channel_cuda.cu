@@ -1,7 +1,9 @@
 // The per-channel arithmetic of a batch-norm step on CUDA, one launch each (declared in per_channel.h):
 // the fused BN-ReLU-Conv and DenseNet ops use them as their Prims::affine / DensePrims::affine and
 // Prims::coefs / DensePrims::coefs, where the ATen sequence would cost about a dozen launches of tiny
-// kernels per unit and step (see bn_relu_conv.h: scale_shift, backward_coefs).
+// kernels per unit and step (see bn_relu_conv.h: scale_shift, backward_coefs). Where a reduction's
+// finishing launch precedes the step, that launch does it instead (per_channel.cuh: the fused unit's
+// training forward and backward), and these serve every other step.
 #include "per_channel.h"
 #include "per_channel.cuh"
 
