@@ -17,7 +17,7 @@ kernel:
 The model cannot see latency, occupancy or instruction throughput: a GPU run (benchmarks/gpu_check.sh) says
 how far off it is (the measured / predicted ratio per kernel goes to benchmarks/RESULTS.md).
 
-    python benchmarks/gpu_model.py                  # every case (half an hour on 2 busy cores)
+    python benchmarks/gpu_model.py                  # every case (50 minutes on 2 busy cores)
     python benchmarks/gpu_model.py --quick          # the CI-sized shapes (seconds)
     python benchmarks/gpu_model.py --json benchmarks/gpu_model.json   # also write the predictions
     python benchmarks/gpu_model.py --measure --predictions benchmarks/gpu_model.json   # on a GPU: measured

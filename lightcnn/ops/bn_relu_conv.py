@@ -27,8 +27,9 @@ step; it moves close to the compulsory 10 activation-sized passes, below the unf
 access to the activations is coalesced in NCHW and in channels-last (in channels-last bfloat16 the loads
 of the per-channel parameters, which L1 keeps, use half of each sector for some channel counts); every
 launch moving more than 1 MB at the real layers' shapes runs several waves of an H100's 132 SMs; and its
-predicted memory-bound time on an H100 is below the reference's for the real layers, except the narrowest
-(PreAct-164's 16-channel unit in bfloat16), which is launch-bound: 8 launches against the reference's 6.
+predicted memory-bound time on an H100 is below the reference's for the real layers, except the smallest
+(PreAct-164's 16x32x32 and 256x8x8 units in bfloat16), which are launch-bound: 8 launches against the
+reference's 6.
 """
 from __future__ import annotations
 
