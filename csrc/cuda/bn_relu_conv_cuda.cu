@@ -551,7 +551,7 @@ at::Tensor grad_input_cuda(const at::Tensor& g, const at::Tensor& x, const at::T
   return gx;
 }
 
-// stats and reduce: none, their merged forms (stats_affine, reduce_coefs) serve every training call.
+// stats and reduce: none; stats_affine serves every training forward, reduce_coefs every backward.
 const Prims kCudaPrims{nullptr, bn_relu_cuda, nullptr, grad_input_cuda, /*fuses_dropout=*/true, per_channel::affine,
                        per_channel::coefs, stats_affine_cuda, reduce_coefs_cuda};
 
