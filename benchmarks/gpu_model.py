@@ -17,7 +17,7 @@ kernel:
 The model cannot see latency, occupancy or instruction throughput: a GPU run (benchmarks/gpu_check.sh) says
 how far off it is (the measured / predicted ratio per kernel goes to benchmarks/RESULTS.md).
 
-    python benchmarks/gpu_model.py                  # every case (several minutes on 2 cores)
+    python benchmarks/gpu_model.py                  # every case (50 minutes on 2 busy cores)
     python benchmarks/gpu_model.py --quick          # the CI-sized shapes (seconds)
     python benchmarks/gpu_model.py --json benchmarks/gpu_model.json   # also write the predictions
     python benchmarks/gpu_model.py --measure --predictions benchmarks/gpu_model.json   # on a GPU: measured
@@ -31,7 +31,6 @@ import argparse
 import json
 import math
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,15 +47,16 @@ LAUNCH_US = 3.0  # per launch: launch and ramp-up/tail of a short kernel
 BIG_LAUNCH = 1 << 20  # bytes: the launches whose waves are held
 # the targets (tests/test_gpu_model.py holds them on small shapes)
 COALESCING_PER_INSTR, COALESCING_OVERALL, TRAFFIC_MAX, WAVES_MIN = 0.80, 0.90, 1.25, 2.0
-# Hot: the instructions of the activation kernels that move at least HOT_SECTORS of the sector bytes of their
-# launch's busiest instruction (not a block's one-off write of its partial sum).
+# Hot: the instructions of the activation kernels that serve at least HOT_SECTORS of the bytes the lanes of
+# their launch's busiest instruction asked for (useful bytes: not a block's one-off write of its partial sum,
+# whose sector, at the emulator's small shapes, can weigh as much as a whole row of the activation's).
 HOT_SECTORS = 0.10
 
 # Kernels whose traffic grows with the batch (the others work on per-channel vectors).
 ACTIVATION_KERNELS = {
-    "lrn_forward_kernel", "lrn_forward_cl_kernel", "lrn_backward_cl_kernel", "lrn_backward_t_kernel",
-    "lrn_backward_grad_kernel", "partial_nchw_kernel", "partial_nhwc_kernel", "bn_relu_kernel", "grad_input_kernel",
-    "relu_mask_kernel", "bn_relu_into_kernel", "grad_inputs_kernel", "reduce_from_kernel", "stats_from_kernel"}
+    "lrn_forward_kernel", "lrn_forward_cl_kernel", "lrn_backward_kernel", "lrn_backward_cl_kernel",
+    "lrn_backward_t_kernel", "lrn_backward_grad_kernel", "partial_nchw_kernel", "partial_nhwc_kernel",
+    "bn_relu_kernel", "grad_input_kernel", "relu_mask_kernel", "bn_relu_into_kernel", "grad_inputs_kernel", "reduce_from_kernel", "stats_from_kernel"}
 
 
 # ------------------------------------------------------------------ cases
@@ -79,13 +79,21 @@ class Case:
 
 
 def recorded_hw(H: int, W: int) -> tuple[int, int]:
-    """The spatial size the emulator runs for an (H, W) layer: the smallest square whose H*W has the same
-    residue mod 8. Besides C (always the true one), that residue is all the kernels' access pattern depends
-    on (16-byte vectors of 4 or 8 elements along H*W); waves and times use the true H, W."""
-    s = 2
-    while (s * s - H * W) % 8:
-        s += 1
-    return s, s
+    """The spatial size the emulator runs for an (H, W) layer: the smallest h x w of at least MIN_AREA values
+    (2 <= h <= w, squarest first) whose h*w has the same residue mod 8, or (H, W) itself when none is smaller.
+    Besides C (always the true one), that residue is all the kernels' access pattern depends on (16-byte
+    vectors of 4 or 8 elements along H*W); waves and times use the true H, W."""
+    for area in range(MIN_AREA, H * W):
+        if (area - H * W) % 8 == 0:
+            for h in range(math.isqrt(area), 1, -1):
+                if area % h == 0:
+                    return h, area // h
+    return H, W
+
+
+# A channel's row (NCHW) at least a sector long in bf16, as in every real layer (>= 7 x 7): a shorter one would
+# make the reductions' row-by-row reads look uncoalesced.
+MIN_AREA = 16
 
 
 def dense_layer(net, N, first, k, layer, H):
@@ -179,7 +187,11 @@ def launch_plan(case: Case, dtype, channels_last: bool, N: int | None = None, hw
                      "grad_inputs_kernel"):
             for chunk in _dense_chunks(case.features):
                 max_k = max(chunk)
-                if name in ("stats_from_kernel", "reduce_from_kernel"):
+                if name in ("stats_from_kernel", "reduce_from_kernel") and channels_last:
+                    # lanes along a pixel's channels: one block per (feature, group of up to 32 channels) and split
+                    groups = sum(-(-k // min(32, 1 << max(0, (k - 1).bit_length()))) for k in chunk)
+                    add(name, groups * max(1, min(-(-1056 // groups), max(1, min(M // 128, 65535)))))
+                elif name in ("stats_from_kernel", "reduce_from_kernel"):
                     splits = max(1, min(64, M // (256 * 16)))
                     add(name, max_k * splits * len(chunk))
                 else:
@@ -218,7 +230,7 @@ def emulator():
     if _emu is None:
         from tests.cuda_emu.build import build
 
-        build(Path(tempfile.gettempdir()) / "lightcnn_cuda_emu_model")
+        build()  # the cached build (tests/cuda_emu/build.py)
         _emu = torch.ops.lightcnn_emu
     return _emu
 
@@ -281,14 +293,14 @@ def analyse(case: Case, dtype_name: str, layout: str, rec: list[dict], full_plan
     req = useful = sect = 0
     for ln in rec:
         hot_launch = ln["name"] in ACTIVATION_KERNELS
-        most = max((i["sector_bytes"] for i in ln["instrs"] if i["space"] == "global"), default=0)
+        most = max((i["useful"] for i in ln["instrs"] if i["space"] == "global"), default=0)
         for i in ln["instrs"]:
             if i["space"] != "global" or i["sector_bytes"] == 0:
                 continue
             eff = i["useful"] / i["sector_bytes"]
             row = dict(kernel=ln["name"], op=i["op"], size=i["size"], requests=i["requests"], coalescing=eff,
                        sector_bytes=i["sector_bytes"],
-                       hot=hot_launch and i["sector_bytes"] >= HOT_SECTORS * most)
+                       hot=hot_launch and i["useful"] >= HOT_SECTORS * most)
             instrs.append(row)
             if row["hot"]:
                 hot_instrs.append(row)
@@ -505,8 +517,9 @@ def main(argv=None) -> int:
     rows = model(cases)
     print("per kernel, lowest coalescing of its hot instructions:",
           ", ".join(f"{k} {v:.0%}" for k, v in sorted(per_kernel(rows).items())))
-    if args.json:
-        args.json.write_text(json.dumps(rows, indent=1, default=float))
+    if args.json:  # each row's figures and worst instruction, without its per-instruction list (bulky)
+        args.json.write_text(json.dumps([{k: v for k, v in r.items() if k != "instrs"} for r in rows], indent=1,
+                                        default=float))
     print(summary(rows))
     return 0
 

@@ -11,7 +11,8 @@
 // A device supplies four primitives (Prims::stats, bn_relu, reduce, grad_input); everything per
 // channel (C-sized tensors) is done here with ATen ops, which run on the input's device, unless the device
 // also supplies the optional Prims::affine and Prims::coefs (CUDA does: a launch each instead of a dozen
-// small ATen kernels per unit and step).
+// small ATen kernels per unit and step), or Prims::stats_affine and Prims::reduce_coefs, which do the
+// per-channel step inside the reduction's own finishing launch (CUDA's default primitives do).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -152,6 +153,16 @@ using CoefsFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::T
     const at::Tensor& sum_dz, const at::Tensor& sum_dzx, const at::Tensor& invstd, const at::Tensor& mean,
     const at::Tensor& weight, int64_t M, bool training);
 
+// Optional: stats followed by the affine step, as one primitive (mean, var, scale, shift, invstd): a device
+// whose reduction ends in a per-channel finishing launch does the affine step there (no launch of its own).
+using StatsAffineFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+// Optional: reduce followed by backward_coefs, as one primitive (alpha, beta, gamma, grad_weight, grad_bias),
+// for the same reason.
+using ReduceCoefsFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight, bool training, const Drop& drop);
+
 struct Prims {
   StatsFn stats;
   BnReluFn bn_relu;
@@ -160,6 +171,8 @@ struct Prims {
   bool fuses_dropout;  // false: the primitives get no mask, and the logic below applies it with ATen
   AffineFn affine = nullptr;
   CoefsFn coefs = nullptr;
+  StatsAffineFn stats_affine = nullptr;  // when set, used instead of stats + affine in a training forward
+  ReduceCoefsFn reduce_coefs = nullptr;  // when set, used instead of reduce + coefs in the backward
 };
 
 // The dropout handed to the primitives (when they fuse it) or applied with ATen calls (when not).
@@ -253,12 +266,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     TORCH_CHECK(input.numel() / input.size(1) > 1, op,
                 ": expected more than 1 value per channel when training, got input of shape ",
                 input.sizes(), " (batch statistics need at least 2 values)");
-    std::tie(mean, var) = prims.stats(input);
-  } else {
-    std::tie(mean, var) = running_stats(op, running_mean, running_var, sdt);
   }
   at::Tensor scale, shift;
-  std::tie(scale, shift, std::ignore) = scale_shift(prims.affine, mean, var, weight, bias, eps);
+  if (training && prims.stats_affine) {
+    std::tie(mean, var, scale, shift, std::ignore) = prims.stats_affine(input, weight, bias, eps);
+  } else {
+    std::tie(mean, var) = training ? prims.stats(input) : running_stats(op, running_mean, running_var, sdt);
+    std::tie(scale, shift, std::ignore) = scale_shift(prims.affine, mean, var, weight, bias, eps);
+  }
   const Drop drop = fused_drop(prims, drop_mask, drop_rate, input);
   at::Tensor y = prims.bn_relu(input, scale, shift, drop);
   // The same two ATen multiplications as the reference's y * mask * (1 / (1 - p)): bit-identical outputs.
@@ -313,11 +328,16 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ba
   // Through the dropout: the reference's autograd multiplies by 1/(1-p), then by the mask (exact).
   if (drop_mask.defined() && !drop.mask.defined()) grad_y.mul_(1.0 / (1.0 - drop_rate)).mul_(drop_mask);
 
-  at::Tensor sum_dz, sum_dz_xmu;
-  std::tie(sum_dz, sum_dz_xmu) = prims.reduce(grad_y, input, scale, shift, mean_s, drop);
   at::Tensor alpha, beta, gamma, grad_weight, grad_bias;
-  std::tie(alpha, beta, gamma, grad_weight, grad_bias) = backward_coefs(
-      prims.coefs, sum_dz, sum_dz_xmu, invstd, mean_s, weight, input.numel() / input.size(1), training);
+  if (prims.reduce_coefs) {
+    std::tie(alpha, beta, gamma, grad_weight, grad_bias) =
+        prims.reduce_coefs(grad_y, input, scale, shift, mean_s, invstd, weight, training, drop);
+  } else {
+    at::Tensor sum_dz, sum_dz_xmu;
+    std::tie(sum_dz, sum_dz_xmu) = prims.reduce(grad_y, input, scale, shift, mean_s, drop);
+    std::tie(alpha, beta, gamma, grad_weight, grad_bias) = backward_coefs(
+        prims.coefs, sum_dz, sum_dz_xmu, invstd, mean_s, weight, input.numel() / input.size(1), training);
+  }
   at::Tensor grad_input = prims.grad_input(grad_y, input, scale, shift, alpha, beta, gamma, drop);
   return {grad_input, grad_weight, grad_bias, grad_conv_weight, grad_conv_bias};
 }

@@ -1,16 +1,18 @@
 // CUDA kernels of the fused pre-activation BN -> ReLU -> Conv2d (torch.ops.lightcnn.bn_relu_conv2d).
-// The forward/backward logic is shared with the CPU in ../bn_relu_conv.h; here are the four primitives.
+// The forward/backward logic is shared with the CPU in ../bn_relu_conv.h; here are its primitives.
 //
 // Design: the two per-channel reductions use the whole GPU in both layouts, and the two
 // elementwise passes run without a 64-bit division per element.
-//   stats       per-channel mean and biased variance: shifted sums (of x - K and (x - K)^2, K the channel's
-//               first value, so no cancellation whatever the mean) over many blocks per channel, then a
-//               combining pass, one warp per channel
-//   reduce      per channel: sum dz and sum dz * (x - mean), dz = g * [x * scale_c + shift_c > 0] (the ReLU
-//               mask folded into the reduction), the same two passes
-//   bn_relu     elementwise y = max(x * scale_c + shift_c, 0), then WRN's dropout (the keep mask, 1 byte)
-//   grad_input  elementwise grad_x = dz * alpha_c + x * beta_c + gamma_c
-// The dropout is fused into bn_relu, reduce and grad_input (Drop in ../bn_relu_conv.h), where applying it
+//   stats_affine  per-channel mean and biased variance: shifted sums (of x - K and (x - K)^2, K the channel's
+//                 first value, so no cancellation whatever the mean) over many blocks per channel, then a
+//                 combining pass, one warp per channel, which also computes the channel's scale, shift and
+//                 invstd (per_channel.cuh): two launches
+//   reduce_coefs  per channel: sum dz and sum dz * (x - mean), dz = g * [x * scale_c + shift_c > 0] (the ReLU
+//                 mask folded into the reduction), the same two passes, the combining one computing the BN
+//                 backward's coefficients
+//   bn_relu       elementwise y = max(x * scale_c + shift_c, 0), then WRN's dropout (the keep mask, 1 byte)
+//   grad_input    elementwise grad_x = dz * alpha_c + x * beta_c + gamma_c
+// The dropout is fused into bn_relu, reduce_coefs and grad_input (Drop in ../bn_relu_conv.h), where applying it
 // with ATen would cost two more passes over y in the forward and over grad_y in the backward.
 // The reductions' first pass, by layout:
 //   NCHW  grid (C, splits), 256 threads: block (c, k) sums the k-th of `splits` consecutive ranges of the
@@ -51,6 +53,7 @@
 
 #include "../bn_relu_conv.h"
 #include "indexing.cuh"
+#include "per_channel.cuh"
 #include "per_channel.h"
 
 namespace lightcnn {
@@ -209,11 +212,12 @@ struct GradTerms {
     m = mean[c];
   }
   __device__ __forceinline__ void add(int64_t off, acc_t& a, acc_t& b) const {
-    // g is loaded by every lane, masked or not: one coalesced request per warp (a load under the mask
-    // would issue as many partial requests as the lanes' masks differ, and touch the same sectors anyway)
+    // g (and the dropout's keep byte) are loaded by every lane and the ReLU mask selects afterwards: one
+    // coalesced request per warp and instruction, where a load under the mask would be predicated per lane
+    // and touch the same sectors anyway
     const acc_t xv = static_cast<acc_t>(x[off]);
-    const scalar_t gv = g[off];
-    const acc_t dz = preact(xv, s, b0) > acc_t(0) ? drop.backward(gv, off) : acc_t(0);
+    const acc_t gd = drop.backward(g[off], off);
+    const acc_t dz = preact(xv, s, b0) > acc_t(0) ? gd : acc_t(0);
     a += dz;
     b += dz * (xv - m);
   }
@@ -280,10 +284,14 @@ __global__ void partial_nhwc_kernel(Terms terms, Layout L, acc_t* __restrict__ p
   }
 }
 
-// Second pass: a warp per channel sums the channel's `splits` partial pairs.
+// Second pass: a warp per channel sums the channel's `splits` partial pairs, then does the channel's
+// per-channel step (per_channel.cuh) in the same launch.
+// stats: mean and biased variance, then scale, shift and invstd (affine_at).
 template <typename scalar_t, typename acc_t>
 __global__ void finish_stats_kernel(const acc_t* __restrict__ part, int64_t splits, const scalar_t* __restrict__ x,
-                                    Layout L, acc_t* __restrict__ mean, acc_t* __restrict__ var) {
+                                    Layout L, const acc_t* __restrict__ weight, const acc_t* __restrict__ bias,
+                                    acc_t eps, acc_t* __restrict__ mean, acc_t* __restrict__ var,
+                                    acc_t* __restrict__ scale, acc_t* __restrict__ shift, acc_t* __restrict__ invstd) {
   const int64_t c = blockIdx.x;
   acc_t a = 0, b = 0;
   for (int64_t k = threadIdx.x; k < splits; k += 32) {
@@ -294,15 +302,22 @@ __global__ void finish_stats_kernel(const acc_t* __restrict__ part, int64_t spli
   b = warp_sum(b);
   if (threadIdx.x == 0) {
     const acc_t M = static_cast<acc_t>(L.N * L.S), d = a / M;  // d: mean - K
-    mean[c] = static_cast<acc_t>(x[L.first(c)]) + d;
-    const acc_t v = b / M - d * d;
-    var[c] = v > acc_t(0) ? v : acc_t(0);
+    const acc_t mu = static_cast<acc_t>(x[L.first(c)]) + d, v = b / M - d * d;
+    const acc_t var_c = v > acc_t(0) ? v : acc_t(0);
+    mean[c] = mu;
+    var[c] = var_c;
+    per_channel::affine_at(c, mu, var_c, weight, bias, eps, scale, shift, invstd);
   }
 }
 
+// reduce: sum dz and sum dz * (x - mean) (grad_bias and the numerator of grad_weight), then the BN
+// backward's coefficients (coefs_at).
 template <typename acc_t>
-__global__ void finish_sums_kernel(const acc_t* __restrict__ part, int64_t splits, int64_t C, acc_t* __restrict__ a_out,
-                                   acc_t* __restrict__ b_out) {
+__global__ void finish_sums_kernel(const acc_t* __restrict__ part, int64_t splits, int64_t C,
+                                   const acc_t* __restrict__ invstd, const acc_t* __restrict__ mean,
+                                   const acc_t* __restrict__ weight, acc_t inv_M, bool training,
+                                   acc_t* __restrict__ sum_dz, acc_t* __restrict__ alpha, acc_t* __restrict__ beta,
+                                   acc_t* __restrict__ gamma, acc_t* __restrict__ grad_weight) {
   const int64_t c = blockIdx.x;
   acc_t a = 0, b = 0;
   for (int64_t k = threadIdx.x; k < splits; k += 32) {
@@ -312,8 +327,8 @@ __global__ void finish_sums_kernel(const acc_t* __restrict__ part, int64_t split
   a = warp_sum(a);
   b = warp_sum(b);
   if (threadIdx.x == 0) {
-    a_out[c] = a;
-    b_out[c] = b;
+    sum_dz[c] = a;
+    per_channel::coefs_at(c, a, b, invstd[c], mean[c], weight, inv_M, training, alpha, beta, gamma, grad_weight);
   }
 }
 
@@ -437,20 +452,29 @@ void with_vector(const Layout& L, int64_t numel, std::initializer_list<const voi
 #define LIGHTCNN_DISPATCH(x, name, ...) \
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), name, __VA_ARGS__)
 
-std::tuple<at::Tensor, at::Tensor> stats_cuda(const at::Tensor& x) {
+// The training forward's statistics and affine step: the first pass, then one finishing launch.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_affine_cuda(const at::Tensor& x,
+                                                                                         const at::Tensor& weight_,
+                                                                                         const at::Tensor& bias_,
+                                                                                         double eps) {
   const Layout L = layout_of(x);
   const auto sdt = stats_dtype(x.scalar_type());
-  at::Tensor mean = at::empty({L.C}, x.options().dtype(sdt)), var = at::empty({L.C}, x.options().dtype(sdt));
+  at::Tensor mean = at::empty({L.C}, x.options().dtype(sdt));
+  const at::Tensor weight = per_channel::as_stats(weight_, mean), bias = per_channel::as_stats(bias_, mean);
+  at::Tensor var = at::empty_like(mean), scale = at::empty_like(mean), shift = at::empty_like(mean),
+             invstd = at::empty_like(mean);
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_stats_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const StatsTerms<scalar_t, acc_t> terms{x.const_data_ptr<scalar_t>(), L};
     auto [part, splits] = partial_sums<acc_t>(terms, L, mean.options());
     finish_stats_kernel<scalar_t, acc_t><<<static_cast<unsigned>(L.C), 32, 0, current_stream()>>>(
-        part.const_data_ptr<acc_t>(), splits, x.const_data_ptr<scalar_t>(), L, mean.mutable_data_ptr<acc_t>(),
-        var.mutable_data_ptr<acc_t>());
+        part.const_data_ptr<acc_t>(), splits, x.const_data_ptr<scalar_t>(), L, per_channel::ptr_or_null<acc_t>(weight),
+        per_channel::ptr_or_null<acc_t>(bias), static_cast<acc_t>(eps), mean.mutable_data_ptr<acc_t>(),
+        var.mutable_data_ptr<acc_t>(), scale.mutable_data_ptr<acc_t>(), shift.mutable_data_ptr<acc_t>(),
+        invstd.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {mean, var};
+  return {mean, var, scale, shift, invstd};
 }
 
 at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift, const Drop& drop) {
@@ -475,10 +499,14 @@ at::Tensor bn_relu_cuda(const at::Tensor& x, const at::Tensor& scale, const at::
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> reduce_cuda(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale,
-                                               const at::Tensor& shift, const at::Tensor& mean, const Drop& drop) {
+// The backward's sums and the BN backward's coefficients: the first pass, then one finishing launch.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> reduce_coefs_cuda(
+    const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& shift,
+    const at::Tensor& mean, const at::Tensor& invstd, const at::Tensor& weight_, bool training, const Drop& drop) {
   const Layout L = layout_of(x);
-  at::Tensor sum_dz = at::empty({L.C}, scale.options()), sum_dzx = at::empty({L.C}, scale.options());
+  const at::Tensor weight = per_channel::as_stats(weight_, scale);
+  at::Tensor sum_dz = at::empty({L.C}, scale.options()), alpha = at::empty_like(sum_dz),
+             beta = at::empty_like(sum_dz), gamma = at::empty_like(sum_dz), grad_weight = at::empty_like(sum_dz);
   LIGHTCNN_DISPATCH(x, "bn_relu_conv2d_reduce_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     const GradTerms<scalar_t, acc_t> terms{g.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
@@ -486,10 +514,13 @@ std::tuple<at::Tensor, at::Tensor> reduce_cuda(const at::Tensor& g, const at::Te
                                            mean.const_data_ptr<acc_t>(), drop_in<scalar_t, acc_t>(drop)};
     auto [part, splits] = partial_sums<acc_t>(terms, L, scale.options());
     finish_sums_kernel<acc_t><<<static_cast<unsigned>(L.C), 32, 0, current_stream()>>>(
-        part.const_data_ptr<acc_t>(), splits, L.C, sum_dz.mutable_data_ptr<acc_t>(), sum_dzx.mutable_data_ptr<acc_t>());
+        part.const_data_ptr<acc_t>(), splits, L.C, invstd.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
+        per_channel::ptr_or_null<acc_t>(weight), acc_t(1) / static_cast<acc_t>(L.N * L.S), training,
+        sum_dz.mutable_data_ptr<acc_t>(), alpha.mutable_data_ptr<acc_t>(), beta.mutable_data_ptr<acc_t>(),
+        gamma.mutable_data_ptr<acc_t>(), grad_weight.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {sum_dz, sum_dzx};
+  return {alpha, beta, gamma, grad_weight, sum_dz};
 }
 
 at::Tensor grad_input_cuda(const at::Tensor& g, const at::Tensor& x, const at::Tensor& scale,
@@ -520,8 +551,9 @@ at::Tensor grad_input_cuda(const at::Tensor& g, const at::Tensor& x, const at::T
   return gx;
 }
 
-const Prims kCudaPrims{stats_cuda,       bn_relu_cuda,          reduce_cuda, grad_input_cuda, /*fuses_dropout=*/true,
-                       per_channel::affine, per_channel::coefs};
+// stats and reduce: none; stats_affine serves every training forward, reduce_coefs every backward.
+const Prims kCudaPrims{nullptr, bn_relu_cuda, nullptr, grad_input_cuda, /*fuses_dropout=*/true, per_channel::affine,
+                       per_channel::coefs, stats_affine_cuda, reduce_coefs_cuda};
 
 // ---- Variant: the two per-channel reductions on ATen's SyncBatchNorm primitives ----
 // at::batch_norm_stats (Welford) and at::batch_norm_backward_reduce use many blocks per channel and have

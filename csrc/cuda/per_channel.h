@@ -1,5 +1,6 @@
 // The per-channel arithmetic of a batch-norm step on CUDA (per_channel_cuda.cu), one launch each; their
-// signatures are bn_relu_conv::AffineFn and bn_relu_conv::CoefsFn (../bn_relu_conv.h).
+// signatures are bn_relu_conv::AffineFn and bn_relu_conv::CoefsFn (../bn_relu_conv.h). A reduction whose
+// finishing kernel can do the step itself calls per_channel.cuh's device functions there instead (no launch).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -8,6 +9,17 @@
 
 namespace lightcnn {
 namespace per_channel {
+
+// A per-channel parameter as a contiguous tensor of the statistics' dtype (undefined stays undefined).
+inline at::Tensor as_stats(const at::Tensor& p, const at::Tensor& like) {
+  return p.defined() ? p.to(like.scalar_type()).contiguous() : p;
+}
+
+// The data of an optional parameter, or nullptr.
+template <typename acc_t>
+const acc_t* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
+}
 
 // (scale, shift, invstd) from (mean, var): invstd = 1/sqrt(var + eps), scale = weight * invstd,
 // shift = bias - mean * scale; all (C,) in the stats dtype; weight and bias may be undefined.

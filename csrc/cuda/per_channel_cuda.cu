@@ -1,8 +1,11 @@
 // The per-channel arithmetic of a batch-norm step on CUDA, one launch each (declared in per_channel.h):
 // the fused BN-ReLU-Conv and DenseNet ops use them as their Prims::affine / DensePrims::affine and
 // Prims::coefs / DensePrims::coefs, where the ATen sequence would cost about a dozen launches of tiny
-// kernels per unit and step (see bn_relu_conv.h: scale_shift, backward_coefs).
+// kernels per unit and step (see bn_relu_conv.h: scale_shift, backward_coefs). Where a reduction's
+// finishing launch precedes the step, that launch does it instead (per_channel.cuh: the fused unit's
+// training forward and backward), and these serve every other step.
 #include "per_channel.h"
+#include "per_channel.cuh"
 
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty_like.h>
@@ -24,13 +27,8 @@ __global__ void affine_kernel(const acc_t* __restrict__ mean, const acc_t* __res
                               const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, acc_t eps, int64_t C,
                               acc_t* __restrict__ scale, acc_t* __restrict__ shift, acc_t* __restrict__ invstd) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < C;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t inv = rsqrt(var[c] + eps);
-    const acc_t s = weight != nullptr ? weight[c] * inv : inv;
-    scale[c] = s;
-    shift[c] = (bias != nullptr ? bias[c] : acc_t(0)) - mean[c] * s;
-    invstd[c] = inv;
-  }
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    affine_at(c, mean[c], var[c], weight, bias, eps, scale, shift, invstd);
 }
 
 template <typename acc_t>
@@ -40,28 +38,12 @@ __global__ void coefs_kernel(const acc_t* __restrict__ sum_dz, const acc_t* __re
                              acc_t* __restrict__ alpha, acc_t* __restrict__ beta, acc_t* __restrict__ gamma,
                              acc_t* __restrict__ grad_weight) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < C;
-       c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const acc_t inv = invstd[c], gi = weight != nullptr ? weight[c] * inv : inv;
-    const acc_t be = training ? -gi * inv * inv * sum_dzx[c] * inv_M : acc_t(0);
-    alpha[c] = gi;
-    beta[c] = be;
-    gamma[c] = training ? -gi * sum_dz[c] * inv_M - be * mean[c] : acc_t(0);
-    grad_weight[c] = sum_dzx[c] * inv;
-  }
+       c += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    coefs_at(c, sum_dz[c], sum_dzx[c], invstd[c], mean[c], weight, inv_M, training, alpha, beta, gamma, grad_weight);
 }
 
 unsigned per_channel_blocks(int64_t C) {
   return static_cast<unsigned>(std::clamp<int64_t>((C + kThreads - 1) / kThreads, 1, 1024));
-}
-
-// A per-channel parameter as a contiguous tensor of the statistics' dtype (undefined stays undefined).
-at::Tensor as_stats(const at::Tensor& p, const at::Tensor& like) {
-  return p.defined() ? p.to(like.scalar_type()).contiguous() : p;
-}
-
-template <typename acc_t>
-const acc_t* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<acc_t>() : nullptr;
 }
 
 }  // namespace

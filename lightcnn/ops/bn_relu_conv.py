@@ -21,14 +21,15 @@ needs no RNG of our own on two devices, and a test can hand the same mask to the
 to 1 bit would save a further 7/8 of a byte per element at the price of a packing kernel per device.
 
 GPU model (PREDICTIONS of benchmarks/gpu_model.py from the CUDA emulator's access record, not measured;
-docs/gpu_model.md): a training call (forward + backward) moves 1.05x (fp32) to 1.10x (bf16) the compulsory
-10 activation-sized passes, 0.81-0.85x the unfused reference's 13; every hot access is fully coalesced in
-NCHW and in channels-last (the elementwise kernels' parameters load as vectors), except the backward
-reduction's gradient load under the ReLU mask, which the emulator's k-th-access matching splits (21-39%);
-every launch moving > 1 MB runs >= 3.9 waves of 132 SMs. Predicted memory-bound time of a WRN-28-10
-160x32x32 unit at batch 128 on an H100: 293 us fp32 (reference 344), 168 us bf16 (181); a PreAct-164
-16-channel unit is launch-bound: 56 us against 51 (10 launches against 6, two of them pairs of per-channel
-launches that could be one).
+docs/gpu_model.md; the figures are in benchmarks/RESULTS.md, "GPU model (predictions)"): a training call
+(forward + backward) is 8 launches, each reduction finishing in one launch that also does the per-channel
+step; it moves close to the compulsory 10 activation-sized passes, below the unfused reference's 13; every
+access to the activations is coalesced in NCHW and in channels-last (in channels-last bfloat16 the loads
+of the per-channel parameters, which L1 keeps, use half of each sector for some channel counts); every
+launch moving more than 1 MB at the real layers' shapes runs several waves of an H100's 132 SMs; and its
+predicted memory-bound time on an H100 is below the reference's for the real layers, except the smallest
+(PreAct-164's 16x32x32 and 256x8x8 units in bfloat16), which are launch-bound: 8 launches against the
+reference's 6.
 """
 from __future__ import annotations
 
