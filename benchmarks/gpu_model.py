@@ -56,7 +56,8 @@ HOT_SECTORS = 0.10
 ACTIVATION_KERNELS = {
     "lrn_forward_kernel", "lrn_forward_cl_kernel", "lrn_backward_kernel", "lrn_backward_cl_kernel",
     "lrn_backward_t_kernel", "lrn_backward_grad_kernel", "partial_nchw_kernel", "partial_nhwc_kernel",
-    "bn_relu_kernel", "grad_input_kernel", "relu_mask_kernel", "bn_relu_into_kernel", "grad_inputs_kernel", "reduce_from_kernel", "stats_from_kernel"}
+    "bn_relu_kernel", "grad_input_kernel", "relu_mask_kernel", "bn_relu_into_kernel", "grad_inputs_kernel",
+    "reduce_from_kernel", "stats_from_kernel"}
 
 
 # ------------------------------------------------------------------ cases
