@@ -46,9 +46,12 @@ using GradInputsFn = std::vector<at::Tensor> (*)(const at::Tensor& g, const std:
                                                  const at::Tensor& alpha, const at::Tensor& beta,
                                                  const at::Tensor& gamma);
 
-// (mean, biased var) per channel of the concatenation, (C,) with the given options (the stats dtype).
-using StatsFromFn = std::tuple<at::Tensor, at::Tensor> (*)(const std::vector<at::Tensor>& features, int64_t C,
-                                                           const at::TensorOptions& stats_options);
+// (mean, biased var, scale, shift) per channel of the concatenation, (C,) with the given options (the stats
+// dtype): the batch statistics and then the affine step of bn_relu_conv::scale_shift, as one primitive (the
+// device's reduction ends in a per-channel finishing launch, which does the affine step too).
+using StatsFromFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> (*)(
+    const std::vector<at::Tensor>& features, int64_t C, const at::TensorOptions& stats_options,
+    const at::Tensor& weight, const at::Tensor& bias, double eps);
 
 struct DensePrims {
   BnReluIntoFn bn_relu_into;
@@ -153,14 +156,14 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   check_conv(op, f0, C, conv_weight, padding);
   TORCH_CHECK(eps > 0, op, ": eps must be > 0, got ", eps);
   const auto sdt = stats_dtype(f0.scalar_type());
-  at::Tensor mean, var;
+  at::Tensor mean, var, scale, shift;
   if (training) {
     TORCH_CHECK(f0.size(0) * f0.size(2) * f0.size(3) > 1, op,
                 ": expected more than 1 value per channel when training, got features of shape ", f0.sizes(),
                 " (batch statistics need at least 2 values)");
     if (prims.stats_from) {
       // the device's list-aware kernel: a launch per 64 features, not one (and a cast) per feature
-      std::tie(mean, var) = prims.stats_from(feats, C, f0.options().dtype(sdt));
+      std::tie(mean, var, scale, shift) = prims.stats_from(feats, C, f0.options().dtype(sdt), weight, bias, eps);
     } else {
       // ATen's batch-norm statistics (mean, biased variance; float for half inputs): bit-identical to the
       // ones nn.BatchNorm2d normalises with, in either layout.
@@ -176,8 +179,8 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   } else {
     std::tie(mean, var) = running_stats(op, running_mean, running_var, sdt);
   }
-  at::Tensor scale, shift;
-  std::tie(scale, shift, std::ignore) = bn_relu_conv::scale_shift(prims.affine, mean, var, weight, bias, eps);
+  if (!scale.defined())
+    std::tie(scale, shift, std::ignore) = bn_relu_conv::scale_shift(prims.affine, mean, var, weight, bias, eps);
   at::Tensor out;
   {
     const at::Tensor y = bn_relu_buffer(prims, feats, C, scale, shift);

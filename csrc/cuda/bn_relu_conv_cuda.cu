@@ -3,8 +3,8 @@
 //
 // Design: the two per-channel reductions use the whole GPU in both layouts, and the two
 // elementwise passes run without a 64-bit division per element.
-//   stats_affine  per-channel mean and biased variance: shifted sums (of x - K and (x - K)^2, K the channel's
-//                 first value, so no cancellation whatever the mean) over many blocks per channel, then a
+//   stats_affine  per-channel mean and biased variance: shifted sums (of x - K and (x - K)^2, K near the
+//                 channel's mean, so no cancellation whatever the mean) over many blocks per channel, then a
 //                 combining pass, one warp per channel, which also computes the channel's scale, shift and
 //                 invstd (per_channel.cuh): two launches
 //   reduce_coefs  per channel: sum dz and sum dz * (x - mean), dz = g * [x * scale_c + shift_c > 0] (the ReLU
@@ -158,14 +158,20 @@ __device__ __forceinline__ T block_sum(T v, T* smem) {
   return v;
 }
 
+// K of channel c's shifted sums: from its first values in sample 0 (contiguous in NCHW, C apart in NHWC).
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t shift_of(const scalar_t* __restrict__ x, const Layout& L, int64_t c) {
+  return per_channel::stats_shift<acc_t>(x, L.first(c), L.channels_last ? L.C : 1, L.S);
+}
+
 // What the reductions sum per channel, two values per element at `off` (the channel's values only).
-// stats: x - K and (x - K)^2, K = the channel's first value.
+// stats: x - K and (x - K)^2, K = the mean of the channel's first values (per_channel::stats_shift).
 template <typename scalar_t, typename acc_t>
 struct StatsTerms {
   const scalar_t* __restrict__ x;
   Layout L;
   acc_t K = 0;
-  __device__ __forceinline__ void begin(int64_t c) { K = static_cast<acc_t>(x[L.first(c)]); }
+  __device__ __forceinline__ void begin(int64_t c) { K = shift_of<acc_t>(x, L, c); }
   __device__ __forceinline__ void add(int64_t off, acc_t& a, acc_t& b) const {
     const acc_t d = static_cast<acc_t>(x[off]) - K;
     a += d;
@@ -302,7 +308,7 @@ __global__ void finish_stats_kernel(const acc_t* __restrict__ part, int64_t spli
   b = warp_sum(b);
   if (threadIdx.x == 0) {
     const acc_t M = static_cast<acc_t>(L.N * L.S), d = a / M;  // d: mean - K
-    const acc_t mu = static_cast<acc_t>(x[L.first(c)]) + d, v = b / M - d * d;
+    const acc_t mu = shift_of<acc_t>(x, L, c) + d, v = b / M - d * d;
     const acc_t var_c = v > acc_t(0) ? v : acc_t(0);
     mean[c] = mu;
     var[c] = var_c;

@@ -9,8 +9,8 @@
 //                 a channel's M = N * S values are split over several blocks (atomicAdd of the partial
 //                 sums: the order of float additions, and so the last bits, may vary between runs)
 //   grad_inputs   grad_x = dz * alpha + x * beta + gamma, into a new tensor per feature
-//   stats_from    per channel: mean and biased variance from shifted sums (x - K, K the channel's first
-//                 value), split and added as reduce_from, then one finishing launch
+//   stats_from    per channel: mean and biased variance from shifted sums (x - K, K near the channel's
+//                 mean), split and added as reduce_from, then one finishing launch
 // The reductions follow the layout: NCHW, a block sums (a split of) one channel's contiguous rows; NHWC, a
 // block's lanes run along the channels of a pixel (a warp reads one contiguous run of a pixel's channels),
 // each thread sums one channel over many pixels, and the block adds its rows per channel (shared memory).
@@ -20,6 +20,7 @@
 // buffer has < 2^31 elements; the reductions walk their values by adding to offsets (walk_channel).
 #include "../dense.h"
 #include "indexing.cuh"
+#include "per_channel.cuh"
 #include "per_channel.h"
 
 #include <ATen/AccumulateType.h>
@@ -273,7 +274,7 @@ __global__ void reduce_from_kernel(Pieces P, const scalar_t* __restrict__ g, con
 }
 
 // Batch statistics per channel of the concatenation, as shifted sums: sums[(0|1) * C + c] += sum of x - K and
-// of (x - K)^2, with K = the channel's first value (no cancellation whatever the mean), which the channel's
+// of (x - K)^2, with K near the channel's mean (per_channel::stats_shift: no cancellation whatever the mean), which the channel's
 // first block writes to sums[2 * C + c].
 template <typename scalar_t, typename acc_t>
 __global__ void stats_from_kernel(Pieces P, acc_t* __restrict__ sums, int splits) {
@@ -284,7 +285,7 @@ __global__ void stats_from_kernel(Pieces P, acc_t* __restrict__ sums, int splits
     const int64_t k = P.k[t.j], M = P.N * P.S;
     acc_t a = 0, b = 0, K = 0;
     if (t.active) {
-      K = static_cast<acc_t>(x[t.lc]);  // value (0, lc, 0)
+      K = per_channel::stats_shift<acc_t>(x, t.lc, k, P.S);  // from values (0, lc, 0..7)
       int64_t xi = t.m * k + t.lc;
       const int64_t x_step = t.step * k;
 #pragma unroll 4
@@ -306,7 +307,7 @@ __global__ void stats_from_kernel(Pieces P, acc_t* __restrict__ sums, int splits
   if (!block_split(P, splits, bs)) return;
   const scalar_t* __restrict__ x = static_cast<const scalar_t*>(P.x[bs.j]);
   const int64_t c = bs.c;
-  const acc_t K = static_cast<acc_t>(x[bs.lc * P.S]);  // value (0, lc, 0)
+  const acc_t K = per_channel::stats_shift<acc_t>(x, bs.lc * P.S, 1, P.S);  // from values (0, lc, 0..7)
   acc_t a = 0, b = 0;
   walk_channel(P, bs.j, bs.lc, bs.m0, bs.m1, [&](int64_t xi, int64_t) {
     const acc_t d = static_cast<acc_t>(x[xi]) - K;
@@ -322,14 +323,19 @@ __global__ void stats_from_kernel(Pieces P, acc_t* __restrict__ sums, int splits
   }
 }
 
+// mean and biased variance from the shifted sums, then the affine step (per_channel::affine_at).
 template <typename acc_t>
-__global__ void finish_stats_kernel(const acc_t* __restrict__ sums, int64_t C, acc_t inv_M, acc_t* __restrict__ mean,
-                                    acc_t* __restrict__ var) {
+__global__ void finish_stats_kernel(const acc_t* __restrict__ sums, int64_t C, acc_t inv_M,
+                                    const acc_t* __restrict__ weight, const acc_t* __restrict__ bias, acc_t eps,
+                                    acc_t* __restrict__ mean, acc_t* __restrict__ var, acc_t* __restrict__ scale,
+                                    acc_t* __restrict__ shift, acc_t* __restrict__ invstd) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < C;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const acc_t d = sums[c] * inv_M, v = sums[C + c] * inv_M - d * d;  // d: mean - K
-    mean[c] = sums[2 * C + c] + d;
-    var[c] = v > acc_t(0) ? v : acc_t(0);
+    const acc_t mu = sums[2 * C + c] + d, var_c = v > acc_t(0) ? v : acc_t(0);
+    mean[c] = mu;
+    var[c] = var_c;
+    per_channel::affine_at(c, mu, var_c, weight, bias, eps, scale, shift, invstd);
   }
 }
 
@@ -438,12 +444,17 @@ std::tuple<at::Tensor, at::Tensor> reduce_from_cuda(const at::Tensor& g, const s
   return {sum_dz, sum_dzx};
 }
 
-std::tuple<at::Tensor, at::Tensor> stats_from_cuda(const std::vector<at::Tensor>& feats, int64_t C,
-                                                   const at::TensorOptions& stats_options) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stats_from_cuda(const std::vector<at::Tensor>& feats,
+                                                                           int64_t C,
+                                                                           const at::TensorOptions& stats_options,
+                                                                           const at::Tensor& weight_,
+                                                                           const at::Tensor& bias_, double eps) {
   const at::Tensor& f0 = feats[0];
   const int64_t M = f0.size(0) * f0.size(2) * f0.size(3);
   at::Tensor sums = at::zeros({3, C}, stats_options);
-  at::Tensor mean = at::empty({C}, stats_options), var = at::empty({C}, stats_options);
+  at::Tensor mean = at::empty({C}, stats_options), var = at::empty_like(mean), scale = at::empty_like(mean),
+             shift = at::empty_like(mean), invstd = at::empty_like(mean);
+  const at::Tensor weight = per_channel::as_stats(weight_, mean), bias = per_channel::as_stats(bias_, mean);
   LIGHTCNN_DENSE_DISPATCH(f0.scalar_type(), "dense_bn_relu_conv2d_stats_cuda", [&] {
     using acc_t = at::acc_type<scalar_t, true>;
     for_chunks(feats, nullptr, C, [&](const Pieces& P, int n, int64_t max_k) {
@@ -454,13 +465,14 @@ std::tuple<at::Tensor, at::Tensor> stats_from_cuda(const std::vector<at::Tensor>
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     finish_stats_kernel<acc_t><<<static_cast<unsigned>(std::min<int64_t>((C + kThreads - 1) / kThreads, 1024)),
-                                 kThreads, 0, current_stream()>>>(sums.const_data_ptr<acc_t>(), C,
-                                                                  acc_t(1) / static_cast<acc_t>(M),
-                                                                  mean.mutable_data_ptr<acc_t>(),
-                                                                  var.mutable_data_ptr<acc_t>());
+                                 kThreads, 0, current_stream()>>>(
+        sums.const_data_ptr<acc_t>(), C, acc_t(1) / static_cast<acc_t>(M), per_channel::ptr_or_null<acc_t>(weight),
+        per_channel::ptr_or_null<acc_t>(bias), static_cast<acc_t>(eps), mean.mutable_data_ptr<acc_t>(),
+        var.mutable_data_ptr<acc_t>(), scale.mutable_data_ptr<acc_t>(), shift.mutable_data_ptr<acc_t>(),
+        invstd.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {mean, var};
+  return {mean, var, scale, shift};
 }
 
 std::vector<at::Tensor> grad_inputs_cuda(const at::Tensor& g, const std::vector<at::Tensor>& feats,

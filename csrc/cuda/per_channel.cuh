@@ -8,6 +8,19 @@
 namespace lightcnn {
 namespace per_channel {
 
+// The shift K of a channel's shifted sums (of x - K and (x - K)^2): the running mean of its first values (up
+// to 8, `stride` apart from `first`). With K one value, a K far from the mean scales the variance's float
+// rounding by E[(x - K)^2] / var; near the mean that ratio stays close to 1. Every block of a channel reads
+// the same values in the same order, so all get the same K.
+template <typename acc_t, typename scalar_t>
+__device__ __forceinline__ acc_t stats_shift(const scalar_t* __restrict__ x, int64_t first, int64_t stride,
+                                             int64_t count) {
+  const int n = count < 8 ? static_cast<int>(count) : 8;
+  acc_t k = static_cast<acc_t>(x[first]);
+  for (int j = 1; j < n; ++j) k += (static_cast<acc_t>(x[first + j * stride]) - k) / static_cast<acc_t>(j + 1);
+  return k;
+}
+
 // invstd = 1/sqrt(var + eps), scale = weight * invstd, shift = bias - mean * scale (weight, bias may be null).
 template <typename acc_t>
 __device__ __forceinline__ void affine_at(int64_t c, acc_t mean, acc_t var, const acc_t* __restrict__ weight,
