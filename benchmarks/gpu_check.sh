@@ -35,7 +35,7 @@ log="$json_dir/gpu_check.log"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 WANDB_MODE=disabled
 BUDGET=${BUDGET:-290}
 
-P=benchmarks/bench_preact.py L=benchmarks/bench_lrn.py
+P=benchmarks/bench_bn_relu_conv.py L=benchmarks/bench_lrn.py
 # WRN-28-10 variants: kernel vs reference in fresh subprocesses (the compiled variant would cost minutes).
 WRN="--device cuda --model wrn28_10 --batch-size 128 --steps 8 --warmup 2 --variants kernel,reference --timeout 120"
 LRN="--device cuda --shapes all --batch-size 128 --rounds 30"
@@ -66,7 +66,7 @@ BENCHMARKS=(
   "python $P --device cuda --model preact_resnet164 --batch-size 128 --steps 10 --warmup 3 --variants kernel,reference --precision tf32 --json {out}_preact164_tf32.json"
   # DenseNet-121 (224x224) and DenseNet-BC-190 k=40 (32x32) training steps at batch 64, naive vs ours, in bf16
   # autocast + channels-last, fp32 with TF32 and fp32 without (12 fresh processes, ~2 min).
-  "python benchmarks/bench_densenet.py --device cuda --variants naive,ours --timing subprocess --rounds 1 --steps 5 --warmup 2 --json {out}_densenet.json"
+  "python benchmarks/bench_dense.py --device cuda --variants naive,ours --timing subprocess --rounds 1 --steps 5 --warmup 2 --json {out}_densenet.json"
   # The other design of each kernel (opt-in): ATen's SyncBatchNorm reductions; LRN's per-column kernels on
   # channels-last inputs (no compile: the runs above have the compiled baselines).
   "env LIGHTCNN_CUDA_BN_REDUCTIONS=aten python $P $WRN --precision bf16 --channels-last --drop-rate 0 --json {out}_wrn_bf16_cl_drop0_aten.json"

@@ -1,13 +1,6 @@
 // Helpers shared by every kernel of lightcnn (CPU and CUDA). Each op's own shared logic lives in its
-// header (lrn.h, bn_relu_conv.h); what two ops need alike lives here, once.
-//
-// File layout every op follows (copy it for a new op):
-//   csrc/<op>.h           checks and logic shared by the op's CPU and CUDA kernels
-//   csrc/<op>.cpp         CPU kernels, then at the end, outside any namespace:
-//                           TORCH_LIBRARY_FRAGMENT(lightcnn, m) { m.def(<schema>) ... }   (one comment per op)
-//                           TORCH_LIBRARY_IMPL(lightcnn, CPU, m) { m.impl("<op>", &lightcnn::...) ... }
-//   csrc/cuda/<op>_cuda.cu  CUDA kernels, then TORCH_LIBRARY_IMPL(lightcnn, CUDA, m) { ... } at the end
-//   lightcnn/ops/<op>.py  OP = _library.register(...), the public function, fake, autograd, FLOP formula
+// header (lrn.h, bn_relu_conv.h, dense.h); what two ops need alike lives here, once.
+// Adding an op (its files and registrations): CONTRIBUTING.md, "A kernel".
 #pragma once
 
 #include <ATen/core/Tensor.h>

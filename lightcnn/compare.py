@@ -33,7 +33,8 @@ What is measured, per model in its default configuration at its native input siz
 - speed: images/s of inference (eval, no grad) and of a training step (forward, backward, SGD step) at
   `--batch-size` on `--device` (fp32): untimed warm-up steps for `--warmup` seconds (so that the order of
   the models does not change the figures), then the median of single-step times over at least
-  `--min-time` seconds.
+  `--min-time` seconds; on CPU with torch's threads, or `--threads` (the table says how many: on a machine
+  shared with other jobs, several threads wait on each other and `--threads 1` gives stable figures).
 Published figures come from `lightcnn.published`.
 """
 from __future__ import annotations
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import csv
 import difflib
+import gc
 import json
 import os
 import statistics
@@ -56,6 +58,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn import models
+from lightcnn.layers import Impl, default_impl, resolve_impl
+from lightcnn.layers._impl import IMPLS
 from lightcnn.published import published
 
 COLUMNS = ("model", "family", "dataset", "input", "params", "gmacs", "act_mib_per_image", "infer_img_s",
@@ -84,14 +88,9 @@ def select(patterns: str | Sequence[str] = "*") -> list[str]:
     return names
 
 
-def build(name: str, device: str | torch.device = "cpu", impl: str | None = None) -> nn.Module:
-    """The model in its default configuration; `impl` is passed to models that take it."""
+def build(name: str, device: str | torch.device = "cpu") -> nn.Module:
+    """The model in its default configuration (its kernel-backed layers follow the process-wide default impl)."""
     with torch.device(device):
-        if impl is not None:
-            try:
-                return models.create(name, impl=impl)
-            except TypeError:  # a model without kernel-backed layers
-                pass
         return models.create(name)
 
 
@@ -149,8 +148,10 @@ def seconds_per_step(step: Callable[[], object], min_time: float = 1.0, warmup: 
     times, untimed, so that what a first call pays once (thread pools, allocator, oneDNN/cuDNN algorithm
     choice, the CPU clock ramping up) is not charged to whichever model happens to be timed first. Then
     each call is timed on its own for at least `min_time` seconds and TIMED_STEPS calls; the median is
-    robust to the other processes of a shared machine."""
+    robust to the other processes of a shared machine. The garbage the previous model left is collected first, so
+    that no collection of it falls into this timing."""
     warmup = min_time / 2 if warmup is None else warmup
+    gc.collect()
     n, start = 0, clock()
     while n < WARMUP_STEPS or clock() - start < warmup:
         step()
@@ -208,10 +209,18 @@ def cuda_peak_training_bytes(model: nn.Module, input_size: Sequence[int], batch:
 
 
 def measure(name: str, device: str = "cpu", speed: bool = True, batch_size: int | None = None,
-            min_time: float = 1.0, impl: str | None = None, warmup: float | None = None) -> dict:
-    """One row of the comparison (see the module docstring for what each column is)."""
+            min_time: float = 1.0, impl: Impl | None = None, warmup: float | None = None) -> dict:
+    """One row of the comparison (see the module docstring for what each column is). `impl` ("auto", "kernel",
+    "reference"; None: the process-wide default) is the default of lightcnn.layers while the model is measured,
+    so every kernel-backed layer chooses its path as it does in training (lightcnn.layers._impl)."""
+    with default_impl(resolve_impl(impl)):
+        return _measure(name, device, speed, batch_size, min_time, warmup)
+
+
+def _measure(name: str, device: str, speed: bool, batch_size: int | None, min_time: float,
+             warmup: float | None) -> dict:
     dev = torch.device(device)
-    model = build(name, dev, impl)
+    model = build(name, dev)
     input_size = tuple(model.default_cfg["input_size"])
     pub = published(name)
     row = {"model": name, "family": type(model).__module__.rsplit(".", 1)[-1],
@@ -233,7 +242,7 @@ def measure(name: str, device: str = "cpu", speed: bool = True, batch_size: int 
 
 
 def compare(names: Sequence[str], device: str = "cpu", speed: bool = True, batch_size: int | None = None,
-            min_time: float = 1.0, impl: str | None = None, progress: bool = True, warmup: float | None = None,
+            min_time: float = 1.0, impl: Impl | None = None, progress: bool = True, warmup: float | None = None,
             on_row: Callable[[dict], object] | None = None) -> list[dict]:
     """The rows of `names`, measured in order; `on_row(row)` is called as each one is done (the CLI
     writes the table there, so that an interruption keeps what was measured)."""
@@ -396,8 +405,10 @@ def markdown(rows: Sequence[dict], device: str, runs: Sequence[dict] = ()) -> st
     lines = [head, "|" + "---|" * 4 + "---:|" * 9]
     lines += ["| " + " | ".join(_fmt(k, r.get(k)) for k in keys) + " |" for r in rows]
     timed = any(r["infer_img_s"] is not None for r in rows)
-    speed = ('Speed on ' + device + ', fp32, median step after a warm-up' if timed
-             else 'Speed not measured (--no-speed)')
+    n = torch.get_num_threads()
+    threads = f" ({n} CPU thread{'s' if n > 1 else ''})" if device == "cpu" else ""
+    speed = (f"Speed on {device}{threads}, fp32, median step after a warm-up" if timed
+             else "Speed not measured (--no-speed)")
     lines.append(f"\n{speed}. Errors: published (lightcnn.published): ImageNet top-1/top-5 for "
                  "ImageNet models, CIFAR-10 (and CIFAR-100) test error for CIFAR models.")
     sources = [(r["model"], r["source"]) for r in rows if r.get("source")]
@@ -590,6 +601,21 @@ def write(rows: Sequence[dict], out: str | Path, device: str = "cpu", runs: Sequ
     return paths
 
 
+def busy_note(device: str, speed: bool, load: float | None = None, cores: int | None = None) -> str:
+    """A warning when CPU timings with several threads run on a machine busier than its cores (else ""): there
+    the threads of one step wait for each other to be scheduled and the figures drop by orders of magnitude."""
+    threads = torch.get_num_threads()
+    if device != "cpu" or not speed or threads == 1:
+        return ""
+    load = os.getloadavg()[0] if load is None else load
+    if cores is None:  # the cores this process may use (a container's share), else the machine's
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if load <= cores:
+        return ""
+    return (f"the load average ({load:.1f}) exceeds the {cores} CPU cores: timings on {threads} threads wait for "
+            "other jobs; --threads 1 gives stable figures")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lightcnn.compare", formatter_class=argparse.RawDescriptionHelpFormatter,
                                 description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1])
@@ -603,8 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-time", type=float, default=1.0, help="seconds each timing runs at least (default: 1)")
     p.add_argument("--warmup", type=float, help="seconds of untimed steps before each timing (default: half "
                    "of --min-time; at least 3 steps)")
-    p.add_argument("--impl", choices=("kernel", "reference"), help="kernel-backed layers on the lightcnn kernels "
-                   "or on the PyTorch reference (default: the global default)")
+    p.add_argument("--threads", type=int, help="CPU threads of the timings (torch.set_num_threads; default: torch's, "
+                   "one per core); on a machine shared with other jobs --threads 1 gives stable figures")
+    p.add_argument("--impl", choices=IMPLS, help="the default implementation of the kernel-backed layers while "
+                   "measuring, chosen per call as in training (lightcnn.layers: auto = the kernel where measured "
+                   "faster; kernel; reference = PyTorch ops); default: the process-wide default")
     p.add_argument("--results", metavar="RUNS_FOLDER", help="plot the test accuracy of your own runs (run folders "
                    "of lightcnn.fit at or under RUNS_FOLDER) beside the papers'")
     args = p.parse_args(argv)
@@ -615,6 +644,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         if args.min_time < 0 or (args.warmup is not None and args.warmup < 0):
             raise ValueError("--min-time and --warmup must be >= 0 seconds")
+        if args.threads is not None and args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
         runs = read_runs(args.results) if args.results else []
         unknown = sorted({r["model"] for r in runs if not models.is_model(r["model"])})
         if unknown:
@@ -626,6 +657,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"lightcnn.compare: error: {e}", file=sys.stderr)
         return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    busy = busy_note(args.device, not args.no_speed)
+    if busy:
+        print(f"lightcnn.compare: note: {busy}", file=sys.stderr)
     rows: list[dict] = []
 
     def keep(row: dict) -> None:  # the table so far, on disk as soon as each model is measured

@@ -1,13 +1,15 @@
 """Train a network with a paper's recipe: `python -m lightcnn.fit experiments/NAME.yaml [--key value ...]`.
 
-    python -m lightcnn.fit experiments/lenet5_digits.yaml                        # the first run, CPU, ~1 min
-    python -m lightcnn.fit experiments/wrn28_10.yaml --trainer.max_epochs 1      # override any key
-    python -m lightcnn.fit experiments/wrn28_10.yaml --help                      # every knob, typed
-    python -m lightcnn.fit experiments/wrn28_10.yaml --print_config              # the resolved config
-    python -m lightcnn.fit experiments/wrn28_10.yaml --ckpt_path last   # resume the newest run's last.ckpt
-    python -m lightcnn.fit experiments/wrn28_10.yaml --ckpt_path runs/wrn28_10/RUN/checkpoints/last.ckpt  # or this one
-    python -m lightcnn.fit experiments/wrn28_10.yaml --trainer.devices 8 --trainer.strategy ddp  # one node, 8 GPUs
-    torchrun --nproc_per_node 8 -m lightcnn.fit experiments/wrn28_10.yaml --trainer.devices 8 --trainer.strategy ddp
+    python -m lightcnn.fit experiments/lenet5_digits.yaml                           # the first run, CPU, ~1 min
+    python -m lightcnn.fit experiments/wrn28_10_cifar10.yaml --trainer.max_epochs 1  # override any key
+    python -m lightcnn.fit experiments/wrn28_10_cifar10.yaml --help                  # every knob, typed
+    python -m lightcnn.fit experiments/wrn28_10_cifar10.yaml --print_config          # the resolved config
+    python -m lightcnn.fit experiments/wrn28_10_cifar10.yaml --ckpt_path last        # resume the newest run
+    python -m lightcnn.fit experiments/wrn28_10_cifar10.yaml \
+        --ckpt_path runs/wrn28_10_cifar10/RUN/checkpoints/last.ckpt                  # or this one
+    python -m lightcnn.fit experiments/wrn28_10_cifar10.yaml --trainer.devices 8 --trainer.strategy ddp  # 8 GPUs
+    torchrun --nproc_per_node 8 -m lightcnn.fit experiments/wrn28_10_cifar10.yaml \
+        --trainer.devices 8 --trainer.strategy ddp                                   # the same, under torchrun
 
 Each run writes runs/NAME/TIMESTAMP/{config.yaml,checkpoints/} and, after training, tests the final
 weights on the test split (`--test_after_fit false` to skip). See lightcnn/training/cli.py.

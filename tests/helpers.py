@@ -3,12 +3,14 @@ subprocesses load by class path (`tests.helpers.X`) or run (`python -m tests.hel
 
 - small models: one small member of every model family (`SMALL`, `FAST`, `small`) for real arithmetic;
 - meta-device builds and counts (`build_meta`, `meta_model`, `n_params`, `macs`, `feature_sides`);
+- the checks every test_models_<family>.py runs on its own models (`check_*`);
 - data files in the real formats (`write_cifar`, `write_folder_tree`);
-- recipes built through the CLI (`build_experiment`);
+- recipes built through the CLI (`build_experiment`), or with another checkpoint (`recipe_with_checkpoint`);
 - callbacks and faults for fit runs (`SaveRankWeights`, `SignalAtStep`, `BlowUpAfterStep`, `inject`).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import os
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import lightning as L
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 from torch import nn
@@ -27,7 +30,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn.models import create
 
-EXPERIMENTS = sorted((Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml"))
+# experiments/wrn28_10.yaml is the headline command's short name for wrn28_10_cifar10.yaml (a link): listed once
+EXPERIMENTS = sorted(p for p in (Path(__file__).resolve().parents[1] / "experiments").glob("*.yaml")
+                     if not p.is_symlink())
 
 
 # --- small models --------------------------------------------------------------------------------------------
@@ -56,7 +61,7 @@ SMALL: dict[str, tuple[dict, int]] = {
     "nasnet_a_mobile": (dict(num_normal_cells=1, penultimate_filters=96, aux_head=False, num_classes=5,
                              image_size=64), 64),
 }
-# one per kernel-backed layer (LRN, PreActConv2d, DenseConv2d) and per way of building a network
+# one per kernel-backed layer (LRN, BNReLUConv2d, DenseConv2d) and per way of building a network
 FAST = ["lenet5", "alexnet", "vgg11_bn", "resnet18", "preact_resnet164", "densenet121"]
 
 
@@ -97,9 +102,9 @@ def meta_model(name: str) -> nn.Module:
 
 def has_kernel_layers(model: nn.Module) -> bool:
     """Whether the model holds a kernel-backed layer (LRN, the fused BN-ReLU-conv, DenseNet's op)."""
-    from lightcnn.layers import LocalResponseNorm, PreActConv2d
+    from lightcnn.layers import BNReLUConv2d, LocalResponseNorm
 
-    return any(isinstance(m, (LocalResponseNorm, PreActConv2d)) for m in model.modules())
+    return any(isinstance(m, (LocalResponseNorm, BNReLUConv2d)) for m in model.modules())
 
 
 def feature_sides(model: nn.Module, side: int, types=(nn.Conv2d, nn.MaxPool2d)) -> list[int]:
@@ -134,6 +139,135 @@ def bf16_autocast_error(model: nn.Module, x: torch.Tensor) -> float:
     assert torch.isfinite(y).all()
     centred = lambda t: t - t.mean(1, keepdim=True)  # noqa: E731
     return ((centred(y) - centred(expected)).norm() / centred(expected).norm()).item()
+
+
+# --- model-family checks (the test_models_<family>.py files) ------------------------------------------------
+
+def check_default_cfg(name: str, num_classes: int, dataset: str, side: int) -> None:
+    """The registered model's cfg declares the paper's classes, data set and input side; num_classes overrides."""
+    model = build_meta(name)
+    cfg = model.default_cfg
+    assert model.num_classes == cfg["num_classes"] == num_classes
+    assert cfg["dataset"] == dataset
+    assert cfg["input_size"] == (model.in_chans, side, side)
+    assert len(cfg["mean"]) == len(cfg["std"]) == model.in_chans
+    assert build_meta(name, num_classes=7).num_classes == 7
+
+
+def check_published_counts(name: str, side: int) -> None:
+    """Exact trainable parameters (aux heads included) and MACs within 1% of lightcnn/published.py, at `side`."""
+    from lightcnn.published import published
+
+    pub = published(name)
+    assert pub.input_side == side
+    model = build_meta(name)
+    assert n_params(model) == pub.params + pub.aux_params
+    assert macs(model, side) / 1e9 == pytest.approx(pub.gmacs, rel=0.01)
+
+
+def check_forward_backward(name: str, num_classes: int) -> None:
+    """Training-mode forward (every head) and backward at the native input size, batch 2: finite logits of
+    the right shape and a finite gradient for every parameter."""
+    model = create(name).train()
+    out = model(torch.randn(2, *model.default_cfg["input_size"]))
+    outs = list(out) if isinstance(out, tuple) else [out]
+    for o in outs:
+        assert o.shape == (2, num_classes) and torch.isfinite(o).all()
+    sum(o.logsumexp(1).sum() for o in outs).backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, f"no finite gradient for {missing}"
+
+
+def check_eval_is_features_then_head(name: str, side: int) -> None:
+    """Eval mode is deterministic and equals forward_head(forward_features(x))."""
+    model = create(name).eval()
+    x = torch.randn(2, model.in_chans, side, side)
+    with torch.no_grad():
+        y = model(x)
+        assert torch.equal(y, model(x))
+        feats = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(feats), y)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+
+
+@contextlib.contextmanager
+def full_float32_precision():
+    """Full float32 precision in cuDNN convolutions and matmuls (TF32 would need a looser tolerance)."""
+    old = torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old[0]
+        torch.set_float32_matmul_precision(old[1])
+
+
+def check_kernels_match_float64_reference(name: str, side: int, device: str, **kwargs) -> None:
+    """float32 on `device` with the compiled kernels against float64 on the CPU with the reference ops, in
+    eval mode; then a finite training step on `device`."""
+    from lightcnn.layers import default_impl
+
+    model = create(name, **kwargs)
+    model.eval()
+    x = torch.randn(1, model.in_chans, side, side)
+    with full_float32_precision():
+        with torch.no_grad(), default_impl("reference"):
+            expected = model.double()(x.double())
+        with torch.no_grad():
+            y = model.float().to(device)(x.to(device))
+        torch.testing.assert_close(y.cpu().double(), expected, rtol=1e-4, atol=1e-5)
+    model.train()
+    y = model(x.to(device))
+    (y.logits if isinstance(y, tuple) else y).logsumexp(1).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def check_compiled_matches_eager(name: str, side: int, **kw) -> None:
+    """torch.compile (inductor) gives the eager outputs (every head) and parameter gradients, training mode."""
+    model = create(name, **kw).train()
+    x = torch.randn(2, model.in_chans, side, side)
+    compiled = torch.compile(model)
+    out_c, out_e = compiled(x), model(x)
+    if isinstance(out_e, tuple):
+        assert type(out_c) is type(out_e)
+        out_c, out_e = torch.stack(list(out_c)), torch.stack(list(out_e))
+    torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
+    grads_e = torch.autograd.grad(out_e.logsumexp(-1).sum(), list(model.parameters()))
+    grads_c = torch.autograd.grad(out_c.logsumexp(-1).sum(), list(model.parameters()))
+    for ge, gc in zip(grads_e, grads_c):
+        torch.testing.assert_close(gc, ge, rtol=1e-3, atol=1e-4)
+
+
+def check_torchvision_weights_give_equal_outputs(name: str) -> None:
+    """A randomised torchvision twin (10 classes) converted to ours gives bit-equal eval outputs."""
+    import torchvision
+
+    from lightcnn.models.weights import from_torchvision
+
+    tv = getattr(torchvision.models, name.replace("_owt", ""))(weights=None, num_classes=10)
+    randomise_bn(tv)
+    ours = from_torchvision(name, tv)
+    assert ours.num_classes == 10
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), tv.eval()(x), rtol=0, atol=0)
+
+
+def check_torchvision_state_dict_maps_key_for_key(name: str) -> None:
+    """The torchvision twin's state_dict maps onto ours key for key, shape for shape (meta device)."""
+    import torchvision
+
+    from lightcnn.models.weights import TWINS, map_layers_in_order
+
+    assert ("torchvision", name) in TWINS
+    with torch.device("meta"):
+        tv = getattr(torchvision.models, name.replace("_owt", ""))(weights=None)
+        ours = create(name)
+    converted = map_layers_in_order(ours, tv.state_dict())
+    assert list(converted) == list(ours.state_dict())
+    assert [v.shape for v in converted.values()] == [v.shape for v in tv.state_dict().values()]
+    assert [v.shape for v in converted.values()] == [v.shape for v in ours.state_dict().values()]
 
 
 # --- data files in the real formats ---------------------------------------------------------------------------
@@ -182,6 +316,16 @@ def build_experiment(name: str, tmp_path):
     path = next(p for p in EXPERIMENTS if p.stem == name)
     return LightCNNCLI(["--config", str(path), "--run_root", str(tmp_path), "--trainer.logger", "false"],
                        stage="fit", experiment_name=name)
+
+
+def recipe_with_checkpoint(recipe: Path, out: Path, init_args: str) -> Path:
+    """`recipe` (one without callbacks of its own) written to `out` with one `ModelCheckpoint(**init_args)`
+    (a YAML flow mapping) in place of the last-checkpoint callback every recipe inherits."""
+    text = recipe.read_text()
+    assert "\ntrainer:\n" in text and "callbacks" not in text, recipe
+    out.write_text(text.replace("\ntrainer:\n", "\ntrainer:\n  callbacks:\n    - class_path: "
+                                "lightning.pytorch.callbacks.ModelCheckpoint\n      init_args: " + init_args + "\n", 1))
+    return out
 
 
 # --- callbacks and faults for fit runs ------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The fused pre-activation op (torch.ops.lightcnn.bn_relu_conv2d) and PreActConv2d against the unfused
+"""The fused pre-activation op (torch.ops.lightcnn.bn_relu_conv2d) and BNReLUConv2d against the unfused
 reference sequence nn.Sequential(BatchNorm2d, ReLU, Conv2d): outputs, every gradient, running statistics,
 eval mode, gradcheck, opcheck, torch.compile, autocast, saved memory, and errors on bad input.
 CUDA twins run on a GPU and skip without one."""
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lightcnn import ops
-from lightcnn.layers import LocalResponseNorm, PreActConv2d, get_default_impl
+from lightcnn.layers import BNReLUConv2d, LocalResponseNorm, get_default_impl
 from lightcnn.ops import _library, bn_relu_conv, lrn
 from lightcnn.ops._library import Config
 from tests.conftest import DEVICES, requires_cuda
@@ -49,9 +49,9 @@ CONFIGS = {
 
 
 def _pair(cin=4, cout=8, config="k3", bias=True, device="cpu", dtype=torch.float64, momentum=0.1):
-    """A PreActConv2d on the kernel and its reference Sequential, with identical random parameters."""
+    """A BNReLUConv2d on the kernel and its reference Sequential, with identical random parameters."""
     k, s, p, d, g = CONFIGS[config]
-    layer = PreActConv2d(cin, cout, k, s, p, d, g, bias=bias, momentum=momentum, impl="kernel")
+    layer = BNReLUConv2d(cin, cout, k, s, p, d, g, bias=bias, momentum=momentum, impl="kernel")
     with torch.no_grad():  # non-trivial BN state so that every term of the gradient matters
         layer.bn.weight.uniform_(0.5, 1.5)
         layer.bn.bias.uniform_(-0.5, 0.5)
@@ -177,7 +177,7 @@ def test_shared_preactivation_with_shortcut_matches_reference(device, training):
 def test_state_dict_matches_reference_sequence():
     layer, ref = _pair(config="k3")
     assert list(layer.state_dict()) == list(ref.state_dict())
-    fresh = PreActConv2d(4, 8, 3, padding=1, bias=True, impl="kernel").double()
+    fresh = BNReLUConv2d(4, 8, 3, padding=1, bias=True, impl="kernel").double()
     fresh.load_state_dict(ref.state_dict())
     x = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     torch.testing.assert_close(fresh.eval()(x), ref.eval()(x))
@@ -397,7 +397,7 @@ def test_bad_stride_and_padding_raise():
     with pytest.raises(ValueError, match="padding='same' is not supported"):
         _call(padding="same")
     with pytest.raises(ValueError, match="padding must be an int or a pair"):
-        PreActConv2d(3, 4, 3, padding="same")  # the fused kernel takes explicit zero padding
+        BNReLUConv2d(3, 4, 3, padding="same")  # the fused kernel takes explicit zero padding
 
 
 @requires_cuda
@@ -452,7 +452,7 @@ def _same_seed_runs(fns, x, seed=5):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_dropout_layer_kernel_equals_reference_from_the_same_seed(device):
-    """PreActConv2d draws one mask per call for either impl: the same seed gives the same training step."""
+    """BNReLUConv2d draws one mask per call for either impl: the same seed gives the same training step."""
     layer, _ = _pair(cin=8, cout=8, config="k3", device=device)
     layer.drop_rate = 0.3
     ref = copy.deepcopy(layer)
@@ -654,7 +654,7 @@ def test_layers_backend_info_names_each_layer_types_implementation():
     info = layers.backend_info()
     assert info["default_impl"] == layers.get_default_impl() == "auto"
     assert {name: v["op"] for name, v in info["layers"].items()} == {
-        "PreActConv2d": "bn_relu_conv2d", "LocalResponseNorm": "lrn", "DenseConv2d": "dense_bn_relu_conv2d"}
+        "BNReLUConv2d": "bn_relu_conv2d", "LocalResponseNorm": "lrn", "DenseConv2d": "dense_bn_relu_conv2d"}
     for v in info["layers"].values():
         assert v["auto"] == ops.backend_info()["ops"][v["op"]]["auto"]
         assert v["compiled"]["cpu"] is True
@@ -681,7 +681,7 @@ def test_dropout_under_inductor_matches_eager_with_the_same_seed(monkeypatch):
 def test_layers_run_on_the_meta_device(impl):
     """Shape-only runs (model summaries, FLOP counts on meta): no kernel, no autocast state to ask about."""
     with torch.device("meta"):
-        model = nn.Sequential(PreActConv2d(4, 8, 3, padding=1, drop_rate=0.3, impl=impl),
+        model = nn.Sequential(BNReLUConv2d(4, 8, 3, padding=1, drop_rate=0.3, impl=impl),
                               LocalResponseNorm(3, impl=impl))
         out = model(torch.randn(2, 4, 6, 6))
     assert out.shape == (2, 8, 6, 6) and out.device.type == "meta"

@@ -7,6 +7,7 @@ import torch
 from lightcnn.models import is_model
 from lightcnn.training.cli import SaveRunConfig, main
 from tests.conftest import requires_cuda
+from tests.helpers import recipe_with_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "experiments" / "lenet5_digits.yaml")
@@ -68,9 +69,8 @@ def test_test_command_evaluates_a_checkpoint_with_the_saved_config(tmp_path):
 
 
 def test_test_weights_best_tests_the_checkpoint_with_the_best_validation_metric(tmp_path):
-    recipe = tmp_path / "best.yaml"
-    recipe.write_text(Path(DIGITS).read_text().replace(
-        "init_args: {save_last: true}", "init_args: {save_last: true, monitor: val/acc1, mode: max}"))
+    recipe = recipe_with_checkpoint(Path(DIGITS), tmp_path / "best.yaml",
+                                    "{save_last: true, monitor: val/acc1, mode: max}")
     cli = main([str(recipe), "--run_root", str(tmp_path), "--test_weights", "best", "--trainer.max_epochs", "3",
                 "--trainer.limit_train_batches", "4", *QUIET])
     best = cli.trainer.checkpoint_callback.best_model_path

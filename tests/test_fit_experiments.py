@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightcnn.models import is_model
-from lightcnn.training.cli import LightCNNCLI
+from lightcnn.training.cli import RECIPE_DEFAULTS, LightCNNCLI
 from tests.helpers import EXPERIMENTS, build_experiment
 
 
@@ -22,7 +22,7 @@ def _argv(monkeypatch):
 def test_there_is_an_experiment_per_paper_recipe():
     names = {p.stem for p in EXPERIMENTS}
     expected = {"lenet5_digits", "alexnet_imagenet", "zfnet_imagenet", "vgg16_imagenet", "googlenet_imagenet",
-                "resnet50_imagenet", "resnet110_cifar10", "preact_resnet164_cifar10", "wrn28_10",
+                "resnet50_imagenet", "resnet110_cifar10", "preact_resnet164_cifar10", "wrn28_10_cifar10",
                 "resnext29_8x64d_cifar10", "sd_resnet110_cifar10", "densenet_bc100_k12_cifar10",
                 "densenet121_imagenet", "fractalnet20_cifar10", "nasnet_a_cifar10", "inception_v4_imagenet",
                 "inception_resnet_v2_imagenet"}
@@ -96,15 +96,94 @@ def test_stochastic_depth_recipe_tests_the_best_validation_checkpoint_of_a_45k_5
     assert ckpt.monitor == "val/acc1" and ckpt.mode == "max"
 
 
-def test_every_recipe_logs_through_lightcnn_wandb_logger_and_names_callbacks_by_their_export():
+def test_every_recipe_names_callbacks_by_their_export():
     import yaml
 
     import lightcnn.training
 
-    for path in EXPERIMENTS:
+    for path in [RECIPE_DEFAULTS, *EXPERIMENTS]:
         trainer = yaml.safe_load(path.read_text())["trainer"]
-        assert trainer["logger"]["class_path"] == "lightcnn.training.WandbLogger", path.name
-        for cb in trainer.get("callbacks") or []:
+        for cb in [*(trainer.get("callbacks") or []), *(trainer.get("callbacks+") or [])]:
             module, _, name = cb["class_path"].rpartition(".")
             if module.startswith("lightcnn."):
                 assert module == "lightcnn.training" and name in lightcnn.training.__all__, f"{path.name}: {cb}"
+
+
+def test_recipes_hold_only_what_differs_from_the_shared_defaults():
+    """The seed, the logger and the last-checkpoint callback are written once, in recipe_defaults.yaml; a recipe
+    that adds a callback appends it (`callbacks+`), one that replaces the list keeps a ModelCheckpoint."""
+    import yaml
+
+    defaults = yaml.safe_load(RECIPE_DEFAULTS.read_text())
+    assert defaults["seed_everything"] == 0
+    assert defaults["trainer"]["logger"]["class_path"] == "lightcnn.training.WandbLogger"
+    assert defaults["trainer"]["callbacks"] == [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}}]
+    for path in EXPERIMENTS:
+        recipe = yaml.safe_load(path.read_text())
+        trainer = recipe["trainer"]
+        assert "seed_everything" not in recipe and "logger" not in trainer, path.name
+        for key, value in defaults["trainer"].items():
+            assert trainer.get(key) != value, f"{path.name} repeats trainer.{key}"
+        if "callbacks" in trainer:
+            assert any(cb["class_path"].endswith("ModelCheckpoint") for cb in trainer["callbacks"]), path.name
+
+
+@pytest.mark.parametrize("name, callbacks", [
+    ("wrn28_10_cifar10", ["ModelCheckpoint"]),
+    ("zfnet_imagenet", ["ModelCheckpoint", "RenormalizeFilters"]),
+    ("sd_resnet110_cifar10", ["ModelCheckpoint"]),
+])
+def test_a_recipe_resolves_to_the_shared_trainer_block_plus_its_own(name, callbacks, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cli = build_experiment(name, tmp_path)
+    config = cli.config
+    assert config.seed_everything == 0 and config.trainer.accelerator == "auto"
+    assert [cb.class_path.rpartition(".")[2] for cb in config.trainer.callbacks] == callbacks
+    (ckpt,) = [cb for cb in cli.trainer.callbacks if isinstance(cb, ModelCheckpoint)]
+    assert ckpt.save_last is True
+    assert (ckpt.monitor, ckpt.mode) == (("val/acc1", "max") if name.startswith("sd_") else (None, "min"))
+    # the logger too (build_experiment turns it off): parsed, not instantiated
+    logger = cli.parser.parse_args(["--config", str(next(p for p in EXPERIMENTS if p.stem == name))]).trainer.logger
+    assert logger.class_path == "lightcnn.training.WandbLogger"
+    assert (logger.init_args.project, logger.init_args.save_dir) == ("lightcnn", "runs")
+
+
+def test_enable_checkpointing_false_drops_the_inherited_checkpoint(tmp_path):
+    digits = next(p for p in EXPERIMENTS if p.stem == "lenet5_digits")
+    cli = LightCNNCLI(["--config", str(digits), "--run_root", str(tmp_path), "--trainer.logger", "false",
+                       "--trainer.enable_checkpointing", "false"], stage="fit", experiment_name="lenet5_digits")
+    assert cli.config.trainer.callbacks == [] and cli.trainer.checkpoint_callback is None
+
+
+def test_model_impl_from_the_command_line_reaches_every_kernel_layer(tmp_path):
+    from lightcnn.layers import LocalResponseNorm
+
+    recipe = next(p for p in EXPERIMENTS if p.stem == "alexnet_imagenet")
+    cli = LightCNNCLI(["--config", str(recipe), "--run_root", str(tmp_path), "--trainer.logger", "false",
+                       "--model.impl", "reference"], stage="fit", experiment_name="alexnet_imagenet")
+    assert [m.impl for m in cli.model.net.modules() if isinstance(m, LocalResponseNorm)] == ["reference"] * 2
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model.impl", "kernal"], "error: --model.impl: 'kernal' is not one of 'auto', 'kernel', 'reference' (or null)"),
+    (["--model.impl", "kernel"], "lightcnn.fit: error: create('lenet5'): unknown argument 'impl' for LeNet5."),
+    (["--model.impl", "kernel", "--model.model_kwargs", "{impl: reference}"],
+     "lightcnn.fit: error: impl is given twice, as impl and as model_kwargs.impl: keep one"),
+], ids=["not-a-choice", "model-without-kernels", "given-twice"])
+def test_model_impl_from_the_command_line_is_checked_in_one_line(args, says, tmp_path, capsys):
+    from lightcnn.training.cli import main
+
+    digits = next(p for p in EXPERIMENTS if p.stem == "lenet5_digits")
+    with pytest.raises(SystemExit) as e:
+        main([str(digits), "--run_root", str(tmp_path), "--trainer.logger", "false", *args])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(says), last
+
+
+def test_the_headline_command_runs_the_wide_resnet_recipe():
+    """`python -m lightcnn.fit experiments/wrn28_10.yaml` (the short name) is the WRN-28-10 CIFAR-10 recipe."""
+    short = EXPERIMENTS[0].parent / "wrn28_10.yaml"
+    assert short.is_symlink() and short.resolve() == EXPERIMENTS[0].parent / "wrn28_10_cifar10.yaml"

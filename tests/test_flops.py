@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn import ops
-from lightcnn.layers import PreActConv2d, default_impl
+from lightcnn.layers import BNReLUConv2d, default_impl
 from lightcnn.models import create, list_models
 from lightcnn.ops import _library
 from tests.helpers import has_kernel_layers, meta_model
@@ -53,7 +53,7 @@ def test_every_model_counts_the_same_macs_with_kernel_and_reference(name):
     assert kernel == reference
     # the kernel path ran and was counted (lrn, bn_relu_conv2d, or the DenseNet op of DenseConv2d)
     assert any(op.startswith("lightcnn.") for op in per_op), per_op
-    if any(isinstance(m, PreActConv2d) for m in model.modules()):
+    if any(isinstance(m, BNReLUConv2d) for m in model.modules()):
         assert any(op.startswith("lightcnn.") and n > 0 for op, n in per_op.items()), per_op
 
 
@@ -61,7 +61,7 @@ def test_every_model_counts_the_same_macs_with_kernel_and_reference(name):
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3])
 def test_bn_relu_conv2d_counts_the_convolutions_forward_and_backward(config, drop_rate):
     k, stride, padding, dilation, groups, bias = config
-    layer = PreActConv2d(4, 6, k, stride, padding, dilation, groups, bias=bias, drop_rate=drop_rate)
+    layer = BNReLUConv2d(4, 6, k, stride, padding, dilation, groups, bias=bias, drop_rate=drop_rate)
     x = torch.randn(2, 4, 9, 8, requires_grad=True)
     counts = {}
     for impl in ("kernel", "reference"):

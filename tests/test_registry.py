@@ -68,8 +68,11 @@ def test_misspelt_override_is_a_type_error_naming_the_knob():
     ("vgg11", {"num_classes": "10"}, r"num_classes='10' does not fit VGG's num_classes: int \(got str\)"),
     ("vgg11", {"num_classes": True}, r"num_classes=True does not fit VGG's num_classes: int \(got bool\)"),
     ("alexnet", {"init": "xavier"},
-     r"init='xavier' does not fit AlexNet's init: Literal\['paper', 'zfnet', 'pytorch'\]"),
-    ("alexnet", {"impl": 1}, r"impl=1 does not fit AlexNet's impl: str \| None"),
+     r"init='xavier' does not fit AlexNet's init: 'paper' \| 'zfnet' \| 'pytorch' \(got str\)"),
+    ("alexnet", {"impl": 1}, r"impl=1 does not fit impl: 'auto' \| 'kernel' \| 'reference'\.$"),
+    ("alexnet", {"impl": "kernal"}, r"impl='kernal' does not fit impl: 'auto' \| 'kernel' \| 'reference'\.$"),
+    ("lenet5", {"impl": "kernel"}, r"unknown argument 'impl' for LeNet5"),
+    ("wrn28_10", {"drop_rate": 0.3, "impl": "Kernel"}, r"impl='Kernel' does not fit impl: 'auto' \| 'kernel'"),
     ("alexnet", {"lrn_after": "01"}, r"lrn_after='01' does not fit AlexNet's lrn_after: Sequence\[int\]"),
     ("googlenet", {"drop_rate": "0.4"}, r"drop_rate='0.4' does not fit GoogLeNet's drop_rate: float"),
     ("lenet5_original", {"rbf_centres": "ascii"}, r"rbf_centres='ascii'"),
@@ -77,6 +80,30 @@ def test_misspelt_override_is_a_type_error_naming_the_knob():
 def test_ill_typed_override_is_a_clear_type_error(name, kwargs, message):
     with pytest.raises(TypeError, match=message):
         create(name, **kwargs)
+
+
+def test_every_impl_argument_is_typed_impl():
+    """Each model that takes `impl` annotates it `Impl | None`, so that `create` (and the CLI's --model.impl)
+    rejects another value naming the choices; `impl` reaches every kernel-backed layer."""
+    from typing import Optional, get_type_hints
+
+    from lightcnn.layers import BNReLUConv2d, DenseConv2d, Impl, LocalResponseNorm
+
+    takers = []
+    for name in list_models():
+        cls = registry._built_class(registry._MODELS[name])
+        hints = get_type_hints(cls.__init__) if cls is not None else {}
+        if "impl" in hints:
+            assert hints["impl"] == Optional[Impl], f"{name}: impl is {hints['impl']}"
+            takers.append(name)
+    assert {"alexnet", "zfnet", "googlenet", "preact_resnet164", "wrn28_10", "densenet121"} <= set(takers)
+    for layer in (LocalResponseNorm, BNReLUConv2d, DenseConv2d):
+        assert get_type_hints(layer.__init__)["impl"] == Optional[Impl]
+    for name in ("alexnet", "preact_resnet164", "densenet40_k12"):
+        with torch.device("meta"):
+            model = create(name, impl="reference")
+        layers = [m for m in model.modules() if isinstance(m, (LocalResponseNorm, BNReLUConv2d))]
+        assert layers and {m.impl for m in layers} == {"reference"}, name
 
 
 def test_well_typed_overrides_pass_the_check():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightcnn.training.cli import SaveRunConfig, main
-from tests.helpers import write_cifar
+from tests.helpers import recipe_with_checkpoint, write_cifar
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -29,11 +29,8 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def _digits_recipe(tmp_path: Path, every: int) -> Path:
-    recipe = tmp_path / "digits.yaml"
-    checkpoints = f"init_args: {{save_last: true, every_n_train_steps: {every}, save_top_k: -1}}"
-    recipe.write_text((ROOT / "experiments" / "lenet5_digits.yaml").read_text().replace(
-        "init_args: {save_last: true}", checkpoints))
-    return recipe
+    return recipe_with_checkpoint(ROOT / "experiments" / "lenet5_digits.yaml", tmp_path / "digits.yaml",
+                                  f"{{save_last: true, every_n_train_steps: {every}, save_top_k: -1}}")
 
 
 def _cifar_recipe(tmp_path: Path, every: int, pipeline: str, augmentation: str = "cutout: 8") -> Path:

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import lightning as L
 import torch
@@ -87,36 +87,59 @@ class EpochSeededRandomSampler(DistributedSampler):
         return itertools.islice(super().__iter__(), start, None)
 
 
-class ResumableDataLoader(DataLoader):
-    """A `DataLoader` whose position in the epoch is saved in checkpoints (Lightning saves the state of a
-    training loader that has `state_dict`/`load_state_dict`), so that a checkpoint saved in the middle of
-    an epoch resumes with the next batch: its state is the epoch and the batches handed out in it, and
-    the next pass over that epoch skips those batches' indices in the sampler (nothing is loaded twice).
-    Iteration starts lazily, after Lightning's `set_epoch`."""
+class EpochPosition:
+    """Where a training loader is in its epoch, as checkpoints save it: the epoch and how many of its batches
+    were handed out (Lightning saves the state of a training loader that has `state_dict`/`load_state_dict`).
+    After `load_state_dict`, the next pass over that epoch starts after those batches (`_begin` says how many
+    to skip); a pass over another epoch starts at its first. Subclasses call `_reset_position()` in
+    `__init__`, start each pass with `_begin(epoch)`, count what they yield with `_count(...)`, and set
+    their epoch in `_restore_epoch`."""
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
+    def _reset_position(self) -> None:
         self.epoch, self.handed_out = 0, 0
         self._resume: dict[str, int] | None = None
 
-    def __iter__(self) -> Iterator[Any]:
-        epoch = getattr(self.sampler, "epoch", 0)
+    def _begin(self, epoch: int) -> int:
         resume, self._resume = self._resume, None
         skip = resume["handed_out"] if resume is not None and resume["epoch"] == epoch else 0
-        if skip and hasattr(self.sampler, "start"):
-            self.sampler.start = skip * (self.batch_size or 1)
         self.epoch, self.handed_out = epoch, skip
-        for batch in super().__iter__():
+        return skip
+
+    def _count(self, batches: Iterable[Any]) -> Iterator[Any]:
+        for batch in batches:
             self.handed_out += 1
             yield batch
+
+    def _restore_epoch(self, epoch: int) -> None:
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch, "handed_out": self.handed_out}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self._resume = dict(state)
+        self._restore_epoch(state["epoch"])
+
+
+class ResumableDataLoader(EpochPosition, DataLoader):
+    """A `DataLoader` whose position in the epoch is saved in checkpoints (`EpochPosition`), so that a
+    checkpoint saved in the middle of an epoch resumes with the next batch: the next pass over that epoch
+    skips the handed-out batches' indices in the sampler (nothing is loaded twice). Iteration starts lazily,
+    after Lightning's `set_epoch`."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._reset_position()
+
+    def __iter__(self) -> Iterator[Any]:
+        skip = self._begin(getattr(self.sampler, "epoch", 0))
+        if skip and hasattr(self.sampler, "start"):
+            self.sampler.start = skip * (self.batch_size or 1)
+        yield from self._count(super().__iter__())
+
+    def _restore_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(state["epoch"])
+            self.sampler.set_epoch(epoch)
 
 
 class UnreadableDataError(FileNotFoundError):

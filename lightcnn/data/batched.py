@@ -26,6 +26,8 @@ from typing import Any, Iterator, Literal
 import torch
 import torch.nn.functional as F
 
+from lightcnn.data.base import EpochPosition
+
 PaddingMode = Literal["zero", "mean", "reflect"]
 
 # Rows of the augmentation parameters of a batch (one column per image).
@@ -165,7 +167,7 @@ class BatchAugment:
         return keep[:, None].to(torch.float32)
 
 
-class EpochBatches:
+class EpochBatches(EpochPosition):
     """Which images each batch of an epoch holds on this process, and their augmentation parameters.
 
     Training (`shuffle`): the epoch's permutation and every image's parameters are drawn from a generator
@@ -178,8 +180,8 @@ class EpochBatches:
     Evaluation: the images in order, split into `world_size` contiguous shards (every image once), each
     cut into the same number of batches of at most `batch_size // world_size`.
 
-    Lightning calls `set_epoch` before each epoch; `state_dict` holds the epoch and how many batches of it
-    were handed out, and `load_state_dict` makes the next pass over that epoch start after them.
+    Lightning calls `set_epoch` before each epoch; `state_dict` (`EpochPosition`) holds the epoch and how many
+    batches of it were handed out, and `load_state_dict` makes the next pass over that epoch start after them.
     """
 
     def __init__(self, num_images: int, batch_size: int, shuffle: bool, seed: int = 0, rank: int = 0,
@@ -191,8 +193,7 @@ class EpochBatches:
         self.num_images, self.batch_size, self.shuffle, self.seed = num_images, batch_size, shuffle, seed
         self.rank, self.world_size, self.augment, self.image_size = rank, world_size, augment, image_size
         self.per_rank = batch_size // world_size
-        self.epoch, self.handed_out = 0, 0
-        self._resume: dict[str, int] | None = None
+        self._reset_position()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -223,19 +224,11 @@ class EpochBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         # A generator: nothing is drawn before the first batch is asked for, i.e. after Lightning's set_epoch.
-        resume, self._resume = self._resume, None
-        start = resume["handed_out"] if resume is not None and resume["epoch"] == self.epoch else 0
-        self.handed_out = start
-        for batch in self.batches()[start:]:
-            self.handed_out += 1
-            yield batch
+        start = self._begin(self.epoch)
+        yield from self._count(self.batches()[start:])
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "handed_out": self.handed_out}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self._resume = dict(state)
-        self.epoch = state["epoch"]
+    def _restore_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
 
 class BatchedLoader:

@@ -12,45 +12,50 @@ switched with `set_default_impl("reference")` or `with default_impl("reference")
 from __future__ import annotations
 
 import contextlib
+from typing import Literal, get_args
 
 import torch
 
 from lightcnn.ops import _library
 
-IMPLS = ("auto", "kernel", "reference")
-_default = "auto"
+# The type of every `impl` argument (layers, models, `lightcnn.models.create`, the CLI's `--model.impl`), so
+# that jsonargparse and the registry reject any other value with the list of these.
+Impl = Literal["auto", "kernel", "reference"]
+IMPLS: tuple[str, ...] = get_args(Impl)
+_default: Impl = "auto"
 
 
-def _check(impl: str) -> str:
+def check_impl(impl: str) -> Impl:
+    """`impl` itself, or a ValueError naming the accepted values."""
     if impl not in IMPLS:
-        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        raise ValueError(f"impl must be one of {', '.join(map(repr, IMPLS))}; got {impl!r}")
     return impl
 
 
-def set_default_impl(impl: str) -> None:
+def set_default_impl(impl: Impl) -> None:
     global _default
-    _default = _check(impl)
+    _default = check_impl(impl)
 
 
-def get_default_impl() -> str:
+def get_default_impl() -> Impl:
     return _default
 
 
 @contextlib.contextmanager
-def default_impl(impl: str):
+def default_impl(impl: Impl):
     global _default
-    old, _default = _default, _check(impl)
+    old, _default = _default, check_impl(impl)
     try:
         yield
     finally:
         _default = old
 
 
-def resolve_impl(impl: str | None) -> str:
-    return _default if impl is None else _check(impl)
+def resolve_impl(impl: Impl | None) -> Impl:
+    return _default if impl is None else check_impl(impl)
 
 
-def runs_kernel(impl: str | None, op: _library.KernelOp, x: torch.Tensor) -> bool:
+def runs_kernel(impl: Impl | None, op: _library.KernelOp, x: torch.Tensor) -> bool:
     """Whether a layer with this `impl` runs `op`'s kernel path on input `x` ("auto" asks the op's table;
     "kernel" raises where no kernel is compiled for x's device type; "auto" falls back with a warning)."""
     impl = resolve_impl(impl)

@@ -6,12 +6,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from lightcnn.layers._impl import LAYER_OPS, runs_kernel
-from lightcnn.layers.preact import PreActConv2d
+from lightcnn.layers._impl import LAYER_OPS, Impl, runs_kernel
+from lightcnn.layers.bn_relu_conv import BNReLUConv2d
 from lightcnn.ops import dense, dense_bn_relu_conv2d
 
 
-class DenseConv2d(PreActConv2d):
+class DenseConv2d(BNReLUConv2d):
     """BatchNorm2d -> ReLU -> Conv2d (stride 1, no bias) over the concatenation of a list of feature maps:
     a DenseNet layer's bottleneck 1x1 (or, without bottleneck, its 3x3) and a transition's 1x1.
 
@@ -32,7 +32,7 @@ class DenseConv2d(PreActConv2d):
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1, padding: int = 0,
-                 eps: float = 1e-5, momentum: float | None = 0.1, impl: str | None = None):
+                 eps: float = 1e-5, momentum: float | None = 0.1, impl: Impl | None = None):
         super().__init__(in_channels, out_channels, kernel_size, stride=1, padding=padding, bias=False, eps=eps,
                          momentum=momentum, impl=impl)
 

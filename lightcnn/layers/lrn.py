@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightcnn.layers._impl import LAYER_OPS, resolve_impl, runs_kernel
+from lightcnn.layers._impl import LAYER_OPS, Impl, resolve_impl, runs_kernel
 from lightcnn.ops import _library, local_response_norm, lrn, reference
 
 
@@ -16,7 +16,7 @@ class LocalResponseNorm(nn.LocalResponseNorm):
         impl: "auto", "kernel", "reference", or None to follow `lightcnn.layers.set_default_impl`.
     """
 
-    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, impl: str | None = None):
+    def __init__(self, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0, impl: Impl | None = None):
         super().__init__(size, alpha, beta, k)
         self.impl = None if impl is None else resolve_impl(impl)
 

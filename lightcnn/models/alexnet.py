@@ -21,7 +21,7 @@ from typing import Literal, Mapping, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from lightcnn.layers import LocalResponseNorm
+from lightcnn.layers import Impl, LocalResponseNorm
 from lightcnn.models.base import Classifier, make_default_cfg, sequential_stages
 from lightcnn.models.registry import register_model
 from lightcnn.models.weights import map_layers_in_order, register_twin
@@ -79,7 +79,7 @@ class AlexNet(Classifier):
                  lrn_size: int = 5, lrn_alpha: float = 5e-4, lrn_beta: float = 0.75, lrn_k: float = 2.0,
                  pooled_size: int = 6, hidden_features: int = 4096, drop_rate: float = 0.5,
                  dropout_position: Literal["after_fc", "before_fc"] = "after_fc",
-                 init: Literal["paper", "zfnet", "pytorch"] = "paper", impl: str | None = None,
+                 init: Literal["paper", "zfnet", "pytorch"] = "paper", impl: Impl | None = None,
                  input_size: int = 227):
         super().__init__()
         if dropout_position not in ("after_fc", "before_fc"):

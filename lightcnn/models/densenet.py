@@ -6,12 +6,12 @@ bottleneck of DenseNet-B BN-ReLU-Conv1x1 (to 4k channels) then BN-ReLU-Conv3x3 (
 between blocks is BN-ReLU-Conv1x1 (to floor(theta * C) channels, theta = 0.5 in DenseNet-C/BC) then 2x2
 average pooling. After the last block: BN, ReLU, global average pooling, the classifier.
 
-Memory (`memory_efficient=True`, the default): every BN-ReLU-Conv over a concatenation is a
-`lightcnn.layers.DenseConv2d`, which takes the block's list of feature maps and never stores their
-concatenation nor its BN-ReLU output (recomputed in the backward from the saved batch statistics), and
-every 3x3 of a bottleneck layer is the fused `PreActConv2d`, which keeps only its input; so a block's
-activation memory grows linearly with its depth instead of quadratically. `memory_efficient=False`, or
-`impl="reference"`, runs the naive sequence (`torch.cat`, BatchNorm2d, ReLU, Conv2d per layer); the
+Memory: every BN-ReLU-Conv over a concatenation is a `lightcnn.layers.DenseConv2d`, which takes the block's
+list of feature maps and, on the DenseNet kernel, never stores their concatenation nor its BN-ReLU output
+(recomputed in the backward from the saved batch statistics), and every 3x3 of a bottleneck layer is the
+fused `BNReLUConv2d`, which keeps only its input; so a block's activation memory grows linearly with its
+depth instead of quadratically. `impl="reference"` runs the naive sequence (`torch.cat`, BatchNorm2d, ReLU,
+Conv2d per layer) everywhere, `concat_impl="reference"` only in the layers over a concatenation; the
 state_dict, the outputs, the gradients and the running statistics are the same either way.
 
 - ImageNet (Table 1; torchvision's layout): `densenet121/169/201/264` (k=32, 64 stem channels) and
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightcnn.layers import DenseConv2d, PreActConv2d
+from lightcnn.layers import BNReLUConv2d, DenseConv2d, Impl
 from lightcnn.models.base import Classifier, init_he_, make_default_cfg
 from lightcnn.models.registry import register_model
 from lightcnn.models.weights import register_twin
@@ -52,12 +52,12 @@ class DenseLayer(nn.Module):
     O(k) channels and a block's activation memory stays linear in its depth."""
 
     def __init__(self, in_channels: int, growth_rate: int, bn_size: int | None, drop_rate: float,
-                 impl: str | None, concat_impl: str | None):
+                 impl: Impl | None, concat_impl: Impl | None):
         super().__init__()
         if bn_size:  # DenseNet-B: 1x1 to bn_size * k, then the 3x3 (the fused pre-activation unit)
             self.bottleneck = DenseConv2d(in_channels, bn_size * growth_rate, 1, impl=concat_impl)
             self.drop_bottleneck = nn.Dropout(drop_rate) if drop_rate else None
-            self.conv = PreActConv2d(bn_size * growth_rate, growth_rate, 3, padding=1, impl=impl)
+            self.conv = BNReLUConv2d(bn_size * growth_rate, growth_rate, 3, padding=1, impl=impl)
         else:
             self.bottleneck = self.drop_bottleneck = None
             self.conv = DenseConv2d(in_channels, growth_rate, 3, padding=1, impl=concat_impl)
@@ -74,7 +74,7 @@ class DenseLayer(nn.Module):
 
 class DenseBlock(nn.Module):
     def __init__(self, num_layers: int, in_channels: int, growth_rate: int, bn_size: int | None, drop_rate: float,
-                 impl: str | None, concat_impl: str | None):
+                 impl: Impl | None, concat_impl: Impl | None):
         super().__init__()
         self.layers = nn.ModuleList(
             DenseLayer(in_channels + i * growth_rate, growth_rate, bn_size, drop_rate, impl, concat_impl)
@@ -92,7 +92,7 @@ class Transition(nn.Module):
     """BN-ReLU-Conv1x1 over the block's feature maps, dropout (`drop_rate` > 0, as after every convolution
     but the stem: Sec. 4.2 and the authors' `models/densenet.lua`), then 2x2 average pooling (Sec. 3)."""
 
-    def __init__(self, in_channels: int, out_channels: int, impl: str | None, drop_rate: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int, impl: Impl | None, drop_rate: float = 0.0):
         super().__init__()
         self.conv = DenseConv2d(in_channels, out_channels, 1, impl=impl)
         self.drop = nn.Dropout(drop_rate) if drop_rate else None
@@ -117,16 +117,21 @@ class DenseNet(Classifier):
         stem: "imagenet" (7x7/2 conv, BN, ReLU, 3x3/2 max pooling) or "cifar" (one 3x3 conv).
         num_classes: classifier outputs.
         in_chans: input image channels.
-        memory_efficient: True: the concatenations are never stored (DenseConv2d over the list of features);
-            False: the naive per-layer `torch.cat` + BN + ReLU + conv, as `impl="reference"`.
         impl: "auto" (lightcnn's ops where measured faster), "kernel", "reference" (the unfused PyTorch sequence),
             or None (the global default, "auto").
+        concat_impl: the impl of the layers over a concatenation (bottleneck 1x1s, plain 3x3s, transitions)
+            alone; None: `impl`. "reference" is the naive per-layer `torch.cat` + BN + ReLU + conv
+            (torchvision's `memory_efficient=False`) while the fused 3x3s follow `impl`.
     """
+
+    # create(): an old argument's name -> what to write instead
+    renamed_args = {"memory_efficient": "concat_impl: memory_efficient=False is concat_impl='reference' (the "
+                                        "default stores no concatenation)"}
 
     def __init__(self, growth_rate: int = 32, block_config: tuple[int, ...] = (6, 12, 24, 16),
                  num_init_features: int = 64, bn_size: int | None = 4, compression: float = 0.5,
                  drop_rate: float = 0.0, stem: str = "imagenet", num_classes: int = 1000, in_chans: int = 3,
-                 memory_efficient: bool = True, impl: str | None = None):
+                 impl: Impl | None = None, concat_impl: Impl | None = None):
         super().__init__()
         if stem not in ("imagenet", "cifar"):
             raise ValueError(f"DenseNet: stem must be 'imagenet' or 'cifar', got {stem!r}")
@@ -138,8 +143,7 @@ class DenseNet(Classifier):
             raise ValueError(f"DenseNet: drop_rate must be in [0, 1), got {drop_rate}")
         self.num_classes, self.in_chans = num_classes, in_chans
         self.growth_rate, self.block_config = growth_rate, tuple(block_config)
-        self.memory_efficient = memory_efficient
-        concat_impl = impl if memory_efficient else "reference"
+        concat_impl = impl if concat_impl is None else concat_impl
 
         if stem == "imagenet":
             self.stem = nn.Sequential(OrderedDict(

@@ -25,7 +25,7 @@ from typing import Literal, NamedTuple, Sequence
 import torch
 from torch import nn
 
-from lightcnn.layers import LocalResponseNorm
+from lightcnn.layers import Impl, LocalResponseNorm
 from lightcnn.models.base import Classifier, init_caffe_xavier_, make_default_cfg, sequential_stages
 from lightcnn.models.registry import register_model
 
@@ -150,7 +150,7 @@ class GoogLeNet(Classifier):
                  drop_rate: float = 0.4, aux_drop_rate: float = 0.7,
                  lrn: bool = True, lrn_size: int = 5,
                  lrn_alpha: float = 1e-4, lrn_beta: float = 0.75, lrn_k: float = 1.0,
-                 init: Literal["caffe", "pytorch"] = "caffe", impl: str | None = None):
+                 init: Literal["caffe", "pytorch"] = "caffe", impl: Impl | None = None):
         super().__init__()
         blocks = {"bottleneck": Inception, "naive": InceptionNaive}
         if inception not in blocks:

@@ -64,7 +64,7 @@ def load_model(name: str | None, checkpoint: str | Path | None = None, **overrid
     if name is None:
         raise ValueError("give a model name (lightcnn.models.list_models()) or a checkpoint of lightcnn.fit")
     kwargs = dict(hp.get("model_kwargs") or {})
-    for key in ("num_classes", "in_chans"):
+    for key in ("num_classes", "in_chans"):  # not `impl`: a run's choice of kernels need not suit this machine
         if hp.get(key) is not None:
             kwargs[key] = hp[key]
     kwargs.update(overrides)

@@ -3,7 +3,7 @@
 Every residual unit is a stack of BN-ReLU-conv units (the "full pre-activation" of figure 4(e)); the
 identity path carries no ReLU, and one BN-ReLU follows the last unit before pooling. Where a unit changes
 width or resolution, its first BN-ReLU is shared by the branch and the 1x1 projection shortcut, as in the
-authors' code. Each BN-ReLU-conv is a `PreActConv2d` (the fused kernel; `impl="reference"` runs the
+authors' code. Each BN-ReLU-conv is a `BNReLUConv2d` (the fused kernel; `impl="reference"` runs the
 unfused PyTorch sequence). As in the authors' code (KaimingHe/resnet-1k-layers): He init over the
 fan-out and a zero classifier bias.
 
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightcnn.layers import PreActConv2d
+from lightcnn.layers import BNReLUConv2d, Impl
 from lightcnn.models.base import Classifier, init_he_, make_default_cfg
 from lightcnn.models.registry import register_model
 
@@ -32,10 +32,10 @@ from lightcnn.models.registry import register_model
 class PreActBasicBlock(nn.Module):
     expansion = 1
 
-    def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float, impl: str | None):
+    def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float, impl: Impl | None):
         super().__init__()
-        self.conv1 = PreActConv2d(in_planes, planes, 3, stride, 1, impl=impl)
-        self.conv2 = PreActConv2d(planes, planes, 3, 1, 1, drop_rate=drop_rate, impl=impl)
+        self.conv1 = BNReLUConv2d(in_planes, planes, 3, stride, 1, impl=impl)
+        self.conv2 = BNReLUConv2d(planes, planes, 3, 1, 1, drop_rate=drop_rate, impl=impl)
         self.shortcut = (nn.Conv2d(in_planes, planes, 1, stride, bias=False)
                          if stride != 1 or in_planes != planes else None)
 
@@ -47,13 +47,13 @@ class PreActBasicBlock(nn.Module):
 class PreActBottleneck(nn.Module):
     expansion = 4
 
-    def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float, impl: str | None):
+    def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float, impl: Impl | None):
         super().__init__()
         out_planes = planes * self.expansion
         # The stride sits in the first 1x1 conv, as in the authors' code (KaimingHe/resnet-1k-layers).
-        self.conv1 = PreActConv2d(in_planes, planes, 1, stride, impl=impl)
-        self.conv2 = PreActConv2d(planes, planes, 3, 1, 1, drop_rate=drop_rate, impl=impl)
-        self.conv3 = PreActConv2d(planes, out_planes, 1, drop_rate=drop_rate, impl=impl)
+        self.conv1 = BNReLUConv2d(in_planes, planes, 1, stride, impl=impl)
+        self.conv2 = BNReLUConv2d(planes, planes, 3, 1, 1, drop_rate=drop_rate, impl=impl)
+        self.conv3 = BNReLUConv2d(planes, out_planes, 1, drop_rate=drop_rate, impl=impl)
         self.shortcut = (nn.Conv2d(in_planes, out_planes, 1, stride, bias=False)
                          if stride != 1 or in_planes != out_planes else None)
 
@@ -84,7 +84,7 @@ class PreActResNet(Classifier):
     def __init__(self, block: Literal["basic", "bottleneck"] = "bottleneck", layers: tuple[int, ...] = (18, 18, 18),
                  widths: tuple[int, ...] = (16, 32, 64), stem_width: int = 16, num_classes: int = 10,
                  in_chans: int = 3, drop_rate: float = 0.0, he_fan_mode: Literal["fan_in", "fan_out"] = "fan_out",
-                 impl: str | None = None):
+                 impl: Impl | None = None):
         super().__init__()
         blocks = {"basic": PreActBasicBlock, "bottleneck": PreActBottleneck}
         if block not in blocks:

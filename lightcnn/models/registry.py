@@ -26,6 +26,8 @@ from typing import Any, Callable, Literal, Sequence, Union
 
 from torch import nn
 
+from lightcnn.layers import Impl
+
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _PATTERNS: list[tuple[re.Pattern, Callable[..., nn.Module], str]] = []
 
@@ -92,9 +94,11 @@ def _create_external(name: str, builder: Callable[..., nn.Module], overrides: di
 
 
 def create(name: str, num_classes: int | None = None, features_only: bool = False,
-           out_indices: int | Sequence[int] | None = None, **overrides) -> nn.Module:
+           out_indices: int | Sequence[int] | None = None, impl: Impl | None = None, **overrides) -> nn.Module:
     """Build a registered model. `num_classes` defaults to the class count of the paper's data set;
-    other keyword arguments override the builder's defaults (e.g. `drop_rate=0.3`, `impl="reference"`).
+    `impl` picks the implementation of a model's kernel-backed layers ("auto", "kernel", "reference"; None:
+    the model's default, which follows `lightcnn.layers.set_default_impl`); a model without such layers
+    does not take it. Other keyword arguments override the builder's defaults (e.g. `drop_rate=0.3`).
     `name` may also be `"pkg.module:builder"` or an entry point of the group `lightcnn.models`.
     `features_only=True` returns the network's stage feature maps instead of logits (timm's, a
     `lightcnn.models.base.FeatureExtractor`), those of `out_indices` (stage indices; None: all).
@@ -106,6 +110,10 @@ def create(name: str, num_classes: int | None = None, features_only: bool = Fals
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     if num_classes is not None:
         overrides["num_classes"] = num_classes
+    if impl is not None:
+        if not _matches(impl, Impl):  # here for every builder, also those outside lightcnn
+            raise TypeError(f"create({name!r}): impl={impl!r} does not fit impl: {_type_name(Impl)}.")
+        overrides["impl"] = impl
     if features_only:
         from lightcnn.models.base import FeatureExtractor
 
@@ -144,7 +152,15 @@ def _built_class(fn: Callable) -> type | None:
 
 
 def _type_name(hint: Any) -> str:
-    if isinstance(hint, type) and typing.get_origin(hint) is None:
+    """An annotation as a user reads it: `int`, `'a' | 'b' | None`, `Sequence[int]`."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is type(None):
+        return "None"
+    if origin is Literal:
+        return " | ".join(map(repr, args))
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in args)
+    if isinstance(hint, type) and origin is None:
         return hint.__name__
     return str(hint).replace("typing.", "").replace("collections.abc.", "")
 
@@ -203,6 +219,9 @@ def _check_overrides(name: str, fn: Callable, overrides: dict) -> None:
     if open_ended:
         return
     for key in overrides:
+        renamed = getattr(cls, "renamed_args", {}).get(key)
+        if renamed is not None and key not in accepted and key not in own:
+            raise TypeError(f"create({name!r}): {cls.__name__}'s {key!r} is now {renamed}.")
         if key not in accepted and key not in own:
             close = difflib.get_close_matches(key, accepted + own, n=3, cutoff=0.6)
             hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""

@@ -6,13 +6,8 @@ Importing lightcnn._C runs its TORCH_LIBRARY registrations (torch.ops.lightcnn.*
 or was built against another torch (undefined symbols), every op falls back to its PyTorch reference
 with one warning; LIGHTCNN_REQUIRE_KERNELS=1 turns that into an error (CI sets it).
 
-Adding an op (see README "Kernels"): one line in its lightcnn/ops/<op>.py,
-
-    OP = _library.register("lrn", helpers=("lrn_backward",), dtypes={"cpu": (...), "cuda": (...)})
-
-then `if _library.use_kernel(OP, input): torch.ops.lightcnn.lrn(...)` else the reference, and the fake,
-autograd and FLOP registrations under `if OP.defined:`. Every op asks the same way; no dispatcher query
-happens per call (a query inside an op would break torch.compile's graph).
+Adding an op (its files, this module's one registration line and how its function asks for the kernel):
+CONTRIBUTING.md, "A kernel".
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ Design (the op and its backward, C++ in csrc/dense.{h,cpp} and csrc/cuda/dense_c
   register_autograd formula and works under torch.compile.
 - The per-channel arithmetic and the argument checks are those of the fused pre-activation op
   (csrc/bn_relu_conv.h); the 3x3 BN-ReLU-Conv of a DenseNet-BC layer is that op
-  (`lightcnn.layers.PreActConv2d`), which keeps only its 4k-channel input. So a dense layer keeps little
+  (`lightcnn.layers.BNReLUConv2d`), which keeps only its 4k-channel input. So a dense layer keeps little
   more than its bottleneck output and its own k new channels.
 
 Autocast: as `bn_relu_conv2d` (and the unfused sequence): the convolution runs in the autocast dtype, the

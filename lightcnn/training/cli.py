@@ -2,6 +2,8 @@
 
 `lightcnn.fit` and `lightcnn.test` are thin faces of `main` here. What this adds to LightningCLI:
 - the experiment file is a positional argument (`python -m lightcnn.fit experiments/x.yaml`);
+- every recipe inherits `recipe_defaults.yaml` (seed, logger, a last-checkpoint callback), LightningCLI's
+  `default_config_files`, and holds only what its paper sets;
 - each fit gets a run folder `RUN_ROOT/NAME/TIMESTAMP/` (NAME defaults to the experiment file's name)
   holding the resolved `config.yaml` and `checkpoints/`; the folder is chosen on rank 0 and broadcast,
   so every DDP process agrees on it however it was launched (Lightning, torchrun, SLURM);
@@ -21,6 +23,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import sys
 import tempfile
 import warnings
@@ -138,11 +141,29 @@ class SaveRunConfig(SaveConfigCallback):
                         pass
 
 
+# The trainer block every recipe shares (seed, logger, last-checkpoint callback), read before the experiment file.
+RECIPE_DEFAULTS = Path(__file__).with_name("recipe_defaults.yaml")
+
+
 class _Parser(LightningArgumentParser):
-    """Adds to a wrong-key error the closest accepted keys and the list of the keys accepted there."""
+    """Adds to a wrong-key error the closest accepted keys and the list of the keys accepted there, and says a
+    value outside a knob's choices in one line."""
 
     def error(self, message: str, ex: Exception | None = None):
-        return super().error(message + key_hint(self, message), ex)
+        return super().error(_choices_error(message) or message + key_hint(self, message), ex)
+
+
+def _choices_error(message: str) -> str | None:
+    """jsonargparse's several lines for a value outside a `Literal[...]` (or `Literal[...] | None`) knob, as
+    one: `--model.impl: 'kernal' is not one of 'auto', 'kernel', 'reference' (or null)`; None for another error."""
+    key = re.search(r'Parser key "([\w.]+)"', message)
+    choices = re.findall(r"Literal\[([^\]]*)\]", message)
+    value = re.search(r"(?:Given|Got) value: (.*)", message)
+    if not (key and choices and value) or len(set(choices)) != 1:
+        return None
+    optional = "NoneType" in message
+    return (f"--{key.group(1)}: {value.group(1).strip()!r} is not one of {choices[0]}"
+            + (" (or null)" if optional else ""))
 
 
 class LightCNNCLI(LightningCLI):
@@ -165,7 +186,7 @@ class LightCNNCLI(LightningCLI):
             auto_configure_optimizers=False,
             # allow_abbrev=False: argparse would otherwise take a misspelt prefix (`--trainer.max_epoch`) as a key.
             parser_kwargs={"prog": f"python -m lightcnn.{stage}", "description": _DESCRIPTIONS[stage],
-                           "allow_abbrev": False},
+                           "allow_abbrev": False, "default_config_files": [str(RECIPE_DEFAULTS)]},
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -222,6 +243,7 @@ class LightCNNCLI(LightningCLI):
                                                               self.config.name, config_file)
         if self.stage == "test":  # a test writes no checkpoints
             self.config.trainer.enable_checkpointing = False
+        if self.config.trainer.enable_checkpointing is False:  # nor the checkpoint callback recipes inherit
             self.config.trainer.callbacks = [
                 cb for cb in self.config.trainer.callbacks or []
                 if not getattr(cb, "class_path", "").endswith("ModelCheckpoint")

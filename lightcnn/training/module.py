@@ -26,6 +26,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchvision.transforms import v2
 
+from lightcnn.layers import Impl
 from lightcnn.models import create
 from lightcnn.training import evaluation
 from lightcnn.training.init_weights import TWINS, load_init_weights, read_state_dict, twin_libraries
@@ -44,7 +45,10 @@ class ClassifierModule(L.LightningModule):
             evaluation with no further argument.
         lr_scheduler: optional LR scheduler, e.g. `torch.optim.lr_scheduler.MultiStepLR` with
             `milestones`; `ReduceLROnPlateau` watches `lr_monitor`.
-        model_kwargs: keyword overrides for the model builder (e.g. `drop_rate: 0.3`, `impl: reference`).
+        model_kwargs: keyword overrides for the model builder (e.g. `drop_rate: 0.3`).
+        impl: the implementation of the network's kernel-backed layers (LRN, the fused BN-ReLU-Conv, DenseNet's
+            op): "auto" (the kernel where it was measured faster), "kernel", "reference" (plain PyTorch);
+            None: the network's default, "auto". Only networks with such layers take it.
         num_classes: classes of the classifier; linked from the datamodule by the CLI.
         in_chans: input channels; linked from the datamodule by the CLI.
         lr_interval: step the scheduler every "epoch" or every "step" (iteration-based recipes such as
@@ -78,6 +82,7 @@ class ClassifierModule(L.LightningModule):
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        impl: Impl | None = None,
         num_classes: int | None = None,
         in_chans: int | None = None,
         lr_interval: Literal["epoch", "step"] = "epoch",
@@ -104,6 +109,10 @@ class ClassifierModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self._make_optimizer, self._make_scheduler = optimizer, lr_scheduler
         kwargs = dict(model_kwargs or {})
+        if impl is not None:
+            if "impl" in kwargs:
+                raise ValueError("impl is given twice, as impl and as model_kwargs.impl: keep one")
+            kwargs["impl"] = impl
         if in_chans is not None:
             kwargs["in_chans"] = in_chans
         self.net: nn.Module = create(model, num_classes=num_classes, **kwargs)

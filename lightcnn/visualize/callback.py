@@ -4,7 +4,7 @@ feature-evolution picture (Zeiler & Fergus 2014, Fig. 4) of `python -m lightcnn.
 In an experiment YAML:
 
     trainer:
-      callbacks:
+      callbacks+:   # after the last-checkpoint callback every recipe inherits
         - class_path: lightcnn.visualize.FeatureSnapshots
           init_args: {epochs: [1, 2, 5, 10, 20, 30]}
 

@@ -23,10 +23,10 @@ default), bf16 (torch.autocast bfloat16; use with --channels-last, as users run 
 Targets, kernel / reference: CUDA bf16 and tf32: time <= 1.10 and peak memory <= 0.60; CUDA
 fp32 without TF32: time <= 1.05; CPU: time <= 1.05 and memory <= 0.7.
 
-  python benchmarks/bench_preact.py                                  # CPU, batch 8
-  python benchmarks/bench_preact.py --device cuda --batch-size 128   # GPU
-  python benchmarks/bench_preact.py --json results.json              # also write the figures
-  python benchmarks/bench_preact.py --device cuda --fit-memory-gib 16 --variants kernel,reference
+  python benchmarks/bench_bn_relu_conv.py                                  # CPU, batch 8
+  python benchmarks/bench_bn_relu_conv.py --device cuda --batch-size 128   # GPU
+  python benchmarks/bench_bn_relu_conv.py --json results.json              # also write the figures
+  python benchmarks/bench_bn_relu_conv.py --device cuda --fit-memory-gib 16 --variants kernel,reference
 
 --fit-memory-gib G: instead of timing, the largest batch whose training step fits in G GiB, per variant
 (the fused unit should fit a larger batch than the reference). Each worker measures the whole

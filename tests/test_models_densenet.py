@@ -125,12 +125,23 @@ def test_torchvision_weights_give_equal_outputs():
     assert {"densenet121", "densenet161", "densenet169", "densenet201"} <= set(twins("torchvision"))
 
 
-def test_memory_efficient_false_is_the_naive_path_with_the_same_state_dict():
-    eff, naive, ref = _small(None), _small(None, memory_efficient=False), _small("reference")
+def test_concat_impl_reference_is_the_naive_path_with_the_same_state_dict():
+    eff, naive, ref = _small(None), _small(None, concat_impl="reference"), _small("reference")
     assert list(eff.state_dict()) == list(naive.state_dict()) == list(ref.state_dict())
     assert all(m.impl == "reference" for m in naive.modules() if type(m).__name__ == "DenseConv2d")
+    assert all(m.impl is None for m in naive.modules() if type(m).__name__ == "BNReLUConv2d")  # follows `impl`
     x = torch.randn(3, 3, 8, 8, dtype=torch.float64)
     torch.testing.assert_close(naive.eval()(x), ref.eval()(x))
+
+
+def test_torchvisions_memory_efficient_is_refused_with_the_new_name():
+    # torchvision's memory_efficient=True checkpoints; here the default already stores no concatenation
+    with pytest.raises(TypeError, match=r"create\('densenet121'\): DenseNet's 'memory_efficient' is now concat_impl: "
+                                        r"memory_efficient=False is concat_impl='reference'"):
+        create("densenet121", memory_efficient=False)
+    with pytest.raises(TypeError, match=r"concat_impl='kernal' does not fit DenseNet's concat_impl: 'auto' \| "
+                                        r"'kernel' \| 'reference' \| None"):
+        create("densenet121", concat_impl="kernal")
 
 
 def _step_all(model, x):
@@ -231,8 +242,8 @@ def test_saved_memory_grows_linearly_with_depth():
 
 def _units(model):
     """The convolutions in forward order: the stem's, then every DenseConv2d / fused 3x3 unit."""
-    from lightcnn.layers import PreActConv2d
-    return [model.stem.conv0] + [m for m in model.modules() if isinstance(m, PreActConv2d)]
+    from lightcnn.layers import BNReLUConv2d
+    return [model.stem.conv0] + [m for m in model.modules() if isinstance(m, BNReLUConv2d)]
 
 
 @pytest.mark.parametrize("name, per_layer", [("densenet40_k12", 1), ("densenet_bc100_k12", 2)])

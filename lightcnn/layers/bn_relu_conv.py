@@ -6,11 +6,11 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
-from lightcnn.layers._impl import LAYER_OPS, resolve_impl, runs_kernel
+from lightcnn.layers._impl import LAYER_OPS, Impl, resolve_impl, runs_kernel
 from lightcnn.ops import bn_relu_conv, bn_relu_conv2d, reference
 
 
-class PreActConv2d(nn.Sequential):
+class BNReLUConv2d(nn.Sequential):
     """BatchNorm2d -> ReLU -> Conv2d, the pre-activation unit of He et al. 2016, on the fused kernel.
 
     It is an `nn.Sequential(OrderedDict(bn=..., relu=..., conv=...))`, so its state_dict is that of the
@@ -32,16 +32,16 @@ class PreActConv2d(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int | tuple[int, int], stride: int = 1,
                  padding: int | tuple[int, int] = 0, dilation: int = 1, groups: int = 1, bias: bool = False,
-                 eps: float = 1e-5, momentum: float | None = 0.1, drop_rate: float = 0.0, impl: str | None = None):
+                 eps: float = 1e-5, momentum: float | None = 0.1, drop_rate: float = 0.0, impl: Impl | None = None):
         if isinstance(padding, str):
-            raise ValueError(f"PreActConv2d: padding must be an int or a pair of ints, got {padding!r}")
+            raise ValueError(f"BNReLUConv2d: padding must be an int or a pair of ints, got {padding!r}")
         super().__init__(OrderedDict(
             bn=nn.BatchNorm2d(in_channels, eps=eps, momentum=momentum),
             relu=nn.ReLU(),
             conv=nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias),
         ))
         if not 0.0 <= drop_rate < 1.0:
-            raise ValueError(f"PreActConv2d: drop_rate must be in [0, 1), got {drop_rate}")
+            raise ValueError(f"BNReLUConv2d: drop_rate must be in [0, 1), got {drop_rate}")
         self.drop_rate = drop_rate
         self.impl = None if impl is None else resolve_impl(impl)
 
@@ -59,7 +59,7 @@ class PreActConv2d(nn.Sequential):
     def _fused(self, x: torch.Tensor, conv: nn.Conv2d, update_running_stats: bool = True,
                drop_mask: torch.Tensor | None = None) -> torch.Tensor:
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError("PreActConv2d: the fused kernel supports only integer zero padding")
+            raise ValueError("BNReLUConv2d: the fused kernel supports only integer zero padding")
         rm, rv, training, momentum = self._bn_args(update_running_stats)
         return bn_relu_conv2d(x, rm, rv, self.bn.weight, self.bn.bias, conv.weight, conv.bias, conv.stride,
                               conv.padding, conv.dilation, conv.groups, training, momentum, self.bn.eps,
@@ -87,4 +87,4 @@ class PreActConv2d(nn.Sequential):
         return ", ".join(extra + ([f"impl={self.impl}"] if self.impl else []))
 
 
-LAYER_OPS["PreActConv2d"] = bn_relu_conv.OP
+LAYER_OPS["BNReLUConv2d"] = bn_relu_conv.OP

@@ -6,7 +6,7 @@ layout, 32x32), four variants of the same network with the same weights initiali
   checkpointed  torchvision's DenseNet, memory_efficient=True (the concatenation, BN, ReLU and 1x1 conv of
                 every layer checkpointed and run again in the backward)
   reference     lightcnn's DenseNet, impl="reference" (the naive sequence, our module tree)
-  ours          lightcnn's DenseNet, default: DenseConv2d over the list of features + fused 3x3 (PreActConv2d)
+  ours          lightcnn's DenseNet, default: DenseConv2d over the list of features + fused 3x3 (BNReLUConv2d)
 
 For DenseNet-BC-190 torchvision's class gets the CIFAR stem (one 3x3 conv; norm0/relu0/pool0 removed), which
 makes it the very network of lightcnn's `densenet_bc190_k40` (checked by its parameter count).
@@ -25,9 +25,9 @@ Targets: CPU float32: ours' peak <= 0.7x checkpointed's and step time <= 1.0x na
 bf16 autocast + channels-last and in fp32 with TF32 on: ours' peak <= 0.35x naive's at <= 1.10x its time
 (fp32 with TF32 off is reported for the record).
 
-  python benchmarks/bench_densenet.py                          # CPU: DenseNet-121 b32 112x112, BC-190 b8
-  python benchmarks/bench_densenet.py --batch-size 8 --rounds 1     # a quick run
-  python benchmarks/bench_densenet.py --device cuda --json out.json # GPU, all three modes
+  python benchmarks/bench_dense.py                          # CPU: DenseNet-121 b32 112x112, BC-190 b8
+  python benchmarks/bench_dense.py --batch-size 8 --rounds 1     # a quick run
+  python benchmarks/bench_dense.py --device cuda --json out.json # GPU, all three modes
 """
 from __future__ import annotations
 
@@ -40,8 +40,8 @@ import sys
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # bench_preact's helpers; lightcnn without installing it
-from bench_preact import (  # noqa: E402  (after the sys.path line above)
+sys.path[:0] = [_HERE, os.path.dirname(_HERE)]  # bench_bn_relu_conv's helpers; lightcnn without installing it
+from bench_bn_relu_conv import (  # noqa: E402  (after the sys.path line above)
     _mib,
     _peak_allocated_cpu,
     _peak_rss_bytes,
