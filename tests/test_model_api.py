@@ -17,8 +17,10 @@ seconds per meta forward: their contract is slow; their shallower siblings run t
 """
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -62,20 +64,40 @@ def _heavy(name: str) -> bool:
     return _gmacs(model, model.default_cfg["input_size"]) > LIGHT_GMACS
 
 
+class EvalPass(NamedTuple):
+    features: torch.Tensor
+    pre_logits: torch.Tensor
+    head: torch.Tensor
+    logits: torch.Tensor
+    gmacs: float  # per image
+
+
+@functools.cache
+def _eval_pass(name: str) -> EvalPass:
+    """One eval-mode meta forward per model at its default input size, batch 2, read by every contract test
+    that checks it: features, `forward_head` of them, `model(x)`, and its MACs per image (published.py's
+    convention; convolution and matmul FLOPs grow linearly with the batch)."""
+    model = meta_model(name).eval()
+    x = torch.empty(2, *model.default_cfg["input_size"], device="meta")
+    features = model.forward_features(x)
+    with FlopCounterMode(display=False) as counter:
+        logits = model(x)
+    gmacs = counter.get_total_flops() / 2 / 2 / 1e9
+    return EvalPass(features, model.forward_head(features, pre_logits=True), model.forward_head(features), logits,
+                    gmacs)
+
+
 def test_every_registered_model_is_in_this_contract():
     assert len(NAMES) >= 39 and NAMES == sorted(NAMES)
 
 
 @pytest.mark.parametrize("name", CONTRACT)
 def test_features_then_head_give_logits_and_pre_logits(name):
-    model = meta_model(name).eval()
-    c, h, w = model.default_cfg["input_size"]
-    x = torch.empty(2, c, h, w, device="meta")
-    feats = model.forward_features(x)
-    assert feats.ndim == 4 and feats.shape[0] == 2
-    assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
-    assert model.forward_head(feats).shape == (2, model.num_classes)
-    assert model(x).shape == (2, model.num_classes)
+    model, out = meta_model(name), _eval_pass(name)
+    assert out.features.ndim == 4 and out.features.shape[0] == 2
+    assert out.pre_logits.shape == (2, model.num_features)
+    assert out.head.shape == (2, model.num_classes)
+    assert out.logits.shape == (2, model.num_classes)
 
 
 @pytest.mark.parametrize("name", CONTRACT)
@@ -87,8 +109,7 @@ def test_default_cfg_describes_what_the_model_takes(name):
     c, h, w = cfg["input_size"]
     assert c == model.in_chans and len(cfg["mean"]) == len(cfg["std"]) == c
     assert cfg["num_classes"] == model.num_classes
-    out = model.eval()(torch.empty(2, c, h, w, device="meta"))
-    assert out.shape == (2, cfg["num_classes"])
+    assert _eval_pass(name).logits.shape == (2, cfg["num_classes"])  # the model takes (2, *input_size)
     pub = published(name)
     if pub is not None:
         assert (h, w) == (pub.input_side, pub.input_side)
@@ -109,10 +130,11 @@ def test_aux_heads_only_in_training_as_a_named_tuple_of_logits(name):
     model = meta_model(name)
     x = torch.empty(2, *model.default_cfg["input_size"], device="meta")
     out = model.train()(x)
+    model.eval()
     if isinstance(out, tuple):  # e.g. GoogLeNet's (logits, aux_logits2, aux_logits1)
         assert hasattr(out, "_fields") and out._fields[0] == "logits"  # a named tuple, main logits first
         assert all(isinstance(o, torch.Tensor) and o.shape == (2, model.num_classes) for o in out)
-    assert isinstance(model.eval()(x), torch.Tensor)
+    assert isinstance(_eval_pass(name).logits, torch.Tensor)
 
 
 @pytest.mark.parametrize("name", [p for p in CONTRACT if published(getattr(p, "values", [p])[0]) is not None])
@@ -122,7 +144,10 @@ def test_parameters_and_macs_equal_published(name):
     if pub.params is not None:
         assert _params(model) == pub.params + pub.aux_params
     if pub.gmacs is not None:
-        assert _gmacs(model, (model.in_chans, pub.input_side, pub.input_side)) == pytest.approx(pub.gmacs, rel=2e-3)
+        side = (pub.input_side, pub.input_side)
+        gmacs = (_eval_pass(name).gmacs if side == tuple(model.default_cfg["input_size"][1:])
+                 else _gmacs(model, (model.in_chans, *side)))
+        assert gmacs == pytest.approx(pub.gmacs, rel=2e-3)
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if _heavy(n) else n for n in NAMES])
