@@ -1,7 +1,8 @@
 """Shared fixtures: tests run on the CPU, quietly, never touch a network, and CUDA twins skip cleanly.
 
 `python -m pytest` without paths runs the suite on worker processes (pytest-xdist, from the `test` extra: one
-per core, at most 4, one torch thread each, a whole file per worker so that module fixtures are built once).
+per core, at most 4, one torch thread each, a whole file per worker so that module fixtures are built once; the
+files parametrised by model name, a whole model per worker).
 Named files, `-n N`, `--pdb` and `-p no:xdist` run as asked; without pytest-xdist the suite runs in one process.
 """
 import os
@@ -14,6 +15,9 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 # Test files that share a per-process build (the CUDA emulator library): one worker runs them all.
 SHARED_WORKER = {"tests/test_gpu_model.py": "tests/test_cuda_emulated.py"}
+# Files parametrised by model name whose tests share per-process meta builds (tests.helpers.meta_model): the
+# workers share the file, each model's tests run on one of them.
+BY_MODEL = {"tests/test_model_api.py", "tests/test_flops.py"}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -37,6 +41,8 @@ def pytest_xdist_make_scheduler(config, log):
     class SharedBuildScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid):
             scope = super()._split_scope(nodeid)
+            if scope in BY_MODEL and nodeid.endswith("]"):
+                return f"{scope}[{nodeid.rsplit('[', 1)[1]}"
             return SHARED_WORKER.get(scope, scope)
 
     return SharedBuildScheduling(config, log)
