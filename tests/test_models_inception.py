@@ -142,8 +142,11 @@ def test_forward_backward_small_input(name):
     _forward_backward(name, SMALL)
 
 
+# The native size's shapes are checked on the meta device for every model (test_model_api.py); the real
+# forward and backward run fast at the small input above, with the same modules.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", INCEPTION)
-def test_forward_backward_at_native_size(name):  # 5-11 s each on 2 shared CPU cores
+def test_forward_backward_at_native_size(name):
     _forward_backward(name, 299)
 
 
