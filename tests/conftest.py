@@ -14,7 +14,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 # Test files that share a per-process build (the CUDA emulator library): one worker runs them all.
-SHARED_WORKER = {"tests/test_gpu_model.py": "tests/test_cuda_emulated.py"}
+SHARED_WORKER = {f"tests/{name}.py": "tests/test_cuda_emulated.py" for name in ("test_gpu_model", "test_cuda_emu")}
 # Files parametrised by model name whose tests share per-process meta builds (tests.helpers.meta_model): the
 # workers share the file, each model's tests run on one of them.
 BY_MODEL = {"tests/test_model_api.py", "tests/test_flops.py"}
