@@ -28,14 +28,27 @@ def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
     return torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
 
 
-def test_first_run_short_schedule_reaches_95_percent_on_held_out_digits(tmp_path):
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    """The README's first run on a third of its schedule (10 epochs), shared by the tests that read it."""
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.argv", ["lightcnn.fit"])
+        root = tmp_path_factory.mktemp("runs")
+        cli = main([DIGITS, "--run_root", str(root), "--trainer.max_epochs", "10",
+                    "--model.lr_scheduler.init_args.T_max", "10", *QUIET])
+    torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)  # as conftest does for each test
+    return cli, root
+
+
+def test_first_run_short_schedule_reaches_95_percent_on_held_out_digits(first_run):
     # The README's first run trains 30 epochs (>= 97%); a third of it must already pass 95%.
-    cli = main([DIGITS, "--run_root", str(tmp_path), "--trainer.max_epochs", "10",
-                "--model.lr_scheduler.init_args.T_max", "10", *QUIET])
+    cli, root = first_run
     acc = cli.trainer.callback_metrics["test/acc1"].item()
     assert acc >= 0.95, f"test accuracy {acc:.4f} < 0.95"
     run = _run_dir(cli)
-    assert run.parent == tmp_path / "lenet5_digits"  # runs/NAME/TIMESTAMP
+    assert run.parent == root / "lenet5_digits"  # runs/NAME/TIMESTAMP
     assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
     assert "max_epochs: 10" in (run / "config.yaml").read_text()  # the resolved config, overrides included
 
@@ -59,8 +72,8 @@ def test_two_epochs_equal_one_epoch_resume_one_epoch(tmp_path):
     assert not torch.equal(a["net.classifier.weight"], c["net.classifier.weight"])  # the 2nd epoch did train
 
 
-def test_test_command_evaluates_a_checkpoint_with_the_saved_config(tmp_path):
-    fit = main([DIGITS, "--run_root", str(tmp_path), "--trainer.max_epochs", "1", *QUIET])
+def test_test_command_evaluates_a_checkpoint_with_the_saved_config(first_run):
+    fit, _ = first_run
     run = _run_dir(fit)
     test = main([str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), *QUIET],
                 stage="test")

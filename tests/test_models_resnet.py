@@ -1,8 +1,8 @@
 """ResNet, ResNeXt, stochastic-depth ResNet and the torchvision weight import.
 
-Parameter counts and MACs are exact/1% checks against lightcnn/published.py, counted on the meta device (no
-memory, no compute), so every model is in the fast set. Forward/backward at the native input size runs
-on the CPU with batch 2; the big nets are marked slow.
+The published parameter counts and MACs of every model are asserted in test_model_api.py; the counts here
+(CIFAR-100 heads, the v1.5 layout, the projection shortcuts) are taken on the meta device (no memory, no
+compute). Forward/backward at the native input size runs on the CPU with batch 2; the big nets are marked slow.
 """
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from lightcnn.models.weights import TWINS, from_torchvision
 from lightcnn.published import MODELS as PUBLISHED
 
 FAMILY = ("resnet", "resnext", "sd_resnet")
-# lightcnn/published.py: params (exact) and GMACs at the native size (1%) of every model of the family.
+# lightcnn/published.py: the exact parameter count of every model of the family.
 PARAMS = {n: p.params for n, p in PUBLISHED.items() if n.startswith(FAMILY)}
-GMACS = {n: p.gmacs for n, p in PUBLISHED.items() if n.startswith(FAMILY) and p.gmacs is not None}
 # torchvision's v1.5 layout of the bottleneck nets (published.py's notes give these MACs).
 GMACS_V15 = {"resnet50": 4.089, "resnet101": 7.801, "resnet152": 11.514}
 
 MODELS = sorted(PARAMS)
 SLOW = {"resnet101", "resnet152", "sd_resnet152", "resnext29_16x64d", "resnext101_32x8d", "resnet1202",
         "sd_resnet1202"}
+DEEP = {"resnet1202", "sd_resnet1202"}  # the thousand-layer builds: resnet110 and sd_resnet110 run their code fast
 CIFAR = {n for n in MODELS if n.startswith(("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                                             "resnet1202", "resnext29", "sd_resnet110", "sd_resnet1202"))}
 
@@ -67,7 +67,7 @@ def test_every_model_of_the_issue_is_registered():
     assert set(list_models("resnet*")) | set(list_models("resnext*")) | set(list_models("sd_resnet*")) >= set(MODELS)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in MODELS])
 def test_create_defaults_to_the_papers_class_count(name):
     m = _meta(name)
     expected = 10 if name in CIFAR else 1000
@@ -77,20 +77,10 @@ def test_create_defaults_to_the_papers_class_count(name):
 
 
 # ----------------------------------------------------------------------------------- params and MACs
-@pytest.mark.parametrize("name", MODELS)
-def test_param_count_matches_reference(name):
-    assert _num_params(_meta(name)) == PARAMS[name]
-
-
 def test_cifar100_adds_90_times_classifier_input_plus_one():
     assert _num_params(_meta("resnet110", num_classes=100)) == PARAMS["resnet110"] + 90 * 65
     assert _num_params(_meta("resnext29_8x64d", num_classes=100)) == PARAMS["resnext29_8x64d"] + 90 * 1025
     assert _meta("sd_resnet110", num_classes=100).default_cfg["dataset"] == "cifar100"
-
-
-@pytest.mark.parametrize("name", sorted(GMACS))
-def test_macs_match_reference(name):
-    assert _gmacs(_meta(name)) == pytest.approx(GMACS[name], rel=0.01)
 
 
 @pytest.mark.parametrize("name", sorted(GMACS_V15))
