@@ -33,6 +33,7 @@ def pytest_cmdline_main(config):
             config.option.dist = "loadfile"
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: unknown where xdist is absent or off (-p no:xdist)
 def pytest_xdist_make_scheduler(config, log):
     if config.option.dist != "loadfile":
         return None
