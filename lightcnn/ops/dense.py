@@ -36,17 +36,17 @@ BN-ReLU in the features' dtype; the output has the convolution's dtype.
 
 GPU model (PREDICTIONS of benchmarks/gpu_model.py from the CUDA emulator's access record, not measured;
 docs/gpu_model.md): at DenseNet-121's block 1, layer 6 (batch 64) a training call moves 1.04-1.05x (fp32) and
-1.10-1.11x (bf16) the compulsory 10 passes over the concatenation's size, 0.69-0.74x the reference's 15 (cat,
-BN, ReLU and their backward), in 8 launches (the statistics' finishing launch does the affine step).
-Channels-last, every global access of the activation kernels is 100% coalesced (a warp reads neighbouring
-channels of a pixel and each thread sums one channel over many pixels); channels-first, the reductions' loads
-are 54-60% coalesced at that layer and 30% at the worst (a block sums a split of one channel's rows), the rest
-100% (benchmarks/RESULTS.md). Every launch moving > 1 MB has at least 5.6 waves of 132 SMs (the channels-last
-reductions of block 4, whose grid the host sizes for 8 blocks an SM; the others 62 or more). Predicted
-memory-bound time of that layer on an H100: about 590 us fp32 (reference 826), 322-324 us bf16 (424). The
-batch statistics shift their sums by K, the mean of a channel's first values, so that the variance's float
-rounding stays that of the variance itself. On CUDA, impl="auto" takes the reference until a GPU measures the
-kernel (see `_auto`).
+1.10-1.11x (bf16) the compulsory 10 passes over the concatenation's size, 0.69-0.74x the reference's 15 (cat, BN,
+ReLU and their backward), in 8 launches (the statistics' finishing launch does the affine step). Channels-last,
+every global access of the activation kernels is 100% coalesced (a warp reads neighbouring channels of a pixel and
+each thread sums one channel over many pixels); channels-first, the reductions' loads are 54-60% coalesced at that
+layer and 30% at the worst (the gradient is loaded only where the ReLU passes, about half the lanes: the same
+sectors, half the useful bytes), the rest 100% (benchmarks/RESULTS.md). Every launch moving > 1 MB has at least
+5.6 waves of 132 SMs (the channels-last reductions of block 4, whose grid the host sizes for 8 blocks an SM; the
+others 62 or more). Predicted memory-bound time of that layer on an H100: about 590 us fp32 (reference 826),
+322-324 us bf16 (424). The batch statistics shift their sums by K, the mean of a channel's first values, so that
+the variance's float rounding stays that of the variance itself. On CUDA, impl="auto" takes the reference until a
+GPU measures the kernel (see `_auto`).
 """
 from __future__ import annotations
 
