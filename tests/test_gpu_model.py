@@ -79,7 +79,8 @@ KNOWN_MISSES = {
         "the reductions, lanes along a pixel's channels, are 100%",
 }
 # and on the wider cases
-KNOWN_MISSES_BIG = KNOWN_MISSES | {
+# (the CI DenseNet case's bf16 bn_relu_into at 2x4 is the only per-instruction NHWC miss: the wider cases meet it)
+KNOWN_MISSES_BIG = {k: v for k, v in KNOWN_MISSES.items() if k != ("dense", "coalescing per instruction", "NHWC")} | {
     ("bn_relu_conv", "coalescing overall", "NHWC"):
         "WRN-28-10 160 channels bf16: 87%; bn_relu and grad_input load a vector's 8 float parameters as two "
         "16-byte vectors a lane, 32 bytes apart lane to lane (80% a request at C = 160); L1 serves the second "
