@@ -58,8 +58,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn import models
-from lightcnn.layers import Impl, default_impl, resolve_impl
-from lightcnn.layers._impl import IMPLS
+from lightcnn.layers import IMPLS, Impl, default_impl, resolve_impl
 from lightcnn.published import published
 
 COLUMNS = ("model", "family", "dataset", "input", "params", "gmacs", "act_mib_per_image", "infer_img_s",
