@@ -170,6 +170,9 @@ def test_sigterm_saves_a_resumable_checkpoint_exits_143_and_resumes(tmp_path, ca
 
 def test_sigint_exits_130(tmp_path, capsys):
     handler = signal.getsignal(signal.SIGINT)
+    # Python's Ctrl-C handler, as in a terminal: a shell starts a job run with `&` with SIGINT ignored, and
+    # Python then leaves it so (pytest started that way would otherwise never see the signal).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         code, err = _exit(capsys, DIGITS, "--run_root", str(tmp_path / "runs"), "--trainer.max_epochs", "2", *SHORT,
                           "--trainer.callbacks+=tests.helpers.SignalAtStep", "--trainer.callbacks.step=2",
