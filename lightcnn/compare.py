@@ -32,8 +32,8 @@ What is measured, per model in its default configuration at its native input siz
   above the parameters, at `--batch-size`);
 - speed: images/s of inference (eval, no grad) and of a training step (forward, backward, SGD step) at
   `--batch-size` on `--device` (fp32): untimed warm-up steps for `--warmup` seconds (so that the order of
-  the models does not change the figures), then the median of single-step times over at least
-  `--min-time` seconds; on CPU with torch's threads, or `--threads` (the table says how many: on a machine
+  the models does not change the figures), then single steps timed for at least `--min-time` seconds, in
+  five rounds: the median step time of the fastest round; on CPU with torch's threads, or `--threads` (the table says how many: on a machine
   shared with other jobs, several threads wait on each other and `--threads 1` gives stable figures).
 Published figures come from `lightcnn.published`.
 """
@@ -146,9 +146,11 @@ def seconds_per_step(step: Callable[[], object], min_time: float = 1.0, warmup: 
     Warm-up: `step` runs for `warmup` seconds (default: half of `min_time`) and at least WARMUP_STEPS
     times, untimed, so that what a first call pays once (thread pools, allocator, oneDNN/cuDNN algorithm
     choice, the CPU clock ramping up) is not charged to whichever model happens to be timed first. Then
-    each call is timed on its own for at least `min_time` seconds and TIMED_STEPS calls; the median is
-    robust to the other processes of a shared machine. The garbage the previous model left is collected first, so
-    that no collection of it falls into this timing."""
+    each call is timed on its own for at least `min_time` seconds and TIMED_STEPS calls. The timed calls
+    form ROUNDS consecutive rounds (one round when there are fewer than TIMED_STEPS calls a round) and the
+    figure is the median of the fastest round: the median is robust to a short pause, the fastest round to
+    another process slowing the machine down for a part of the timing (noise only ever adds time). The
+    garbage the previous model left is collected first, so that no collection of it falls into this timing."""
     warmup = min_time / 2 if warmup is None else warmup
     gc.collect()
     n, start = 0, clock()
@@ -163,10 +165,13 @@ def seconds_per_step(step: Callable[[], object], min_time: float = 1.0, warmup: 
         step()
         sync()
         times.append(clock() - t0)
-    return statistics.median(times)
+    per_round = len(times) // ROUNDS
+    if per_round < TIMED_STEPS:
+        return statistics.median(times)
+    return min(statistics.median(times[i * per_round:(i + 1) * per_round]) for i in range(ROUNDS))
 
 
-WARMUP_STEPS, TIMED_STEPS = 3, 5
+WARMUP_STEPS, TIMED_STEPS, ROUNDS = 3, 5, 5
 
 
 def images_per_second(model: nn.Module, input_size: Sequence[int], batch: int, train: bool,
@@ -406,7 +411,7 @@ def markdown(rows: Sequence[dict], device: str, runs: Sequence[dict] = ()) -> st
     timed = any(r["infer_img_s"] is not None for r in rows)
     n = torch.get_num_threads()
     threads = f" ({n} CPU thread{'s' if n > 1 else ''})" if device == "cpu" else ""
-    speed = (f"Speed on {device}{threads}, fp32, median step after a warm-up" if timed
+    speed = (f"Speed on {device}{threads}, fp32, median step of the fastest round after a warm-up" if timed
              else "Speed not measured (--no-speed)")
     lines.append(f"\n{speed}. Errors: published (lightcnn.published): ImageNet top-1/top-5 for "
                  "ImageNet models, CIFAR-10 (and CIFAR-100) test error for CIFAR models.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lightcnn.compare import (
+    ROUNDS,
     TIMED_STEPS,
     WARMUP_STEPS,
     busy_note,
@@ -168,6 +170,19 @@ def test_warm_up_runs_at_least_three_steps_and_its_time_before_timing():
     assert clock.calls == 7 + TIMED_STEPS
 
 
+def test_a_slowdown_over_most_of_the_timing_leaves_the_median_of_the_fastest_round():
+    """Another process slowing the machine down for the first 32 of 40 timed steps: the median of all steps
+    would be the slow 3.0; the last round ran undisturbed and gives the step's own 1.0."""
+    durations = iter([1.0] * WARMUP_STEPS + [3.0] * 32 + [1.0] * 8)
+    clock = FakeClock(slow=0)
+    step = lambda: setattr(clock, "now", clock.now + next(durations))  # noqa: E731
+    assert seconds_per_step(step, min_time=32 * 3.0 + 8 * 1.0, warmup=0.0, clock=clock) == 1.0
+    assert ROUNDS == 5 and TIMED_STEPS * ROUNDS <= 40  # five rounds of eight steps
+    # fewer than TIMED_STEPS steps a round: one round, the median of all
+    durations = iter([1.0] * WARMUP_STEPS + [3.0] * 6 + [1.0] * 3)
+    assert seconds_per_step(step, min_time=6 * 3.0 + 3 * 1.0 - 0.5, warmup=0.0, clock=clock) == 3.0
+
+
 def test_busy_machine_note_recommends_one_thread_only_where_it_helps():
     threads = torch.get_num_threads()
     try:
@@ -188,22 +203,26 @@ ORDER = textwrap.dedent("""
     import json, torch
     from lightcnn.compare import compare
     torch.set_num_threads(1)  # the figures of one thread: on a shared machine several wait on each other
-    rows = compare(["lenet5", "resnet20", "lenet5"], speed=True, batch_size=8, min_time=0.5, progress=False)
+    rows = compare(["lenet5", "resnet20", "lenet5"], speed=True, batch_size=8, min_time=2.0, progress=False)
     print(json.dumps([[r["infer_img_s"], r["train_img_s"]] for r in rows]))
 """)
 
 
 @pytest.mark.slow
-def test_the_same_model_timed_first_and_last_agrees_within_a_factor_on_a_shared_machine():
-    """Without a warm-up, lenet5 timed first in a fresh process ran 20-35x slower than timed after another
-    model. A quiet machine agrees within 10% (docs/compare.md has the figures); this test allows 2x, for a
-    2-core machine shared by other jobs, so it stays slow (a fresh process and six timings: 24 s at load 19)."""
+def test_the_same_model_timed_first_and_last_agrees_within_10_percent_on_a_quiet_machine():
+    """lenet5 timed first in a fresh process and again after resnet20. Without a warm-up the first timing ran
+    20-35x slower; now within 2x on any machine, and within 10% on a quiet one: set LIGHTCNN_QUIET_MACHINE=1
+    where nothing else runs, neither on the machine nor on its host (a shared VM slows whole seconds of a
+    timing by 10-50%, which no estimator removes). Slow: a fresh process and six timings (about 25 s);
+    benchmarks/RESULTS.md ("compare: order") has the figures."""
     proc = subprocess.run([sys.executable, "-c", ORDER], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (first_infer, first_train), _, (last_infer, last_train) = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert 0.5 < first_infer / last_infer < 2.0, (first_infer, last_infer)
-    assert 0.5 < first_train / last_train < 2.0, (first_train, last_train)
+    first, _, last = json.loads(proc.stdout.strip().splitlines()[-1])
+    quiet = os.environ.get("LIGHTCNN_QUIET_MACHINE") == "1"
+    low, high = (0.9, 1.1) if quiet else (0.5, 2.0)
+    for kind, f, l in zip(("inference", "training"), first, last):
+        assert low < f / l < high, (kind, f, l, "quiet machine" if quiet else "shared machine")
 
 
 # --- nothing measured is lost: --out checked first, rows written as measured, Ctrl-C keeps them ----------
