@@ -105,6 +105,16 @@ struct Block {
 
 #define CUDA_EMU_UNRECORDED __attribute__((no_sanitize_address))
 
+// A block's fibers as a plain range of pointers, for the emulator's own loops: those functions are not
+// instrumented, so the vector's instrumented iterator functions would not be inlined into them (a call and a
+// recorded-or-not check per fiber, in scans of up to 1024 fibers per scheduling step).
+struct Fibers {
+  Fiber *first, *last;
+  CUDA_EMU_UNRECORDED Fiber* begin() const { return first; }
+  CUDA_EMU_UNRECORDED Fiber* end() const { return last; }
+};
+CUDA_EMU_UNRECORDED inline Fibers fibers_of(Block& b) { return {b.fibers.data(), b.fibers.data() + b.fibers.size()}; }
+
 CUDA_EMU_UNRECORDED inline Block*& block() {
   static Block* b = nullptr;
   return b;
@@ -135,7 +145,7 @@ inline std::mt19937& rng() {
   return r;
 }
 
-inline void yield_to_scheduler() {
+CUDA_EMU_UNRECORDED inline void yield_to_scheduler() {
   Block& b = *block();
   Fiber& f = *b.current;
   swapcontext(&f.ctx, &b.scheduler);
@@ -151,21 +161,21 @@ inline void yield_to_scheduler() {
   std::abort();  // unreachable
 }
 
-inline void draw_priorities(Block& b) {
-  for (Fiber& f : b.fibers) f.priority = static_cast<unsigned>(rng()());
+CUDA_EMU_UNRECORDED inline void draw_priorities(Block& b) {
+  for (Fiber& f : fibers_of(b)) f.priority = static_cast<unsigned>(rng()());
 }
 
-inline void release_barrier_if_complete() {
+CUDA_EMU_UNRECORDED inline void release_barrier_if_complete() {
   Block& b = *block();
   if (b.arrived > 0 && b.arrived == b.live) {
-    for (Fiber& f : b.fibers)
+    for (Fiber& f : fibers_of(b))
       if (f.state == State::AtBarrier) f.state = State::Runnable;
     b.arrived = 0;
     draw_priorities(b);
   }
 }
 
-inline void syncthreads() {
+CUDA_EMU_UNRECORDED inline void syncthreads() {
   Quiet q;
   Block& b = *block();
   b.current->state = State::AtBarrier;
@@ -181,7 +191,8 @@ inline std::string hex(unsigned mask) {
 }
 
 template <typename T>
-T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0: down, 4: none (__syncwarp)*/) {
+CUDA_EMU_UNRECORDED T shfl(unsigned mask, T v, int src_lane_or_delta, int width,
+                         int kind /*0: down, 4: none (__syncwarp)*/) {
   static_assert(sizeof(T) <= 16, "cuda_emu: shuffle of a type wider than 16 bytes");
   Quiet q;
   Block& b = *block();
@@ -207,7 +218,7 @@ T shfl(unsigned mask, T v, int src_lane_or_delta, int width, int kind /*0: down,
   ++w.arrived;
   f.state = State::AtShuffle;
   if (w.arrived == w.required) {
-    for (Fiber& o : b.fibers)
+    for (Fiber& o : fibers_of(b))
       if (o.state == State::AtShuffle && o.linear / 32 == warp_id) o.state = State::Runnable;
     w.arrived = 0;
     ++w.generation;
@@ -302,7 +313,7 @@ struct Entry {
 };
 
 template <typename Call>
-void run_grid(const Launch& cfg, Call call) {
+CUDA_EMU_UNRECORDED void run_grid(const Launch& cfg, Call call) {
   const unsigned threads = cfg.block.x * cfg.block.y * cfg.block.z;
   TORCH_CHECK(threads >= 1 && threads <= 1024 && cfg.block.z <= 64,
               "cuda_emu: invalid block (", cfg.block.x, ", ", cfg.block.y, ", ", cfg.block.z,
@@ -327,7 +338,7 @@ void run_grid(const Launch& cfg, Call call) {
         b.dynamic_shared.assign(cfg.smem + 16, 0xFF);
         block() = &b;
         for (unsigned t = 0; t < threads; ++t) {
-          Fiber& f = b.fibers[t];
+          Fiber& f = fibers_of(b).first[t];
           f.linear = t;
           f.stack = stacks()[t].get();
           f.tid = {t % cfg.block.x, (t / cfg.block.x) % cfg.block.y, t / (cfg.block.x * cfg.block.y)};
@@ -341,14 +352,14 @@ void run_grid(const Launch& cfg, Call call) {
         for (;;) {
           Fiber* next = nullptr;
           bool done = true;
-          for (Fiber& f : b.fibers) {
+          for (Fiber& f : fibers_of(b)) {
             if (f.state != State::Done) done = false;
             if (f.state == State::Runnable && (next == nullptr || f.priority > next->priority)) next = &f;
           }
           if (done) break;
           if (next == nullptr) {
             bool at_barrier = false, at_shuffle = false;
-            for (const Fiber& f : b.fibers) {
+            for (const Fiber& f : fibers_of(b)) {
               at_barrier |= f.state == State::AtBarrier;
               at_shuffle |= f.state == State::AtShuffle;
             }
