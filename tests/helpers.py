@@ -165,17 +165,25 @@ def check_published_counts(name: str, side: int) -> None:
     assert macs(model, side) / 1e9 == pytest.approx(pub.gmacs, rel=0.01)
 
 
-def check_forward_backward(name: str, num_classes: int) -> None:
-    """Training-mode forward (every head) and backward at the native input size, batch 2: finite logits of
-    the right shape and a finite gradient for every parameter."""
+def check_forward_backward(name: str, num_classes: int, side: int | None = None) -> None:
+    """Training-mode forward (every head) and backward at `side` x `side` (default: the native input size),
+    batch 2: finite logits of the right shape and a finite gradient for every parameter."""
     model = create(name).train()
-    out = model(torch.randn(2, *model.default_cfg["input_size"]))
+    c, h, w = model.default_cfg["input_size"]
+    out = model(torch.randn(2, c, side or h, side or w))
     outs = list(out) if isinstance(out, tuple) else [out]
     for o in outs:
         assert o.shape == (2, num_classes) and torch.isfinite(o).all()
     sum(o.logsumexp(1).sum() for o in outs).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, f"no finite gradient for {missing}"
+
+
+def sides(small: int) -> list:
+    """A family test's input sides: real forward and backward passes run at `small` in the fast suite, through
+    the same modules (the native size's shapes are checked on the meta device for every model in
+    test_model_api.py), and at the native size (None) in the slow suite."""
+    return [small, pytest.param(None, marks=pytest.mark.slow, id="native")]
 
 
 def check_eval_is_features_then_head(name: str, side: int) -> None:

@@ -14,8 +14,8 @@ taken on the meta device (no memory, no arithmetic); the
 real-valued checks (eval determinism, forward == head(features)) run on the CPU at the native input
 size, marked slow for the models above 1 GMAC. The networks of a thousand layers and more (`DEEP`) take
 seconds per meta forward: their contract is slow; their shallower siblings run the same code fast. The larger
-DenseNets and NASNet-A Large (`LARGE`) have their shape contract slow too, their published counts fast. The
-contract tests read one shared eval pass per model (`_eval_pass`).
+members of a family, whose smaller member runs the same blocks (`LARGE`), have their shape contract slow too,
+their published counts fast. The contract tests read one shared eval pass per model (`_eval_pass`).
 """
 from __future__ import annotations
 
@@ -39,11 +39,15 @@ NAMES = list_models()
 LIGHT_GMACS = 1.0  # real forward passes above this are slow on the 2-core CI machine
 DEEP = {"resnet1202", "sd_resnet1202", "preact_resnet1001"}
 CONTRACT = [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in NAMES]
-# The larger members of a family whose smaller member runs the same blocks through the same builder code
-# (densenet121 and densenet_bc100_k12 for the DenseNets, nasnet_a_mobile for nasnet_a_large): their shape
-# contract is slow; their published counts are asserted in the fast suite all the same.
+# The larger members of a family whose smaller member runs the same blocks through the same builder code, only
+# more of them or wider (densenet121, densenet40_k12 and densenet_bc100_k12 for the DenseNets, nasnet_a_mobile for
+# nasnet_a_large, resnet50 and resnext50_32x4d for the deeper ImageNet ResNets, resnet20 for the CIFAR ResNets,
+# resnext29_8x64d, wrn16_8, vgg11 and vgg11_bn): their shape contract is slow; their published counts, where the
+# configurations differ, are asserted in the fast suite all the same.
 LARGE = {"densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc190_k40", "densenet_bc250_k24",
-         "nasnet_a_large"}
+         "densenet100_k12", "nasnet_a_large", "resnet101", "resnet152", "resnext101_32x8d", "resnet32", "resnet44",
+         "resnet56", "resnet110", "resnext29_16x64d", "wrn28_10", "wrn40_4", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
+         "vgg19", "vgg19_bn"}
 SHAPES = [pytest.param(n, marks=pytest.mark.slow) if n in DEEP | LARGE else n for n in NAMES]
 
 
@@ -297,10 +301,9 @@ def _fx_nodes(model: nn.Module) -> dict[str, str]:
     return {**nodes, eval_nodes[-1]: "out"}
 
 
-# FX traces each model four times (train and eval, nodes and extractor): the long graphs are slow.
-FX_SLOW = DEEP | {n for n in NAMES if n.startswith("nasnet")} | {
-    "densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc190_k40", "densenet_bc250_k24",
-    "inception_resnet_v2"}
+# FX traces each model four times (train and eval, nodes and extractor): the long graphs are slow, and so are
+# the larger members of a family (LARGE).
+FX_SLOW = DEEP | LARGE | {n for n in NAMES if n.startswith("nasnet")} | {"inception_resnet_v2"}
 
 
 @pytest.mark.filterwarnings("ignore:NOTE. The nodes obtained by tracing")

@@ -26,6 +26,7 @@ from tests.helpers import (
     check_torchvision_state_dict_maps_key_for_key,
     check_torchvision_weights_give_equal_outputs,
     feature_sides,
+    sides,
 )
 
 ALEXNET = ["alexnet", "alexnet_owt"]
@@ -80,9 +81,10 @@ def test_alexnet_lrn_equals_the_papers_formula():
     torch.testing.assert_close(norm(a), expected)
 
 
+@pytest.mark.parametrize("side", sides(67))
 @pytest.mark.parametrize("name", ALEXNET)
-def test_forward_backward_at_native_size(name):
-    check_forward_backward(name, num_classes=1000)
+def test_forward_backward(name, side):
+    check_forward_backward(name, num_classes=1000, side=side)
 
 
 @pytest.mark.parametrize("device", DEVICES)

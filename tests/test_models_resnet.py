@@ -126,11 +126,16 @@ def test_cifar_resnet_option_a_shortcut_has_no_parameters_and_zero_pads():
 
 
 # ------------------------------------------------------------------------------ forward / backward
-@pytest.mark.parametrize("name", [n if n not in SLOW else pytest.param(n, marks=pytest.mark.slow) for n in MODELS])
-def test_forward_backward_at_native_size(name):
+# Real passes at the CIFAR models' native 32 and the ImageNet models' small 64 in the fast suite, through the
+# same modules as at 224 (slow; the shapes at 224 are checked on the meta device in test_model_api.py).
+FORWARD_BACKWARD = [pytest.param(n, side, marks=[pytest.mark.slow] if n in SLOW or side == 224 else [],
+                                 id=f"{n}-{side}") for n in MODELS for side in ((32,) if n in CIFAR else (64, 224))]
+
+
+@pytest.mark.parametrize("name, side", FORWARD_BACKWARD)
+def test_forward_backward(name, side):
     m = create(name).train()
-    c, h, w = m.default_cfg["input_size"]
-    x = torch.randn(2, c, h, w)
+    x = torch.randn(2, m.in_chans, side, side)
     y = m(x)
     assert y.shape == (2, m.num_classes) and torch.isfinite(y).all()
     y.square().mean().backward()

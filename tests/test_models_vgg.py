@@ -20,6 +20,7 @@ from tests.helpers import (
     check_published_counts,
     check_torchvision_state_dict_maps_key_for_key,
     check_torchvision_weights_give_equal_outputs,
+    sides,
 )
 
 VGG = [f"vgg{depth}{bn}" for bn in ("", "_bn") for depth in (11, 13, 16, 19)]
@@ -41,9 +42,10 @@ def test_params_and_macs_match_reference(name):
     check_published_counts(name, 224)
 
 
+@pytest.mark.parametrize("side", sides(64))
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in sorted(VGG)])
-def test_forward_backward_at_native_size(name):
-    check_forward_backward(name, num_classes=1000)
+def test_forward_backward(name, side):
+    check_forward_backward(name, num_classes=1000, side=side)
 
 
 def test_eval_is_deterministic_and_equals_features_then_head():

@@ -23,6 +23,7 @@ from tests.helpers import (
     feature_sides,
     macs,
     n_params,
+    sides,
 )
 
 ZFNET = ["zfnet", "zfnet_large"]
@@ -110,9 +111,10 @@ def test_torchvision_import_refuses_zfnet():
         from_torchvision("zfnet", tv_alexnet)
 
 
+@pytest.mark.parametrize("side", sides(67))
 @pytest.mark.parametrize("name", ZFNET)
-def test_forward_backward_at_native_size(name):
-    check_forward_backward(name, num_classes=1000)
+def test_forward_backward(name, side):
+    check_forward_backward(name, num_classes=1000, side=side)
 
 
 def test_eval_is_deterministic_and_equals_features_then_head():
