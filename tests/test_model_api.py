@@ -68,12 +68,23 @@ def _gmacs(model: nn.Module, input_size: tuple[int, int, int]) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
+# The models published.py gives no MACs for that are above LIGHT_GMACS all the same (FlopCounterMode at their
+# default input size; test_the_unpublished_heavy_models_are_the_counted_ones): _heavy runs at collection, in
+# every worker, where counting would cost seconds.
+UNPUBLISHED_HEAVY = {"densenet100_k12", "densenet161", "googlenet_naive"}
+
+
 def _heavy(name: str) -> bool:
     pub = published(name)
     if pub is not None and pub.gmacs is not None:
         return pub.gmacs > LIGHT_GMACS
-    model = meta_model(name)
-    return _gmacs(model, model.default_cfg["input_size"]) > LIGHT_GMACS
+    return name in UNPUBLISHED_HEAVY
+
+
+def test_the_unpublished_heavy_models_are_the_counted_ones():
+    unpublished = [n for n in NAMES if published(n) is None or published(n).gmacs is None]
+    counted = {n for n in unpublished if _gmacs(meta_model(n), meta_model(n).default_cfg["input_size"]) > LIGHT_GMACS}
+    assert counted == UNPUBLISHED_HEAVY
 
 
 class EvalPass(NamedTuple):

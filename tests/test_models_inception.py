@@ -6,6 +6,8 @@ input the valid-padded stems and reductions take), and forward + backward also a
 """
 from __future__ import annotations
 
+import functools
+
 import pytest
 import timm
 import torch
@@ -128,8 +130,15 @@ def test_bad_widths_are_refused():
 
 # ------------------------------------------------------------------------------------ forward and backward
 
+@functools.cache
+def _built(name: str) -> nn.Module:
+    """One full build per model for the tests that only run it (each sets train/eval mode itself)."""
+    return create(name)
+
+
 def _forward_backward(name: str, side: int) -> None:
-    model = create(name).train()
+    model = _built(name).train()
+    model.zero_grad(set_to_none=True)
     out = model(torch.randn(2, 3, side, side))
     assert out.shape == (2, 1000) and torch.isfinite(out).all()
     out.logsumexp(1).sum().backward()
@@ -164,7 +173,7 @@ def test_dropout_only_in_training_and_eval_is_deterministic(name):
         base = model(x)
         model.dropout.p = 0.2  # the paper's keep 0.8
         assert not torch.allclose(model(x), base)
-    assert create(name).dropout.p == 0.2
+    assert build_meta(name).dropout.p == 0.2
 
 
 # ------------------------------------------------------------------------------------------ timm weights
@@ -239,7 +248,7 @@ def _compiled_matches_eager(name: str, backend: str, dtype: torch.dtype = torch.
 @pytest.mark.parametrize("name", INCEPTION)
 def test_bfloat16_autocast(name):
     # bfloat16 keeps 8 bits (~0.4% per rounding); measured 0.2-0.7% here, the classic models' bound is 3%
-    assert bf16_autocast_error(create(name), torch.randn(2, 3, SMALL, SMALL)) < 0.03
+    assert bf16_autocast_error(_built(name), torch.randn(2, 3, SMALL, SMALL)) < 0.03
 
 
 @pytest.mark.parametrize("recipe", ["inception_v4_imagenet", "inception_resnet_v2_imagenet"])
