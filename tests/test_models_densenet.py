@@ -328,9 +328,12 @@ def _ddp_worker(rank, world, port, results):
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @needs_kernel
 def test_ddp_gradients_match_the_naive_path():
-    """Two gloo processes: DDP's all-reduced gradients of the efficient model equal the naive model's."""
+    """Two gloo processes: DDP's all-reduced gradients of the efficient model equal the naive model's. Slow (two
+    fresh processes); the fast suite has the paths' equal gradients in one process
+    (test_efficient_and_naive_paths_agree) and a DDP fit in two (tests/test_fit_ddp.py)."""
     import socket
 
     import torch.multiprocessing as mp

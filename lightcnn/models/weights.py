@@ -119,7 +119,17 @@ def load_twin(library: str, name: str, source: nn.Module | StateDict, load_class
         weights = [v for k, v in sd.items() if k.endswith("weight")]
         if weights:
             overrides["num_classes"] = weights[-1].shape[0]  # the classifier is the last layer
-    model = create(name, **dict(twin.overrides, **overrides))
+    kwargs = dict(twin.overrides, **overrides)
+    with torch.device("meta"):  # checked against the architecture first: a wrong file fails before any weight is drawn
+        _check_fit(library, name, twin, create(name, **kwargs), sd, load_classifier)
+    model = create(name, **kwargs)
+    model.load_state_dict(_check_fit(library, name, twin, model, sd, load_classifier), strict=load_classifier)
+    return model
+
+
+def _check_fit(library: str, name: str, twin: Twin, model: nn.Module, sd: StateDict, load_classifier: bool
+               ) -> dict[str, torch.Tensor]:
+    """`sd` converted to `model`'s names by the twin; a ValueError naming what does not fit."""
     converted = dict(twin.convert(model, sd))
     ours = model.state_dict()
     if not load_classifier:
@@ -138,8 +148,7 @@ def load_twin(library: str, name: str, source: nn.Module | StateDict, load_class
                 "load_classifier=False." if all(k.startswith(head) for k in bad) else "")
         raise ValueError(f"shape mismatch for {len(bad)} tensors: " + ", ".join(
             f"{k}: theirs {tuple(converted[k].shape)} vs ours {tuple(ours[k].shape)}" for k in bad[:3]) + "." + hint)
-    model.load_state_dict(converted, strict=load_classifier)
-    return model
+    return converted
 
 
 def from_torchvision(name: str, tv_model: nn.Module | StateDict, load_classifier: bool = True,
