@@ -40,14 +40,14 @@ LIGHT_GMACS = 1.0  # real forward passes above this are slow on the 2-core CI ma
 DEEP = {"resnet1202", "sd_resnet1202", "preact_resnet1001"}
 CONTRACT = [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in NAMES]
 # The larger members of a family whose smaller member runs the same blocks through the same builder code, only
-# more of them or wider (densenet121, densenet40_k12 and densenet_bc100_k12 for the DenseNets, nasnet_a_mobile for
-# nasnet_a_large, resnet50 and resnext50_32x4d for the deeper ImageNet ResNets, resnet20 for the CIFAR ResNets,
-# resnext29_8x64d, wrn16_8, vgg11 and vgg11_bn): their shape contract is slow; their published counts, where the
-# configurations differ, are asserted in the fast suite all the same.
+# more of them or wider (densenet121, densenet40_k12 and densenet_bc100_k12 for the DenseNets, nasnet_a_mobile
+# for nasnet_a_large, resnet18, resnet50 and resnext50_32x4d for the deeper ImageNet ResNets, resnet20 for the
+# CIFAR ResNets, resnext29_8x64d, wrn16_8, vgg11 and vgg11_bn): their shape contract is slow; their published
+# counts, where the configurations differ, are asserted in the fast suite all the same.
 LARGE = {"densenet161", "densenet169", "densenet201", "densenet264", "densenet_bc190_k40", "densenet_bc250_k24",
-         "densenet100_k12", "nasnet_a_large", "resnet101", "resnet152", "resnext101_32x8d", "resnet32", "resnet44",
-         "resnet56", "resnet110", "resnext29_16x64d", "wrn28_10", "wrn40_4", "vgg13", "vgg13_bn", "vgg16", "vgg16_bn",
-         "vgg19", "vgg19_bn"}
+         "densenet100_k12", "nasnet_a_large", "resnet34", "resnet101", "resnet152", "resnext101_32x8d", "resnet32",
+         "resnet44", "resnet56", "resnet110", "resnext29_16x64d", "wrn28_10", "wrn40_4", "vgg13", "vgg13_bn",
+         "vgg16", "vgg16_bn", "vgg19", "vgg19_bn"}
 SHAPES = [pytest.param(n, marks=pytest.mark.slow) if n in DEEP | LARGE else n for n in NAMES]
 
 

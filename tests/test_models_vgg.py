@@ -53,7 +53,7 @@ def test_eval_is_deterministic_and_equals_features_then_head():
 
 
 def test_vgg_forward_intermediates_gives_named_maps():
-    model = create("vgg16", num_classes=10).eval()
+    model = create("vgg16", num_classes=10, hidden_features=16).eval()  # the maps are the convolutions'
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         maps = model.forward_intermediates(x, ["conv1_1", "relu1_1", "relu2_2", "relu3_3", "relu4_3", "pool5"])

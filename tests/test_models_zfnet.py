@@ -124,4 +124,5 @@ def test_eval_is_deterministic_and_equals_features_then_head():
 @pytest.mark.parametrize("name", ZFNET)
 def test_bfloat16_autocast(name):
     # bfloat16 keeps 8 bits: ~0.4% per rounding; a few percent after 10-20 layers of accumulation
-    assert bf16_autocast_error(create(name), torch.randn(2, 3, 224, 224)) < 0.03
+    # at 67 x 67: the same layers and the same sums per output (the error grows with depth, not with the map)
+    assert bf16_autocast_error(create(name), torch.randn(2, 3, 67, 67)) < 0.03
