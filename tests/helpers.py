@@ -317,13 +317,23 @@ def write_folder_tree(root, classes=("n01", "n02", "n03"), per_class=3, size=(40
 
 # --- recipes --------------------------------------------------------------------------------------------------
 
-def build_experiment(name: str, tmp_path):
-    """The module and datamodule of `experiments/<name>.yaml`, built through the CLI (no logger, no training)."""
+def build_experiment(name: str, tmp_path, weights: bool = False):
+    """The module and datamodule of `experiments/<name>.yaml`, built through the CLI (no logger, no training).
+    Without `weights` the network is built on the meta device: the recipe's objects as configured, no weights
+    drawn (a network's real build and forward are its family's tests)."""
+    from lightcnn.training import module as module_file
     from lightcnn.training.cli import LightCNNCLI
 
+    def create_on_meta(*args, **kwargs):
+        with torch.device("meta"):
+            return create(*args, **kwargs)
+
     path = next(p for p in EXPERIMENTS if p.stem == name)
-    return LightCNNCLI(["--config", str(path), "--run_root", str(tmp_path), "--trainer.logger", "false"],
-                       stage="fit", experiment_name=name)
+    with pytest.MonkeyPatch.context() as mp:
+        if not weights:
+            mp.setattr(module_file, "create", create_on_meta)
+        return LightCNNCLI(["--config", str(path), "--run_root", str(tmp_path), "--trainer.logger", "false"],
+                           stage="fit", experiment_name=name)
 
 
 def recipe_with_checkpoint(recipe: Path, out: Path, init_args: str) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightcnn.models import create, is_model
+from lightcnn.models import is_model
 from lightcnn.training.cli import RECIPE_DEFAULTS, LightCNNCLI
 from tests.helpers import EXPERIMENTS, build_experiment
 
@@ -30,21 +30,12 @@ def test_there_is_an_experiment_per_paper_recipe():
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=[p.stem for p in EXPERIMENTS])
-def test_experiment_builds(path, tmp_path, monkeypatch):
+def test_experiment_builds(path, tmp_path):
     import yaml
-
-    from lightcnn.training import module as module_file
 
     model_name = yaml.safe_load(path.read_text())["model"]["model"]
     assert is_model(model_name), f"{path.name}: model {model_name!r} is not registered (has its family landed?)"
-
-    def create_on_meta(*args, **kwargs):  # the recipe's network as configured, no weights drawn (its real
-        with torch.device("meta"):        # build and forward: the family's tests)
-            return create(*args, **kwargs)
-
-    monkeypatch.setattr(module_file, "create", create_on_meta)
-    cli = LightCNNCLI(["--config", str(path), "--run_root", str(tmp_path), "--trainer.logger", "false"],
-                      stage="fit", experiment_name=path.stem)
+    cli = build_experiment(path.stem, tmp_path)
     data, module = cli.datamodule, cli.model
     assert next(module.net.parameters()).is_meta
     assert module.num_classes == data.num_classes == module.net.num_classes

@@ -187,7 +187,6 @@ def test_timm_weights_give_equal_outputs(name):
     x = torch.randn(2, 3, SMALL, SMALL)
     with torch.no_grad():
         torch.testing.assert_close(ours(x), reference(x), rtol=1e-5, atol=1e-5)
-    assert from_timm(name, reference.state_dict()).num_classes == 10
 
 
 def test_timm_weights_with_a_fresh_classifier_for_fine_tuning():
