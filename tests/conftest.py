@@ -51,8 +51,8 @@ def pytest_xdist_make_scheduler(config, log):
 
 
 # Python's cyclic garbage collector: the imported libraries (torch, Lightning, timm, sympy) leave millions of
-# long-lived objects that every full collection walks again. After collection they are frozen (never walked
-# again) and collections run ten times less often: 13% of test_models_nasnet.py's time was collecting, 3% is.
+# long-lived objects that every full collection would walk again. Once the tests are collected they are frozen
+# (never walked again), and collections run less often (docs/testing.md has the figures).
 gc.set_threshold(10_000, 20, 20)
 
 

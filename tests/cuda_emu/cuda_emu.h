@@ -325,6 +325,10 @@ CUDA_EMU_UNRECORDED void run_grid(const Launch& cfg, Call call) {
               " bytes of dynamic shared memory; above 48 KiB the GPU needs cudaFuncSetAttribute first");
   while (stacks().size() < threads) stacks().emplace_back(new char[kStackBytes]);
   Entry<Call>::call() = &call;
+  // Each fiber's context starts as a copy of this one (getcontext is a system call: the signal mask). A copy
+  // may point into `blank` for its floating-point state until its first switch: `blank` outlives every fiber.
+  ucontext_t blank;
+  getcontext(&blank);
   for (unsigned bz = 0; bz < cfg.grid.z; ++bz)
     for (unsigned by = 0; by < cfg.grid.y; ++by)
       for (unsigned bx = 0; bx < cfg.grid.x; ++bx) {
@@ -342,7 +346,7 @@ CUDA_EMU_UNRECORDED void run_grid(const Launch& cfg, Call call) {
           f.linear = t;
           f.stack = stacks()[t].get();
           f.tid = {t % cfg.block.x, (t / cfg.block.x) % cfg.block.y, t / (cfg.block.x * cfg.block.y)};
-          getcontext(&f.ctx);
+          f.ctx = blank;
           f.ctx.uc_stack.ss_sp = stacks()[t].get();
           f.ctx.uc_stack.ss_size = kStackBytes;
           f.ctx.uc_link = &b.scheduler;
