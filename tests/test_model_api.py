@@ -19,9 +19,12 @@ their published counts fast. The contract tests read one shared eval pass per mo
 """
 from __future__ import annotations
 
+import ast
 import functools
+import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 from typing import NamedTuple
 
 import pytest
@@ -185,9 +188,64 @@ def test_eval_is_deterministic_and_equals_head_of_features(name):
         torch.testing.assert_close(model.forward_head(model.forward_features(x)), y)
 
 
+def _imported_at_import(module: str) -> set[str]:
+    """The lightcnn modules that `import module` runs, read from the source: the packages' `__init__` files and
+    the import statements at module level (those inside functions or under `if TYPE_CHECKING:` run later or
+    never), followed transitively."""
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        parts = name.split(".")
+        for i in range(1, len(parts) + 1):  # importing a.b.c runs a, a.b and a.b.c
+            mod = ".".join(parts[:i])
+            spec = importlib.util.find_spec(mod)
+            if mod in seen or spec is None or spec.origin is None or not spec.origin.endswith(".py"):
+                continue
+            seen.add(mod)
+            package = mod if spec.submodule_search_locations is not None else mod.rpartition(".")[0]
+            tree = ast.parse(Path(spec.origin).read_text())
+            for node in _module_level(tree.body):
+                if isinstance(node, ast.Import):
+                    todo += [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom):
+                    base = importlib.util.resolve_name("." * node.level + (node.module or ""), package) \
+                        if node.level else node.module
+                    todo.append(base)
+                    base_spec = importlib.util.find_spec(base) if base.startswith("lightcnn") else None
+                    if base_spec is not None and base_spec.submodule_search_locations is not None:  # a package
+                        todo += [f"{base}.{a.name}" for a in node.names
+                                 if importlib.util.find_spec(f"{base}.{a.name}") is not None]
+        todo = [t for t in todo if t.startswith("lightcnn")]
+    return seen
+
+
+def _module_level(body: list[ast.stmt]) -> list[ast.stmt]:
+    """The statements that run when a module is imported, through `if`/`try` blocks at module level."""
+    out = []
+    for node in body:
+        if isinstance(node, ast.If):
+            out += ([] if "TYPE_CHECKING" in ast.unparse(node.test) else _module_level(node.body))
+            out += _module_level(node.orelse)
+        elif isinstance(node, ast.Try):
+            out += _module_level(node.body + node.orelse + node.finalbody + [n for h in node.handlers for n in h.body])
+        else:
+            out.append(node)
+    return out
+
+
 def test_importing_the_data_package_loads_no_model():
-    """Imports run one way: data and models both read lightcnn.constants, neither loads the other. (The
-    kernels are loaded by `import lightcnn` itself, so that files exported with them load after it.)"""
+    """Imports run one way: data and models both read lightcnn.constants, neither loads the other (read from
+    the source here; the real import in a fresh process is the slow twin below). (The kernels are loaded by
+    `import lightcnn` itself, so that files exported with them load after it.)"""
+    loaded = _imported_at_import("lightcnn.data")
+    assert {"lightcnn", "lightcnn.constants", "lightcnn.data"} <= loaded
+    assert not {m for m in loaded if m.startswith(("lightcnn.models", "lightcnn.layers"))}, sorted(loaded)
+    assert "lightcnn.models.resnet" in _imported_at_import("lightcnn.models")  # the reading follows imports
+
+
+@pytest.mark.slow
+def test_importing_the_data_package_loads_no_model_in_a_fresh_process():
     code = ("import sys, lightcnn.data; "
             "print(sorted(m for m in sys.modules if m.startswith(('lightcnn.models', 'lightcnn.layers'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
