@@ -46,7 +46,7 @@ def _gmacs(m: nn.Module, size: int | None = None) -> float:
     if size is not None:
         h = w = size
     m.eval()
-    with FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         m(torch.empty(1, c, h, w, device=next(m.parameters()).device))
     return counter.get_total_flops() / 2 / 1e9
 
@@ -95,7 +95,7 @@ def test_v15_layout_macs_match_torchvision(name):
 
 def _gmacs_tv(tv: nn.Module) -> float:
     tv.eval()
-    with FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
         tv(torch.empty(1, 3, 224, 224, device="meta"))
     return counter.get_total_flops() / 2 / 1e9
 
