@@ -33,8 +33,9 @@ What is measured, per model in its default configuration at its native input siz
 - speed: images/s of inference (eval, no grad) and of a training step (forward, backward, SGD step) at
   `--batch-size` on `--device` (fp32): untimed warm-up steps for `--warmup` seconds (so that the order of
   the models does not change the figures), then single steps timed for at least `--min-time` seconds, in
-  five rounds: the median step time of the fastest round; on CPU with torch's threads, or `--threads` (the table says how many: on a machine
-  shared with other jobs, several threads wait on each other and `--threads 1` gives stable figures).
+  five rounds: the median step time of the fastest round; on CPU with torch's threads, or `--threads` (the
+  table says how many: on a machine shared with other jobs, several threads wait on each other and
+  `--threads 1` gives stable figures).
 Published figures come from `lightcnn.published`.
 """
 from __future__ import annotations
