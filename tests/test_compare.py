@@ -210,10 +210,10 @@ ORDER = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_the_same_model_timed_first_and_last_agrees_within_10_percent_on_a_quiet_machine():
-    """lenet5 timed first in a fresh process and again after resnet20. Without a warm-up the first timing ran
-    20-35x slower; now within 2x on any machine, and within 10% on a quiet one: set LIGHTCNN_QUIET_MACHINE=1
-    where nothing else runs, neither on the machine nor on its host (a shared VM slows whole seconds of a
-    timing by 10-50%, which no estimator removes). Slow: a fresh process and six timings (about 25 s);
+    """lenet5 timed first in a fresh process and again after resnet20 agree within 2x on any machine (the
+    order effect the warm-up removes is far larger), and within 10% on a quiet one: set
+    LIGHTCNN_QUIET_MACHINE=1 where nothing else runs, neither on the machine nor on its host (a shared VM
+    slows whole seconds of a timing, which no estimator removes). Slow: a fresh process and six timings;
     benchmarks/RESULTS.md ("compare: order") has the figures."""
     proc = subprocess.run([sys.executable, "-c", ORDER], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
