@@ -31,7 +31,9 @@ StateDict = Mapping[str, torch.Tensor]
 
 
 class Twin(NamedTuple):
-    convert: Callable[[nn.Module, StateDict], StateDict]  # (our model, their state_dict) -> ours, checked
+    # (our model, their state_dict) -> their tensors under our names; reads only the model's structure (names,
+    # configuration), which load_twin gives it as a meta-device build
+    convert: Callable[[nn.Module, StateDict], StateDict]
     classifier: str  # our classifier's module name (its entries are left out with load_classifier=False)
     overrides: dict  # create() arguments that give the other library's layout
 
@@ -120,10 +122,11 @@ def load_twin(library: str, name: str, source: nn.Module | StateDict, load_class
         if weights:
             overrides["num_classes"] = weights[-1].shape[0]  # the classifier is the last layer
     kwargs = dict(twin.overrides, **overrides)
-    with torch.device("meta"):  # checked against the architecture first: a wrong file fails before any weight is drawn
-        _check_fit(library, name, twin, create(name, **kwargs), sd, load_classifier)
+    with torch.device("meta"):  # the architecture alone: a file that does not fit fails before any weight is drawn
+        skeleton = create(name, **kwargs)
+    converted = _check_fit(library, name, twin, skeleton, sd, load_classifier)  # their tensors, our names
     model = create(name, **kwargs)
-    model.load_state_dict(_check_fit(library, name, twin, model, sd, load_classifier), strict=load_classifier)
+    model.load_state_dict(converted, strict=load_classifier)
     return model
 
 
