@@ -2,7 +2,8 @@
 subprocesses load by class path (`tests.helpers.X`) or run (`python -m tests.helpers FAULT RUN_ROOT -- ...`).
 
 - small models: one small member of every model family (`SMALL`, `FAST`, `small`) for real arithmetic;
-- meta-device builds and counts (`build_meta`, `meta_model`, `n_params`, `macs`, `feature_sides`);
+- meta-device builds and counts (`build_meta`, `meta_model`, `n_params`, `macs`, `feature_sides`), under
+  `MetaShapes`;
 - the checks every test_models_<family>.py runs on its own models (`check_*`);
 - data files in the real formats (`write_cifar`, `write_folder_tree`);
 - recipes built through the CLI (`build_experiment`), or with another checkpoint (`recipe_with_checkpoint`);
@@ -26,6 +27,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn.models import create
@@ -80,16 +82,48 @@ def n_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+_aten = torch.ops.aten
+_BATCH_NORMS = {_aten.native_batch_norm.default, _aten._native_batch_norm_legit.default,
+                _aten._native_batch_norm_legit.no_stats, _aten._native_batch_norm_legit_no_training.default}
+_IN_PLACE = {_aten.normal_.default, _aten.uniform_.default, _aten.relu_.default}
+
+
+class MetaShapes(TorchDispatchMode):
+    """Meta-device arithmetic without the arithmetic, for the tests that read only shapes and counts.
+
+    torch computes a meta batch norm, ReLU and random fill through their Python reference decompositions
+    (means, variances, the normalisation), though a meta tensor holds no values: they are most of the time of
+    a meta-device build and forward. Under this mode a batch norm of a meta tensor returns empty outputs of
+    torch's shapes, dtypes and strides, a ReLU `empty_like` of its input, and an in-place ReLU or random fill
+    its input;
+    every other op, and every op on real tensors, runs as it is (`test_meta_shapes.py` compares it with torch's
+    own meta kernels)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        x = args[0] if args else None
+        if isinstance(x, torch.Tensor) and x.is_meta:
+            if func in _BATCH_NORMS:
+                stats = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+                return torch.empty_like(x), x.new_empty(x.shape[1], dtype=stats), x.new_empty(x.shape[1], dtype=stats)
+            if func is _aten.relu.default:
+                return torch.empty_like(x)
+            if func in _IN_PLACE:
+                return x
+        return func(*args, **(kwargs or {}))
+
+
 def build_meta(name: str, **kw) -> nn.Module:
-    with torch.device("meta"):
+    with torch.device("meta"), MetaShapes():
         return create(name, **kw)
 
 
 def macs(model: nn.Module, side: int, device: str = "meta") -> int:
-    """FlopCounterMode's FLOPs / 2 (convolutions and matmuls), eval mode, batch 1, on the meta device."""
+    """FlopCounterMode's FLOPs / 2 (convolutions and matmuls), eval mode, batch 1, on the meta device (a
+    model without `in_chans`, torchvision's, takes 3 channels)."""
     model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # no autograd: the forward's count, faster
-        model(torch.zeros(1, model.in_chans, side, side, device=device))
+    x = torch.zeros(1, getattr(model, "in_chans", 3), side, side, device=device)
+    with torch.no_grad(), MetaShapes(), FlopCounterMode(display=False) as counter:  # no autograd: faster
+        model(x)
     return counter.get_total_flops() // 2
 
 
@@ -111,7 +145,8 @@ def feature_sides(model: nn.Module, side: int, types=(nn.Conv2d, nn.MaxPool2d)) 
     sides = []
     hooks = [m.register_forward_hook(lambda m, i, o: sides.append(o.shape[-1]))
              for m in model.modules() if isinstance(m, types)]
-    model.eval()(torch.zeros(1, model.in_chans, side, side, device="meta"))
+    with MetaShapes():
+        model.eval()(torch.zeros(1, model.in_chans, side, side, device="meta"))
     for h in hooks:
         h.remove()
     return sides
@@ -325,7 +360,7 @@ def build_experiment(name: str, tmp_path, weights: bool = False):
     from lightcnn.training.cli import LightCNNCLI
 
     def create_on_meta(*args, **kwargs):
-        with torch.device("meta"):
+        with torch.device("meta"), MetaShapes():
             return create(*args, **kwargs)
 
     path = next(p for p in EXPERIMENTS if p.stem == name)

@@ -6,6 +6,7 @@ folders, checkpoints and names; `--keep-kernels` files need `import lightcnn`, w
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -20,6 +21,8 @@ from lightcnn.layers._impl import LAYER_OPS
 from lightcnn.models import create
 from lightcnn.ops import library_loaded
 from tests.helpers import SMALL, small
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # The default suite: one small network per format, together running every kernel-backed layer's reference path
 # (densenet121: the fused BN-ReLU-conv and DenseNet's concatenation; alexnet: LRN), built on the kernels so the
@@ -42,7 +45,8 @@ def scaled_errors(errors: list[float], ys: list[torch.Tensor]) -> list[float]:
     return [e / max(1.0, float(y.abs().max())) for e, y in zip(errors, ys)]
 
 
-# Runs in a fresh interpreter where `import lightcnn` fails: loads every file, returns the max |error|.
+# Runs in a fresh interpreter where `import lightcnn` fails: loads every file, returns the max |error|; given a
+# second file, then imports lightcnn and runs the --keep-kernels files.
 RUNNER = textwrap.dedent("""
     import json, sys
     sys.modules["lightcnn"] = None  # lightcnn must not be importable here
@@ -69,14 +73,28 @@ RUNNER = textwrap.dedent("""
             run = load(fmt, path)
             with torch.no_grad():
                 errors[f"{name}/{fmt}"] = [float((run(x) - y).abs().max()) for x, y in zip(case["x"], case["y"])]
-    print(json.dumps(errors))
+    result = {"errors": errors}
+    if len(sys.argv) > 2:  # then `import lightcnn` alone, and the --keep-kernels files that call its ops
+        ops = lambda: sorted(n for n in dir(torch.ops.lightcnn) if not n.startswith("_"))
+        before = ops()
+        del sys.modules["lightcnn"]
+        import lightcnn  # noqa: F401
+        kept = torch.load(sys.argv[2])
+        with torch.no_grad():
+            result["keep_kernels"] = dict(
+                ops_before=before, ops=ops(), models_imported="lightcnn.models" in sys.modules,
+                errors=[float((load(fmt, path)(kept["x"]) - kept["y"]).abs().max())
+                        for fmt, path in kept["files"].items()])
+    print(json.dumps(result))
 """)
 
 
-def _export_and_run(cases_: list[tuple[str, str]], folder: Path, impl: str | None = None
-                    ) -> tuple[dict[str, list[float]], dict[str, torch.nn.Module]]:
+def _export_and_run(cases_: list[tuple[str, str]], folder: Path, impl: str | None = None, keep_kernels: bool = False
+                    ) -> tuple[dict[str, list[float]], dict[str, torch.nn.Module], dict | None]:
     """Exports each (network, format) case, runs every file in one fresh process; ({"name/format": scaled errors
-    at the three batch sizes}, {name: the eager network}). `impl` is given to every network when not None."""
+    at the three batch sizes}, {name: the eager network}, the `--keep-kernels` result or None). `impl` is given to
+    every network when not None. With `keep_kernels`, the small AlexNet is also exported as a .pt2 and a
+    TorchScript trace that call torch.ops.lightcnn.lrn, which the same process loads after `import lightcnn`."""
     cases, nets = {}, {}
     for name in dict.fromkeys(n for n, _ in cases_):
         model, x = small(name, **({} if impl is None else {"impl": impl}))
@@ -89,19 +107,32 @@ def _export_and_run(cases_: list[tuple[str, str]], folder: Path, impl: str | Non
             assert export.export_model(model, fmt, files[fmt], x) == []
         cases[name], nets[name] = dict(files=files, x=[x, *others], y=y), model
     torch.save(cases, folder / "cases.pt")
+    argv = [sys.executable, str(folder / "runner.py"), str(folder / "cases.pt")]
+    if keep_kernels:
+        model, x = small("alexnet", impl="kernel")
+        kept = {fmt: str(folder / f"alexnet_kept{SUFFIX[fmt]}") for fmt in ("pt2", "torchscript")}
+        for fmt, path in kept.items():
+            assert export.export_model(model, fmt, path, x, keep_kernels=True) == ["lrn"]
+        with torch.no_grad():
+            torch.save(dict(files=kept, x=x, y=model(x)), folder / "kept.pt")
+        argv.append(str(folder / "kept.pt"))
     (folder / "runner.py").write_text(RUNNER)
-    proc = subprocess.run([sys.executable, str(folder / "runner.py"), str(folder / "cases.pt")], cwd=folder,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(argv, cwd=folder, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {key: scaled_errors(e, cases[key.split("/")[0]]["y"]) for key, e in errors.items()}, nets
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    errors = {key: scaled_errors(e, cases[key.split("/")[0]]["y"]) for key, e in result["errors"].items()}
+    return errors, nets, result.get("keep_kernels")
 
 
 @pytest.fixture(scope="module")
 def fast_export(tmp_path_factory) -> tuple[dict[str, list[float]], dict[str, torch.nn.Module], Path]:
-    """The default suite's files, exported once for every test of this module: (errors, networks, folder)."""
+    """The default suite's files, exported once for every test of this module and run in one fresh process:
+    (errors, networks, the --keep-kernels result, folder)."""
     folder = tmp_path_factory.mktemp("export")
-    return *_export_and_run(FAST_CASES, folder, impl="kernel" if library_loaded() else None), folder
+    kernels = library_loaded()
+    return *_export_and_run(FAST_CASES, folder, impl="kernel" if kernels else None, keep_kernels=kernels), folder
 
 
 @pytest.mark.parametrize("name, fmt", FAST_CASES)
@@ -113,7 +144,7 @@ def test_exported_file_runs_without_lightcnn_and_equals_eager(fast_export, name,
 @pytest.mark.slow
 def test_every_family_exports(tmp_path):
     cases = [(n, f) for n in SMALL for f in FORMATS if (n, f) not in FAST_CASES]
-    errors, _ = _export_and_run(cases, tmp_path)
+    errors, _, _ = _export_and_run(cases, tmp_path)
     assert len(errors) == len(cases) == len(SMALL) * len(FORMATS) - len(FAST_CASES)
     bad = {k: v for k, v in errors.items() if max(v) >= TOL}
     assert not bad, bad
@@ -121,7 +152,7 @@ def test_every_family_exports(tmp_path):
 
 @pytest.mark.skipif(not library_loaded(), reason="needs the compiled lightcnn._C")
 def test_export_swaps_kernels_for_reference_ops_and_leaves_the_model_alone(fast_export):
-    _, nets, folder = fast_export
+    _, nets, _, folder = fast_export
     assert export.lightcnn_ops(torch.export.load(str(folder / "densenet121.pt2"))) == []  # no torch.ops.lightcnn.*
     impls = {m.impl for m in nets["densenet121"].modules() if type(m).__name__ in LAYER_OPS}  # kernel-backed
     assert impls == {"kernel"}
@@ -176,23 +207,11 @@ def test_onnx_without_the_extra_names_it(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.skipif(not library_loaded(), reason="needs the compiled lightcnn._C")
-def test_import_lightcnn_registers_the_ops_and_keep_kernels_files_load_after_it(tmp_path):
-    """In a fresh process, `import lightcnn` alone (not lightcnn.models) registers the three ops, and a .pt2
-    and a TorchScript trace that call torch.ops.lightcnn.lrn load after it and give the eager network's logits."""
-    model, x = small("alexnet", impl="kernel")
-    pt2, ts = tmp_path / "alexnet.pt2", tmp_path / "alexnet.pt"
-    assert export.export_model(model, "pt2", pt2, x, keep_kernels=True) == ["lrn"]
-    assert export.export_model(model, "torchscript", ts, x, keep_kernels=True) == ["lrn"]
-    code = ("import json, sys, torch, lightcnn; x, y = torch.load(sys.argv[3]); "
-            "assert 'lightcnn.models' not in sys.modules; "
-            "print(json.dumps([sorted(n for n in dir(torch.ops.lightcnn) if not n.startswith('_')), "
-            "float((torch.export.load(sys.argv[1]).module()(x) - y).abs().max()), "
-            "float((torch.jit.load(sys.argv[2])(x) - y).abs().max())]))")
-    with torch.no_grad():
-        torch.save([x, model(x)], tmp_path / "xy.pt")
-    proc = subprocess.run([sys.executable, "-c", code, str(pt2), str(ts), str(tmp_path / "xy.pt")],
-                          capture_output=True, text=True, cwd=Path(__file__).parents[1])
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    ops, *errors = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert {"lrn", "bn_relu_conv2d", "dense_bn_relu_conv2d"} <= set(ops)
-    assert len(errors) == 2 and max(errors) < 1e-5, errors
+def test_import_lightcnn_registers_the_ops_and_keep_kernels_files_load_after_it(fast_export):
+    """In the fresh process of the files above, `import lightcnn` alone (not lightcnn.models) registers the
+    three ops, and a .pt2 and a TorchScript trace that call torch.ops.lightcnn.lrn load after it and give the
+    eager network's logits."""
+    kept, ops = fast_export[2], {"lrn", "bn_relu_conv2d", "dense_bn_relu_conv2d"}
+    assert not ops & set(kept["ops_before"]) and not kept["models_imported"]
+    assert ops <= set(kept["ops"])
+    assert len(kept["errors"]) == 2 and max(kept["errors"]) < 1e-5, kept["errors"]

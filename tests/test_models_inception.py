@@ -17,7 +17,7 @@ from lightcnn.models import create, list_models
 from lightcnn.models.inception_resnet import InceptionResNet, InceptionResNetBlock
 from lightcnn.models.weights import from_timm, map_layers_in_order, register_twin, twins
 from lightcnn.published import published
-from tests.helpers import bf16_autocast_error, build_experiment, build_meta, n_params, randomise_bn
+from tests.helpers import MetaShapes, bf16_autocast_error, build_experiment, build_meta, n_params, randomise_bn
 
 INCEPTION = ["inception_v4", "inception_resnet_v1", "inception_resnet_v2", "inception_resnet_v2_paper"]
 SMALL = 75  # 75 -> 35 -> 33 -> 16 (stem) -> 7 (Reduction-A) -> 3 (Reduction-B)
@@ -57,7 +57,8 @@ def stage_widths(model: nn.Module, side: int = 299) -> dict[int, int]:
     widths = {}
     hooks = [m.register_forward_hook(lambda m, i, o: widths.__setitem__(o.shape[-1], o.shape[1]))
              for name, m in model.features.named_children() if name != "Conv2d_7b_1x1"]
-    model.eval().forward_features(torch.zeros(1, 3, side, side, device="meta"))
+    with MetaShapes():
+        model.eval().forward_features(torch.zeros(1, 3, side, side, device="meta"))
     for h in hooks:
         h.remove()
     return widths

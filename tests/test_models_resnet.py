@@ -10,13 +10,13 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn.models import create, list_models
 from lightcnn.models.base import init_he_
 from lightcnn.models.resnet import BasicBlock, ResNet, ZeroPadShortcut, survival_probabilities
 from lightcnn.models.weights import TWINS, from_torchvision
 from lightcnn.published import MODELS as PUBLISHED
+from tests.helpers import MetaShapes, build_meta, macs, n_params
 
 FAMILY = ("resnet", "resnext", "sd_resnet")
 # lightcnn/published.py: the exact parameter count of every model of the family.
@@ -30,25 +30,6 @@ SLOW = {"resnet101", "resnet152", "sd_resnet152", "resnext29_16x64d", "resnext10
 DEEP = {"resnet1202", "sd_resnet1202"}  # the thousand-layer builds: resnet110 and sd_resnet110 run their code fast
 CIFAR = {n for n in MODELS if n.startswith(("resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
                                             "resnet1202", "resnext29", "sd_resnet110", "sd_resnet1202"))}
-
-
-def _meta(name: str, **kw) -> nn.Module:
-    with torch.device("meta"):
-        return create(name, **kw)
-
-
-def _num_params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters() if p.requires_grad)
-
-
-def _gmacs(m: nn.Module, size: int | None = None) -> float:
-    c, h, w = m.default_cfg["input_size"]
-    if size is not None:
-        h = w = size
-    m.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        m(torch.empty(1, c, h, w, device=next(m.parameters()).device))
-    return counter.get_total_flops() / 2 / 1e9
 
 
 def _randomize_bn(m: nn.Module, gen: torch.Generator) -> None:
@@ -69,7 +50,7 @@ def test_every_model_of_the_issue_is_registered():
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in MODELS])
 def test_create_defaults_to_the_papers_class_count(name):
-    m = _meta(name)
+    m = build_meta(name)
     expected = 10 if name in CIFAR else 1000
     assert m.num_classes == expected == m.fc.out_features == m.default_cfg["num_classes"]
     assert m.default_cfg["input_size"] == ((3, 32, 32) if name in CIFAR else (3, 224, 224))
@@ -78,34 +59,27 @@ def test_create_defaults_to_the_papers_class_count(name):
 
 # ----------------------------------------------------------------------------------- params and MACs
 def test_cifar100_adds_90_times_classifier_input_plus_one():
-    assert _num_params(_meta("resnet110", num_classes=100)) == PARAMS["resnet110"] + 90 * 65
-    assert _num_params(_meta("resnext29_8x64d", num_classes=100)) == PARAMS["resnext29_8x64d"] + 90 * 1025
-    assert _meta("sd_resnet110", num_classes=100).default_cfg["dataset"] == "cifar100"
+    assert n_params(build_meta("resnet110", num_classes=100)) == PARAMS["resnet110"] + 90 * 65
+    assert n_params(build_meta("resnext29_8x64d", num_classes=100)) == PARAMS["resnext29_8x64d"] + 90 * 1025
+    assert build_meta("sd_resnet110", num_classes=100).default_cfg["dataset"] == "cifar100"
 
 
 @pytest.mark.parametrize("name", sorted(GMACS_V15))
 def test_v15_layout_macs_match_torchvision(name):
-    ours = _gmacs(_meta(name, stride_in_1x1=False))
-    assert ours == pytest.approx(GMACS_V15[name], rel=0.01)
-    with torch.device("meta"):
+    ours = build_meta(name, stride_in_1x1=False)
+    assert macs(ours, 224) / 1e9 == pytest.approx(GMACS_V15[name], rel=0.01)
+    with torch.device("meta"), MetaShapes():
         tv = getattr(torchvision.models, name)()
-    assert ours == pytest.approx(_gmacs_tv(tv), rel=1e-9)
-    assert _num_params(_meta(name, stride_in_1x1=False)) == PARAMS[name]  # same params, more MACs
-
-
-def _gmacs_tv(tv: nn.Module) -> float:
-    tv.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        tv(torch.empty(1, 3, 224, 224, device="meta"))
-    return counter.get_total_flops() / 2 / 1e9
+    assert macs(ours, 224) == macs(tv, 224)
+    assert n_params(ours) == PARAMS[name]  # same params, more MACs
 
 
 def test_stride_placement_v1_puts_the_stride_in_the_first_1x1():
-    v1, v15 = _meta("resnet50"), _meta("resnet50", stride_in_1x1=False)
+    v1, v15 = build_meta("resnet50"), build_meta("resnet50", stride_in_1x1=False)
     b1, b15 = v1.layer2[0], v15.layer2[0]
     assert (b1.conv1.stride, b1.conv2.stride) == ((2, 2), (1, 1))
     assert (b15.conv1.stride, b15.conv2.stride) == ((1, 1), (2, 2))
-    rx = _meta("resnext50_32x4d").layer3[0]  # ResNeXt: stride in the grouped 3x3 by default
+    rx = build_meta("resnext50_32x4d").layer3[0]  # ResNeXt: stride in the grouped 3x3 by default
     assert (rx.conv1.stride, rx.conv2.stride, rx.conv2.groups) == ((1, 1), (2, 2), 32)
 
 
@@ -190,15 +164,15 @@ def test_in_chans_and_clear_errors():
 
 # -------------------------------------------------------------------------------- stochastic depth
 def test_survival_probabilities_decay_linearly_to_p_L():
-    m = _meta("sd_resnet110")
+    m = build_meta("sd_resnet110")
     probs = [b.survival_prob for b in m.residual_blocks()]
     assert len(probs) == 54
     L = 54
     assert probs == pytest.approx([1 - l / L * 0.5 for l in range(1, L + 1)])
     assert probs[-1] == pytest.approx(0.5) and probs[0] == pytest.approx(1 - 0.5 / 54)
     assert survival_probabilities(4, 0.8, "uniform") == [0.8] * 4
-    assert len(_meta("sd_resnet152").residual_blocks()) == 50
-    assert all(b.survival_prob == 1.0 for b in _meta("resnet110").residual_blocks())
+    assert len(build_meta("sd_resnet152").residual_blocks()) == 50
+    assert all(b.survival_prob == 1.0 for b in build_meta("resnet110").residual_blocks())
     m.set_stochastic_depth(0.8, "uniform")
     assert [b.survival_prob for b in m.residual_blocks()] == [0.8] * 54
 
@@ -357,7 +331,7 @@ def test_torchvision_import_gives_equal_outputs(name, tv_name):
     x = torch.randn(2, 3, 64, 64)  # any size works for these nets; 64 keeps the test fast
     with torch.no_grad():
         torch.testing.assert_close(ours(x), tv(x), rtol=1e-4, atol=1e-5)
-    assert _num_params(ours) == _num_params(tv)
+    assert n_params(ours) == n_params(tv)
 
 
 @pytest.mark.slow
@@ -443,10 +417,10 @@ def test_init_he_fan_modes_differ_as_the_formula_says():
 def test_option_a_shortcuts_for_resnet18_34_as_in_table2(name):
     """The paper's Table 2 ResNet-18/34: zero-padding shortcuts, so B's three projections (1x1 conv + BN at
     the starts of stages 2-4) are missing from the count; same outputs' shape, same MACs up to the 1x1s."""
-    a, b = _meta(name, shortcut="A"), _meta(name)
+    a, b = build_meta(name, shortcut="A"), build_meta(name)
     projections = sum(c_in * c_out + 2 * c_out for c_in, c_out in ((64, 128), (128, 256), (256, 512)))
-    assert _num_params(b) == PARAMS[name]
-    assert _num_params(a) == PARAMS[name] - projections
+    assert n_params(b) == PARAMS[name]
+    assert n_params(a) == PARAMS[name] - projections
     assert all(isinstance(blk.downsample, (ZeroPadShortcut, type(None))) for blk in a.residual_blocks())
     x = torch.randn(2, 3, 64, 64)
     assert create(name, shortcut="A")(x).shape == (2, 1000)

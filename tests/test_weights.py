@@ -4,6 +4,7 @@ import torch
 import torchvision
 
 from lightcnn.models.weights import TWINS, from_torchvision, register_twin, twins
+from tests.helpers import MetaShapes
 
 
 @pytest.mark.parametrize("name,tv_builder,as_state_dict", [
@@ -25,7 +26,7 @@ def test_every_twin_is_a_torchvision_builder_of_the_same_parameter_count():
     assert {"alexnet_owt", "vgg16_bn", "resnet50", "resnext50_32x4d"} <= set(names)
     for name in names:
         tv_name = {"alexnet_owt": "alexnet", "sd_resnet152": "resnet152"}.get(name, name)
-        with torch.device("meta"):
+        with torch.device("meta"), MetaShapes():
             tv = getattr(torchvision.models, tv_name)()
             from lightcnn.models import create
             ours = create(name, **TWINS[("torchvision", name)].overrides)

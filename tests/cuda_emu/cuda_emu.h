@@ -3,7 +3,8 @@
 // tests/cuda_emu/build.py rewrites each csrc/cuda/*.cu a little (launches, shared memory, the CUDA
 // dispatch key) and compiles it with the host compiler against this header. The emulator keeps the CUDA
 // execution model, not its speed:
-//   - every thread of a block is a fiber (ucontext) on one OS thread; blocks run one after another;
+//   - every thread of a block is a fiber (its own stack; Context below) on one OS thread; blocks run one
+//     after another;
 //   - __syncthreads() parks a fiber until every live thread of its block has arrived (threads that have
 //     returned count as arrived, as on the GPU);
 //   - __shfl_down_sync exchanges values among the lanes of a warp (__syncwarp() is a shuffle of nothing);
@@ -73,8 +74,52 @@ namespace cuda_emu {
 
 enum class State { Runnable, AtBarrier, AtShuffle, Done };
 
+// The emulator's own functions: not instrumented, so their loads and stores are not recorded (nor slowed).
+#define CUDA_EMU_UNRECORDED __attribute__((no_sanitize_address))
+
+// A fiber's saved execution state. On x86-64 a switch saves only what the System V ABI asks a callee to keep
+// (rbx, rbp, r12-r15, the stack pointer, the SSE and x87 control words; cuda_emu_switch in recorder.cu):
+// swapcontext also saves and restores the signal mask, two system calls per switch. Elsewhere it is ucontext.
+#if defined(__x86_64__)
+extern "C" void cuda_emu_switch(void** save_sp, void* load_sp);
+
+struct Context {
+  void* sp = nullptr;
+};
+
+CUDA_EMU_UNRECORDED inline void switch_context(Context& from, Context& to) { cuda_emu_switch(&from.sp, to.sp); }
+
+// A context that enters `entry` (which must never return) on the stack [stack, stack + bytes), with the
+// caller's SSE and x87 control words: the frame cuda_emu_switch pops, then `entry` as its return address.
+CUDA_EMU_UNRECORDED inline void start_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+  std::uint32_t control[2] = {0, 0};
+  __asm__ volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(control[0]), "=m"(control[1]));
+  auto** sp = reinterpret_cast<void**>(reinterpret_cast<std::uintptr_t>(stack + bytes) & ~std::uintptr_t{15});
+  *--sp = nullptr;  // entry's return address: none (the ABI's alignment at a function's first instruction)
+  *--sp = reinterpret_cast<void*>(entry);
+  for (int r = 0; r < 6; ++r) *--sp = nullptr;  // rbp, rbx, r12-r15
+  --sp;
+  std::memcpy(sp, control, sizeof control);
+  c.sp = sp;
+}
+#else
+struct Context {
+  ucontext_t uc;
+};
+
+inline void switch_context(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+
+inline void start_context(Context& c, char* stack, size_t bytes, void (*entry)()) {
+  getcontext(&c.uc);
+  c.uc.uc_stack.ss_sp = stack;
+  c.uc.uc_stack.ss_size = bytes;
+  c.uc.uc_link = nullptr;
+  makecontext(&c.uc, entry, 0);
+}
+#endif
+
 struct Fiber {
-  ucontext_t ctx;
+  Context ctx;
   uint3 tid;
   unsigned linear = 0;
   unsigned priority = 0;
@@ -97,13 +142,11 @@ struct Block {
   unsigned live = 0, arrived = 0;
   std::map<long, std::vector<unsigned char>> shared;
   std::vector<unsigned char> dynamic_shared;
-  ucontext_t scheduler;
+  Context scheduler;
   Fiber* current = nullptr;
   bool in_fiber = false;  // a fiber runs (not the scheduler)
   std::string error;
 };
-
-#define CUDA_EMU_UNRECORDED __attribute__((no_sanitize_address))
 
 // A block's fibers as a plain range of pointers, for the emulator's own loops: those functions are not
 // instrumented, so the vector's instrumented iterator functions would not be inlined into them (a call and a
@@ -148,7 +191,7 @@ inline std::mt19937& rng() {
 CUDA_EMU_UNRECORDED inline void yield_to_scheduler() {
   Block& b = *block();
   Fiber& f = *b.current;
-  swapcontext(&f.ctx, &b.scheduler);
+  switch_context(f.ctx, b.scheduler);
 }
 
 // Reports a misuse of the execution model: the block stops (its fibers are abandoned) and the launch throws.
@@ -157,7 +200,7 @@ CUDA_EMU_UNRECORDED inline void yield_to_scheduler() {
   if (b.error.empty()) b.error = what;
   Fiber& f = *b.current;
   f.state = State::Done;  // never resumed
-  setcontext(&b.scheduler);
+  switch_context(f.ctx, b.scheduler);
   std::abort();  // unreachable
 }
 
@@ -296,7 +339,7 @@ struct Entry {
     static Call* c = nullptr;
     return c;
   }
-  static void run() {
+  [[noreturn]] static void run() {
     Call* c;
     {
       Quiet q;
@@ -308,7 +351,8 @@ struct Entry {
     b.current->state = State::Done;
     --b.live;
     release_barrier_if_complete();
-    // the fiber's context returns to uc_link (the scheduler)
+    switch_context(b.current->ctx, b.scheduler);  // never resumed: the fiber is done
+    std::abort();
   }
 };
 
@@ -325,10 +369,6 @@ CUDA_EMU_UNRECORDED void run_grid(const Launch& cfg, Call call) {
               " bytes of dynamic shared memory; above 48 KiB the GPU needs cudaFuncSetAttribute first");
   while (stacks().size() < threads) stacks().emplace_back(new char[kStackBytes]);
   Entry<Call>::call() = &call;
-  // Each fiber's context starts as a copy of this one (getcontext is a system call: the signal mask). A copy
-  // may point into `blank` for its floating-point state until its first switch: `blank` outlives every fiber.
-  ucontext_t blank;
-  getcontext(&blank);
   for (unsigned bz = 0; bz < cfg.grid.z; ++bz)
     for (unsigned by = 0; by < cfg.grid.y; ++by)
       for (unsigned bx = 0; bx < cfg.grid.x; ++bx) {
@@ -346,11 +386,7 @@ CUDA_EMU_UNRECORDED void run_grid(const Launch& cfg, Call call) {
           f.linear = t;
           f.stack = stacks()[t].get();
           f.tid = {t % cfg.block.x, (t / cfg.block.x) % cfg.block.y, t / (cfg.block.x * cfg.block.y)};
-          f.ctx = blank;
-          f.ctx.uc_stack.ss_sp = stacks()[t].get();
-          f.ctx.uc_stack.ss_size = kStackBytes;
-          f.ctx.uc_link = &b.scheduler;
-          makecontext(&f.ctx, &Entry<Call>::run, 0);
+          start_context(f.ctx, stacks()[t].get(), kStackBytes, &Entry<Call>::run);
         }
         draw_priorities(b);
         for (;;) {
@@ -376,7 +412,7 @@ CUDA_EMU_UNRECORDED void run_grid(const Launch& cfg, Call call) {
           }
           b.current = next;
           b.in_fiber = true;
-          swapcontext(&b.scheduler, &next->ctx);
+          switch_context(b.scheduler, next->ctx);
           b.in_fiber = false;
           if (!b.error.empty()) break;
         }

@@ -22,6 +22,39 @@
 #include <utility>
 #include <vector>
 
+#if defined(__x86_64__)
+// cuda_emu_switch(save_sp, load_sp) (cuda_emu.h, Context): pushes the callee-saved registers and the SSE and x87
+// control words, stores the stack pointer in *save_sp, and pops the same from load_sp, whose `ret` resumes that
+// fiber (or, on a fresh stack, enters its entry function).
+__asm__(
+    ".text\n"
+    ".globl cuda_emu_switch\n"
+    ".type cuda_emu_switch, @function\n"
+    "cuda_emu_switch:\n"
+    "  pushq %rbp\n"
+    "  pushq %rbx\n"
+    "  pushq %r12\n"
+    "  pushq %r13\n"
+    "  pushq %r14\n"
+    "  pushq %r15\n"
+    "  subq $8, %rsp\n"
+    "  stmxcsr (%rsp)\n"
+    "  fnstcw 4(%rsp)\n"
+    "  movq %rsp, (%rdi)\n"
+    "  movq %rsi, %rsp\n"
+    "  ldmxcsr (%rsp)\n"
+    "  fldcw 4(%rsp)\n"
+    "  addq $8, %rsp\n"
+    "  popq %r15\n"
+    "  popq %r14\n"
+    "  popq %r13\n"
+    "  popq %r12\n"
+    "  popq %rbx\n"
+    "  popq %rbp\n"
+    "  ret\n"
+    ".size cuda_emu_switch, .-cuda_emu_switch\n");
+#endif
+
 namespace cuda_emu {
 namespace {
 
