@@ -395,7 +395,7 @@ FX_SLOW = DEEP | LARGE | {n for n in NAMES if n.startswith("nasnet")} | {"incept
 def test_torchvision_create_feature_extractor_traces_every_model(name):
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    model = _meta(name).eval()
+    model = meta_model(name).eval()  # traced, not changed
     extractor = create_feature_extractor(model, return_nodes=_fx_nodes(model))
     out = extractor(torch.empty(2, *model.default_cfg["input_size"], device="meta"))
     assert out["out"].shape == (2, model.num_classes)
