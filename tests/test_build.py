@@ -33,7 +33,7 @@ def test_forced_cuda_without_toolkit_gives_a_cpu_build(tmp_path):
     assert "no CUDA toolkit found" in r.stdout and "building the CPU kernels only" in r.stdout
 
 
-@pytest.mark.slow  # ~40 s on the loaded development machine (three fresh torch processes)
+@pytest.mark.slow  # three fresh torch processes
 def test_gpu_check_script_quick_mode_runs_on_the_cpu(tmp_path):
     """benchmarks/gpu_check.sh --device cpu --quick runs every Python part of the GPU check at toy sizes
     (no build), writes its JSON to $OUT, prints MET/MISSED targets, and never imports jsonargparse or wandb

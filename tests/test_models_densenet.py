@@ -165,7 +165,7 @@ def test_three_sgd_steps_end_with_the_same_weights():
         torch.testing.assert_close(final[0][name], ref, atol=1e-4, rtol=1e-4, msg=name)
 
 
-@pytest.mark.slow  # ~30 s of compilation on the loaded 2-core machine
+@pytest.mark.slow  # inductor compiles the whole network
 @needs_kernel
 def test_torch_compile_training_step_matches_eager():
     eff, naive = _small("kernel", torch.float32), _small("reference", torch.float32)

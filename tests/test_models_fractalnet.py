@@ -227,7 +227,7 @@ def test_fractalnet20_runs_under_torch_compile():
 
 
 def test_bfloat16_autocast():
-    # bfloat16 keeps 8 bits (~0.4% per rounding); measured 0.5-0.7% here, the classic models' bound is 3%
+    # bfloat16 keeps 8 bits (about 0.4% per rounding); the classic models' bound is 3%
     assert bf16_autocast_error(create("fractalnet20"), torch.randn(2, 3, 32, 32)) < 0.03
 
 

@@ -247,7 +247,7 @@ def _compiled_matches_eager(name: str, backend: str, dtype: torch.dtype = torch.
 
 @pytest.mark.parametrize("name", INCEPTION)
 def test_bfloat16_autocast(name):
-    # bfloat16 keeps 8 bits (~0.4% per rounding); measured 0.2-0.7% here, the classic models' bound is 3%
+    # bfloat16 keeps 8 bits (about 0.4% per rounding); the classic models' bound is 3%
     assert bf16_autocast_error(_built(name), torch.randn(2, 3, SMALL, SMALL)) < 0.03
 
 
