@@ -266,11 +266,11 @@ def check_kernels_match_float64_reference(name: str, side: int, device: str, **k
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-def check_compiled_matches_eager(name: str, side: int, **kw) -> None:
-    """torch.compile (inductor) gives the eager outputs (every head) and parameter gradients, training mode."""
+def check_compiled_matches_eager(name: str, side: int, backend: str = "inductor", **kw) -> None:
+    """torch.compile (`backend`) gives the eager outputs (every head) and parameter gradients, training mode."""
     model = create(name, **kw).train()
     x = torch.randn(2, model.in_chans, side, side)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend=backend)
     out_c, out_e = compiled(x), model(x)
     if isinstance(out_e, tuple):
         assert type(out_c) is type(out_e)
