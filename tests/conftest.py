@@ -80,7 +80,9 @@ def _seed():
 def _restore_global_torch_flags():
     """A test's Trainer(deterministic=True) switches torch's deterministic mode on for the whole process;
     later tests must not inherit it (max_unpool2d, for one, refuses to run under it)."""
-    flags = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    flags = lambda: (torch.are_deterministic_algorithms_enabled(),
+                     torch.is_deterministic_algorithms_warn_only_enabled())
+    before = flags()
     yield
-    if (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()) != flags:
-        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])  # only when changed: the call is slow
+    if flags() != before:  # only when changed: the call is slow
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])

@@ -95,9 +95,8 @@ class MetaShapes(TorchDispatchMode):
     (means, variances, the normalisation), though a meta tensor holds no values: they are most of the time of
     a meta-device build and forward. Under this mode a batch norm of a meta tensor returns empty outputs of
     torch's shapes, dtypes and strides, a ReLU `empty_like` of its input, and an in-place ReLU or random fill
-    its input;
-    every other op, and every op on real tensors, runs as it is (`test_meta_shapes.py` compares it with torch's
-    own meta kernels)."""
+    its input; every other op, and every op on real tensors, runs as it is (`test_meta_shapes.py` compares it
+    with torch's own meta kernels)."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         x = args[0] if args else None
@@ -359,14 +358,10 @@ def build_experiment(name: str, tmp_path, weights: bool = False):
     from lightcnn.training import module as module_file
     from lightcnn.training.cli import LightCNNCLI
 
-    def create_on_meta(*args, **kwargs):
-        with torch.device("meta"), MetaShapes():
-            return create(*args, **kwargs)
-
     path = next(p for p in EXPERIMENTS if p.stem == name)
     with pytest.MonkeyPatch.context() as mp:
         if not weights:
-            mp.setattr(module_file, "create", create_on_meta)
+            mp.setattr(module_file, "create", build_meta)
         return LightCNNCLI(["--config", str(path), "--run_root", str(tmp_path), "--trainer.logger", "false"],
                            stage="fit", experiment_name=name)
 

@@ -36,7 +36,7 @@ from lightcnn.constants import DATASETS
 from lightcnn.models import create, list_models
 from lightcnn.models.base import FeatureExtractor
 from lightcnn.published import published
-from tests.helpers import FAST, SMALL, MetaShapes, meta_model, small
+from tests.helpers import FAST, SMALL, MetaShapes, build_meta, macs, meta_model, n_params, small
 
 NAMES = list_models()
 LIGHT_GMACS = 1.0  # real forward passes above this are slow on the 2-core CI machine
@@ -62,23 +62,6 @@ def _shapes_only():
         yield
 
 
-def _meta(name: str, **kwargs) -> nn.Module:
-    with torch.device("meta"):
-        return create(name, **kwargs)
-
-
-def _params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def _gmacs(model: nn.Module, input_size: tuple[int, int, int]) -> float:
-    """published.py's convention: FlopCounterMode FLOPs / 2, eval mode, batch 1."""
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:  # no autograd: the forward's count, faster
-        model(torch.empty(1, *input_size, device="meta"))
-    return counter.get_total_flops() / 2 / 1e9
-
-
 # The models published.py gives no MACs for that are above LIGHT_GMACS all the same (FlopCounterMode at their
 # default input size; test_the_unpublished_heavy_models_are_the_counted_ones): _heavy runs at collection, in
 # every worker, where counting would cost seconds.
@@ -94,7 +77,8 @@ def _heavy(name: str) -> bool:
 
 def test_the_unpublished_heavy_models_are_the_counted_ones():
     unpublished = [n for n in NAMES if published(n) is None or published(n).gmacs is None]
-    counted = {n for n in unpublished if _gmacs(meta_model(n), meta_model(n).default_cfg["input_size"]) > LIGHT_GMACS}
+    counted = {n for n in unpublished
+               if macs(meta_model(n), meta_model(n).default_cfg["input_size"][1]) / 1e9 > LIGHT_GMACS}
     assert counted == UNPUBLISHED_HEAVY
 
 
@@ -151,7 +135,7 @@ def test_default_cfg_describes_what_the_model_takes(name):
 
 @pytest.mark.parametrize("name", SHAPES)
 def test_num_classes_and_in_chans_overrides_reach_the_network_and_its_cfg(name):
-    model = _meta(name, num_classes=7, in_chans=2)
+    model = build_meta(name, num_classes=7, in_chans=2)
     cfg = model.default_cfg
     assert (model.num_classes, model.in_chans) == (7, 2)
     assert cfg["num_classes"] == 7 and cfg["input_size"][0] == 2 and len(cfg["mean"]) == 2
@@ -176,11 +160,11 @@ def test_parameters_and_macs_equal_published(name):
     pub = published(name)
     model = meta_model(name)
     if pub.params is not None:
-        assert _params(model) == pub.params + pub.aux_params
+        assert n_params(model) == pub.params + pub.aux_params
     if pub.gmacs is not None:
-        side = (pub.input_side, pub.input_side)
-        gmacs = (_eval_pass(name).gmacs if side == tuple(model.default_cfg["input_size"][1:])
-                 else _gmacs(model, (model.in_chans, *side)))
+        side = pub.input_side
+        gmacs = (_eval_pass(name).gmacs if model.default_cfg["input_size"][1:] == (side, side)
+                 else macs(model, side) / 1e9)
         assert gmacs == pytest.approx(pub.gmacs, rel=2e-3)
 
 
@@ -312,7 +296,7 @@ def test_features_only_and_reset_classifier(name):
     """create(features_only=True, out_indices) gives the selected maps and has no classifier left;
     reset_classifier(n) gives n logits (and n from every auxiliary head while training), 0 the pooled
     features; get_classifier() is the new layer."""
-    feats = _meta(name, features_only=True, out_indices=(0, -1))
+    feats = build_meta(name, features_only=True, out_indices=(0, -1))
     assert isinstance(feats, FeatureExtractor)
     full = meta_model(name)
     assert feats.feature_info == [full.feature_info[0], full.feature_info[-1]]

@@ -15,16 +15,13 @@ from lightcnn.models.densenet import DenseNet, convert_torchvision_state_dict
 from lightcnn.models.weights import from_torchvision, twins
 from lightcnn.ops import _library
 from lightcnn.published import MODELS
+from tests.helpers import n_params
 
 needs_kernel = pytest.mark.skipif(not _library.op_defined("dense_bn_relu_conv2d"),
                                   reason="lightcnn._C without dense_bn_relu_conv2d (build it first)")
 
 IMAGENET = ["densenet121", "densenet169", "densenet201", "densenet264"]
 CIFAR = ["densenet40_k12", "densenet100_k12", "densenet_bc100_k12", "densenet_bc250_k24", "densenet_bc190_k40"]
-
-
-def _params(m):
-    return sum(p.numel() for p in m.parameters() if p.requires_grad)
 
 
 def _small(impl, dtype=torch.float64, **kw):
@@ -43,12 +40,12 @@ def _small(impl, dtype=torch.float64, **kw):
 
 def test_parameter_count_densenet161_equals_torchvision():
     torchvision = pytest.importorskip("torchvision")
-    assert _params(create("densenet161")) == _params(torchvision.models.densenet161(weights=None))
+    assert n_params(create("densenet161")) == n_params(torchvision.models.densenet161(weights=None))
 
 
 def test_parameter_count_cifar100_adds_classifier_rows():
     expected = MODELS["densenet_bc100_k12"].params + 90 * (342 + 1)
-    assert _params(create("densenet_bc100_k12", num_classes=100)) == expected
+    assert n_params(create("densenet_bc100_k12", num_classes=100)) == expected
 
 
 def test_registry_names_and_depth_check():

@@ -6,55 +6,45 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from torch.utils.flop_counter import FlopCounterMode
 
 from lightcnn.models import create, is_model, list_models
 from lightcnn.ops import _library
 from lightcnn.published import published
+from tests.helpers import macs, n_params
 
 needs_kernel = pytest.mark.skipif(not _library.op_defined("bn_relu_conv2d"),
                                   reason="lightcnn._C without bn_relu_conv2d (build it first)")
 
 
-def _params(m):
-    return sum(p.numel() for p in m.parameters() if p.requires_grad)
-
-
-def _gmacs(m, size=32):
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        m.eval()(torch.randn(1, 3, size, size))
-    return counter.get_total_flops() / 2 / 1e9
-
-
 @pytest.mark.parametrize("name", ["preact_resnet164", "preact_resnet1001", "wrn28_10", "wrn16_8", "wrn40_4"])
 def test_parameter_count_matches_published(name):
     with torch.device("meta"):
-        assert _params(create(name, num_classes=10)) == published(name).params
+        assert n_params(create(name, num_classes=10)) == published(name).params
 
 
 def test_parameter_count_cifar100_adds_classifier_rows():
     # published.py: CIFAR-100 adds 90 x (classifier input + 1)
     with torch.device("meta"):
-        assert _params(create("wrn28_10", num_classes=100)) == published("wrn28_10").params + 90 * (640 + 1)
+        assert n_params(create("wrn28_10", num_classes=100)) == published("wrn28_10").params + 90 * (640 + 1)
 
 
 def test_parameter_count_preact_resnet18_from_torchvision():
     """torchvision's ResNet-18 re-counted for the pre-activation CIFAR layout: a 3x3 stem without BN instead of
     the 7x7 stem + BN, BN on each unit's input instead of its output (the first unit of stages 2-4 has half
     as many input channels), no BN on the projection shortcuts, one final BN, 10 classes."""
-    tv = _params(torchvision.models.resnet18(num_classes=10))
+    tv = n_params(torchvision.models.resnet18(num_classes=10))
     stem = 3 * 64 * 9 - (3 * 64 * 49 + 2 * 64)
     unit_bn = -sum(2 * c // 2 for c in (128, 256, 512))  # bn1 over c/2 inputs instead of c outputs
     shortcut_bn = -sum(2 * c for c in (128, 256, 512))
     final_bn = 2 * 512
-    assert _params(create("preact_resnet18")) == tv + stem + unit_bn + shortcut_bn + final_bn
+    assert n_params(create("preact_resnet18")) == tv + stem + unit_bn + shortcut_bn + final_bn
 
 
 @pytest.mark.parametrize("name", ["preact_resnet164", "wrn16_8", "wrn40_4",
                                   pytest.param("wrn28_10", marks=pytest.mark.slow)])
 def test_macs_match_published(name):
-    assert _gmacs(create(name, impl="reference")) == pytest.approx(published(name).gmacs, rel=1e-3)
+    gmacs = macs(create(name, impl="reference"), 32, device="cpu") / 1e9
+    assert gmacs == pytest.approx(published(name).gmacs, rel=1e-3)
 
 
 def test_registry_names_and_wrn_pattern():
